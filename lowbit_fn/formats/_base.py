@@ -1,0 +1,114 @@
+"""What every block-wise state format shares: block scales, the nearest-code search, the format interface.
+
+A tensor is flattened, padded with zeros to whole blocks of ``block_size`` contiguous elements and viewed as
+``[num_blocks, block_size]``. Each block keeps one float32 scale. Non-finite input poisons only its own block:
+the block's scale becomes NaN, so every element of that block dequantizes to NaN (nothing is hidden).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def block_absmax(blocks: Tensor) -> Tensor:
+    """Per-block max |x| of ``[num_blocks, block_size]`` float32 blocks; NaN where a block holds NaN or Inf."""
+    absmax = blocks.abs().amax(dim=1)
+    return torch.where(torch.isfinite(absmax), absmax, torch.full_like(absmax, math.nan))
+
+
+def normalize(blocks: Tensor, scale: Tensor) -> Tensor:
+    """``blocks / scale`` per block; all-zero blocks (scale 0) divide by 1 instead of 0. No other floor."""
+    return blocks / torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(1)
+
+
+def nearest_code(y: Tensor, codebook: Tensor) -> Tensor:
+    """Index (uint8) of the codebook entry nearest to each ``y``; ``codebook`` is sorted, its length a power of 2.
+
+    A branch-free binary search (log2(n) gathers) followed by one comparison with the lower neighbour, so the
+    result equals ``argmin |y - codebook|`` (an exact tie may go either way). NaN maps to code 0.
+    """
+    n = codebook.shape[0]
+    idx = torch.zeros_like(y, dtype=torch.int32)
+    step = n // 2
+    while step >= 1:  # idx becomes the number of entries < y, capped at n - 1
+        cand = idx + step
+        idx = torch.where(codebook[cand - 1] < y, cand, idx)
+        step //= 2
+    lower = (idx - 1).clamp(min=0)
+    take_upper = (codebook[idx] - y).abs() < (y - codebook[lower]).abs()
+    return torch.where(take_upper, idx, lower).to(torch.uint8)
+
+
+class BlockFormat:
+    """A quantized state format. Subclasses define the codebook (if any), ``encode`` and ``decode``.
+
+    ``encode``/``decode`` are pure tensor functions on ``[num_blocks, block_size]`` float32 blocks, traced into
+    the compiled optimizer step, so they must stay free of Python-side data-dependent control flow.
+    """
+
+    name: str
+    default_block_size: int
+    codes_per_byte: int = 1
+    bits: int = 8
+
+    def check_block_size(self, block_size: int | None) -> int:
+        """Return the effective block size, raising ``ValueError`` for a bad one."""
+        if block_size is None:
+            return self.default_block_size
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"block_size must be a positive int for state_format={self.name!r}, got {block_size!r}")
+        if block_size % self.codes_per_byte:
+            raise ValueError(
+                f"block_size must be a positive multiple of {self.codes_per_byte} for state_format={self.name!r} "
+                f"(two codes share a byte), got {block_size}"
+            )
+        return block_size
+
+    def num_blocks(self, numel: int, block_size: int) -> int:
+        return -(-numel // block_size)
+
+    def code_bytes(self, num_blocks: int, block_size: int) -> int:
+        return num_blocks * block_size // self.codes_per_byte
+
+    def codebook(self, signed: bool, device: torch.device | str | None = None) -> Tensor | None:
+        """The sorted float32 map of normalized values, or ``None`` for formats without one (FP8)."""
+        return None
+
+    def encode(self, blocks: Tensor, codebook: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``[nb, bs]`` float32 -> (uint8 codes ``[nb, bs // codes_per_byte]``, float32 scale ``[nb]``)."""
+        raise NotImplementedError
+
+    def decode(self, codes: Tensor, scale: Tensor, codebook: Tensor | None) -> Tensor:
+        """Inverse of ``encode``: float32 ``[nb, bs]``."""
+        raise NotImplementedError
+
+
+class CodebookFormat(BlockFormat):
+    """Scale = block absmax, code = nearest entry of a sorted map (signed map for m, unsigned for v)."""
+
+    _maps: dict[bool, Tensor]
+
+    def __init__(self) -> None:
+        self._on_device: dict[tuple[bool, torch.device], Tensor] = {}
+
+    def codebook(self, signed: bool, device: torch.device | str | None = None) -> Tensor:
+        key = (bool(signed), torch.device(device if device is not None else "cpu"))
+        if key not in self._on_device:
+            self._on_device[key] = self._maps[key[0]].to(key[1])
+        return self._on_device[key]
+
+    def encode(self, blocks: Tensor, codebook: Tensor | None) -> tuple[Tensor, Tensor]:
+        scale = block_absmax(blocks)
+        return self.pack(nearest_code(normalize(blocks, scale), codebook)), scale
+
+    def decode(self, codes: Tensor, scale: Tensor, codebook: Tensor | None) -> Tensor:
+        return codebook[self.unpack(codes).long()] * scale.unsqueeze(1)
+
+    def pack(self, codes: Tensor) -> Tensor:
+        return codes
+
+    def unpack(self, codes: Tensor) -> Tensor:
+        return codes
