@@ -1,1 +1,38 @@
-"""lowbit_fn"""
+"""lowbit_fn: memory-saving Adam/AdamW with 8-bit, 4-bit and FP8 block-quantized states, as optax-style
+functional transforms over TensorDicts (``init`` / ``update`` / ``chain`` / ``apply_updates``).
+
+Example:
+    >>> import torch, lowbit_fn
+    >>> model = torch.nn.Linear(256, 256)
+    >>> params = lowbit_fn.params_from_module(model)
+    >>> opt = lowbit_fn.adamw(learning_rate=1e-3, state_format="8bit")
+    >>> state = opt.init(params)
+"""
+
+from ._compile import compile_enabled
+from .formats import FORMATS, codebook, dequantize, quantize
+from .transforms import (
+    STATE_FORMATS,
+    GradientTransformation,
+    Schedule,
+    adam,
+    adamw,
+    add_decayed_weights,
+    apply_updates,
+    chain,
+    clip_by_global_norm,
+    identity,
+    params_from_module,
+    scale_by_adam,
+    scale_by_learning_rate,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GradientTransformation", "chain", "identity", "apply_updates", "params_from_module",
+    "scale_by_adam", "add_decayed_weights", "scale_by_learning_rate", "clip_by_global_norm", "Schedule",
+    "adam", "adamw", "STATE_FORMATS",
+    "quantize", "dequantize", "codebook", "FORMATS",
+    "compile_enabled",
+]

@@ -1,0 +1,79 @@
+"""The Adam step, written once, and the two compiled group kernels that run it over flat buffers.
+
+A *group* is every parameter sharing one state layout (quantized with a format, or full precision of one dtype),
+laid end to end in one flat buffer. Each kernel is compiled once with dynamic sizes, so the graph count and the
+compile time do not depend on how many parameters or shapes a model has, and one step is one kernel call per group.
+Scalars (step, betas, eps) arrive as 0-d tensors, so changing them never recompiles.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._compile import compiled
+from ..formats import BlockFormat
+
+
+def adam_math(
+    g: Tensor, m: Tensor, v: Tensor, vmax: Tensor | None, step: Tensor, b1: Tensor, b2: Tensor, eps: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """One Adam moment update with torch.optim semantics; returns ``(direction, m, v, vmax)``.
+
+    ``direction = m_hat / (sqrt(v_hat) + eps)`` with torch's placement of the bias corrections:
+    ``(m / (1 - b1**t)) / (sqrt(v) / sqrt(1 - b2**t) + eps)``. Scalars are float64 0-d tensors; the math runs in
+    the dtype of ``g`` (float32, or float64 for float64 parameters).
+    """
+    dtype = g.dtype
+    b1 = b1.to(torch.float64)
+    b2 = b2.to(torch.float64)
+    bc1 = (1 - b1**step).to(dtype)
+    bc2_sqrt = torch.sqrt(1 - b2**step).to(dtype)
+    m = torch.lerp(m, g, (1 - b1).to(dtype))
+    v = v * b2.to(dtype) + (g * g) * (1 - b2).to(dtype)
+    if vmax is not None:
+        vmax = torch.maximum(vmax, v)
+    denom = torch.sqrt(v if vmax is None else vmax) / bc2_sqrt + eps.to(dtype)
+    return (m / bc1) / denom, m, v, vmax
+
+
+@compiled
+def full_step(
+    g: Tensor, mu: Tensor, nu: Tensor, nu_max: Tensor | None, step: Tensor, b1: Tensor, b2: Tensor, eps: Tensor
+) -> Tensor:
+    """Full-precision moments, updated in place; returns the direction (same dtype as the state)."""
+    direction, m, v, vmax = adam_math(g, mu, nu, nu_max, step, b1, b2, eps)
+    mu.copy_(m)
+    nu.copy_(v)
+    if nu_max is not None:
+        nu_max.copy_(vmax)
+    return direction
+
+
+@compiled
+def quant_step(
+    g: Tensor,
+    moments: list[Tensor],
+    step: Tensor,
+    b1: Tensor,
+    b2: Tensor,
+    eps: Tensor,
+    fmt: BlockFormat,
+    signed_map: Tensor | None,
+    unsigned_map: Tensor | None,
+) -> Tensor:
+    """Quantized moments ``[m_codes, m_scale, v_codes, v_scale(, vmax_codes, vmax_scale)]`` updated in place.
+
+    ``g`` is float32 and padded to whole blocks. Old moments are dequantized, the direction is computed from this
+    step's unquantized moments, then the moments are re-quantized into their own buffers.
+    """
+    nb = moments[1].shape[0]
+    blocks = g.view(nb, -1)
+    maps = (signed_map, unsigned_map, unsigned_map)
+    old = [fmt.decode(moments[2 * i].view(nb, -1), moments[2 * i + 1], maps[i]) for i in range(len(moments) // 2)]
+    direction, *new = adam_math(blocks, old[0], old[1], old[2] if len(old) > 2 else None, step, b1, b2, eps)
+    for i, value in enumerate(new[: len(old)]):
+        codes, scale = fmt.encode(value, maps[i])
+        moments[2 * i].copy_(codes.view(-1))
+        moments[2 * i + 1].copy_(scale)
+    return direction.view(-1)

@@ -1,0 +1,277 @@
+"""``scale_by_adam``: Adam's moments kept in flat, block-aligned buffers, quantized or full precision.
+
+State layout (one TensorDict, the same for every consumer):
+
+``count``
+    int64 0-d tensor, the number of updates done.
+``layout``
+    keyed like the params; each leaf is an empty tensor of shape ``(0, *param.shape)`` and the param's dtype.
+    It costs no memory and makes the state self-describing (shapes, dtypes, keys) for checks and conversions.
+``"<format>_block<N>"`` (e.g. ``"8bit_block256"``)
+    the quantized group: parameters with at least ``min_quant_size`` elements, laid end to end in sorted key
+    order, each padded to whole blocks. ``mu``/``nu`` (and ``nu_max`` with amsgrad) each hold ``codes`` (uint8)
+    and ``scale`` (float32, one per block).
+``"fp32"`` / ``"fp64"``
+    the full-precision group(s): the remaining parameters, flat, with float32 state (float64 for float64 params).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import Tensor
+
+from ..formats import BlockFormat, get_format
+from ..kernels import full_step, quant_step
+from ._tree import Key, Signature, Tree, as_tensordict, build, check_like, leaves, name
+from .base import GradientTransformation
+
+__all__ = ["scale_by_adam", "STATE_FORMATS"]
+
+STATE_FORMATS = ("8bit", "4bit", "fp8", "fp32")
+Scalar = Union[float, Tensor]
+
+
+@dataclass(frozen=True)
+class _Slot:
+    key: Key
+    shape: torch.Size
+    dtype: torch.dtype
+    offset: int
+    numel: int
+    padded: int
+
+
+@dataclass(frozen=True)
+class _Group:
+    name: str
+    fmt: BlockFormat | None  # None: full precision
+    dtype: torch.dtype  # dtype of the math and, for full precision, of the state
+    slots: tuple[_Slot, ...]
+    size: int  # elements in the flat buffer, padding included
+    block_size: int = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.size // self.block_size if self.fmt is not None else 0
+
+
+@dataclass(frozen=True)
+class _Plan:
+    groups: tuple[_Group, ...]
+    device: torch.device
+
+
+def _make_plan(
+    signature: tuple[tuple[Key, torch.Size, torch.dtype], ...],
+    device: torch.device,
+    fmt: BlockFormat | None,
+    block_size: int,
+    min_quant_size: int,
+) -> _Plan:
+    members: dict[tuple[str, BlockFormat | None, torch.dtype], list[tuple[Key, torch.Size, torch.dtype]]] = {}
+    for key, shape, dtype in signature:
+        if fmt is not None and shape.numel() >= min_quant_size:
+            gkey = (f"{fmt.name}_block{block_size}", fmt, torch.float32)
+        elif dtype == torch.float64:
+            gkey = ("fp64", None, torch.float64)
+        else:
+            gkey = ("fp32", None, torch.float32)
+        members.setdefault(gkey, []).append((key, shape, dtype))
+    groups = []
+    for (gname, gfmt, gdtype), entries in members.items():
+        slots, offset = [], 0
+        for key, shape, dtype in entries:
+            numel = shape.numel()
+            padded = -(-numel // block_size) * block_size if gfmt is not None else numel
+            slots.append(_Slot(key, shape, dtype, offset, numel, padded))
+            offset += padded
+        groups.append(_Group(gname, gfmt, gdtype, tuple(slots), offset, block_size if gfmt is not None else 0))
+    return _Plan(tuple(groups), device)
+
+
+def _moment(group: _Group, device: torch.device) -> TensorDictBase | Tensor:
+    if group.fmt is None:
+        return torch.zeros(group.size, dtype=group.dtype, device=device)
+    nb = group.num_blocks
+    return TensorDict(
+        {
+            "codes": torch.zeros(group.fmt.code_bytes(nb, group.block_size), dtype=torch.uint8, device=device),
+            "scale": torch.zeros(nb, dtype=torch.float32, device=device),
+        },
+        batch_size=[],
+    )
+
+
+def _as_scalar(value: Scalar, what: str) -> Tensor:
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise ValueError(f"{what} must be a float or a 0-d floating tensor, got shape {tuple(value.shape)}, {value.dtype}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a float or a 0-d tensor, got {type(value).__name__}")
+    return torch.tensor(float(value), dtype=torch.float64)
+
+
+def scale_by_adam(
+    b1: Scalar = 0.9,
+    b2: Scalar = 0.999,
+    eps: Scalar = 1e-8,
+    *,
+    amsgrad: bool = False,
+    state_format: str = "8bit",
+    block_size: int | None = None,
+    min_quant_size: int = 4096,
+) -> GradientTransformation:
+    """Rescale updates by Adam's bias-corrected moments, with the moments stored block-wise quantized.
+
+    The returned updates are ``m_hat / (sqrt(v_hat) + eps)`` (torch's placement of the bias corrections).
+    The step's math runs in float32 (float64 for float64 params with full-precision state) on this step's
+    unquantized moments; the moments are then re-quantized in place. Every group of parameters is one call of a
+    compiled kernel, reused for any model, and ``b1``/``b2``/``eps`` may be 0-d tensors that you change in place
+    without recompiling. The state is donated (see :class:`GradientTransformation`).
+
+    References:
+      Kingma, Ba, "Adam: A Method for Stochastic Optimization", arXiv:1412.6980.
+      Reddi, Kale, Kumar, "On the Convergence of Adam and Beyond" (amsgrad), arXiv:1904.09237.
+      Dettmers et al., "8-bit Optimizers via Block-wise Quantization", arXiv:2110.02861.
+
+    Args:
+      b1, b2: exponential decay rates of the first and second moments.
+      eps: added to the denominator.
+      amsgrad: keep the running maximum of the second moment (stored in the same format).
+      state_format: ``"8bit"``, ``"4bit"``, ``"fp8"`` or ``"fp32"`` (plain Adam state).
+      block_size: elements per quantization block (default 256 / 128 / 256).
+      min_quant_size: tensors with fewer elements keep full-precision state (0 quantizes everything).
+
+    Returns:
+      A :class:`GradientTransformation`.
+
+    Example:
+        >>> import torch, lowbit_fn
+        >>> params = {"w": torch.randn(64, 128)}
+        >>> adam = lowbit_fn.scale_by_adam(state_format="8bit", min_quant_size=0)
+        >>> state = adam.init(params)
+        >>> updates, state = adam.update({"w": torch.randn(64, 128)}, state, params)
+        >>> state["8bit_block256", "mu", "codes"].dtype, int(state["count"])
+        (torch.uint8, 1)
+    """
+    if state_format not in STATE_FORMATS:
+        raise ValueError(f"state_format must be one of {list(STATE_FORMATS)}, got {state_format!r}")
+    fmt = None if state_format == "fp32" else get_format(state_format)
+    block = fmt.check_block_size(block_size) if fmt is not None else 0
+    if fmt is None and block_size is not None:
+        raise ValueError(f"block_size applies to quantized formats; state_format='fp32' got block_size={block_size!r}")
+    if isinstance(min_quant_size, bool) or not isinstance(min_quant_size, int) or min_quant_size < 0:
+        raise ValueError(f"min_quant_size must be an int >= 0, got {min_quant_size!r}")
+    if not isinstance(amsgrad, bool):
+        raise TypeError(f"amsgrad must be a bool, got {type(amsgrad).__name__}")
+    b1_t, b2_t, eps_t = _as_scalar(b1, "b1"), _as_scalar(b2, "b2"), _as_scalar(eps, "eps")
+    for label, value in (("b1", b1), ("b2", b2)):
+        if not isinstance(value, Tensor) and not 0.0 <= value < 1.0:
+            raise ValueError(f"{label} must be in [0, 1), got {value}")
+    if not isinstance(eps, Tensor) and eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    moments = ("mu", "nu", "nu_max") if amsgrad else ("mu", "nu")
+    plans: dict[tuple, _Plan] = {}
+
+    def plan_of(layout: TensorDictBase) -> tuple[Signature, _Plan]:
+        """The params' signature recorded in the layout, and the (cached) plan of flat groups for it."""
+        keys, shapes = leaves(layout)
+        sig = tuple((k, s.shape[1:], s.dtype) for k, s in zip(keys, shapes))
+        device = shapes[0].device if shapes else torch.device("cpu")
+        if sig not in plans:
+            plans[sig] = _make_plan(sig, device, fmt, block, min_quant_size)
+        return list(sig), plans[sig]
+
+    def init(params: Tree) -> TensorDictBase:
+        params = as_tensordict(params, "params")
+        keys, values = leaves(params)
+        devices = {v.device for v in values}
+        if len(devices) > 1:
+            raise ValueError(f"scale_by_adam: all params must be on one device, got {sorted(map(str, devices))}")
+        for key, value in zip(keys, values):
+            if not value.is_floating_point() or value.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+                raise TypeError(f"params[{name(key)!r}] has unsupported dtype {value.dtype}")
+        layout = build(keys, [torch.empty((0, *v.shape), dtype=v.dtype, device=v.device) for v in values])
+        _, plan = plan_of(layout)
+        device = values[0].device if values else torch.device("cpu")
+        state = {"count": torch.zeros((), dtype=torch.int64, device=device), "layout": layout}
+        for group in plan.groups:
+            state[group.name] = {m: _moment(group, device) for m in moments}
+        return TensorDict(state, batch_size=[])
+
+    def check(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None) -> None:
+        if not isinstance(state, TensorDictBase) or "layout" not in state.keys() or "count" not in state.keys():
+            raise ValueError("scale_by_adam: the state is not a scale_by_adam state (no 'layout'/'count' entries)")
+        sig, plan = plan_of(state["layout"])
+        check_like(updates, sig, "updates", "params the state was built for")
+        if params is not None:
+            check_like(params, sig, "params", "params the state was built for")
+        expected = {"count", "layout"} | {g.name for g in plan.groups}
+        if set(state.keys()) != expected:
+            raise ValueError(
+                f"scale_by_adam(state_format={state_format!r}, block_size={block or None}): the state holds "
+                f"{sorted(set(state.keys()) - {'count', 'layout'})}, this transform expects "
+                f"{sorted(expected - {'count', 'layout'})} (a state from another format or amsgrad setting?)"
+            )
+        for group in plan.groups:
+            reference = {m: _moment(group, torch.device("meta")) for m in moments}
+            got = state[group.name]
+            if set(got.keys()) != set(moments):
+                raise ValueError(f"scale_by_adam: state[{group.name!r}] holds {sorted(got.keys())}, expected {list(moments)}")
+            for m in moments:
+                ref = reference[m]
+                pairs = [(ref, got[m])] if isinstance(ref, Tensor) else [(ref[k], got[m, k]) for k in ("codes", "scale")]
+                for r, g in pairs:
+                    if r.shape != g.shape or r.dtype != g.dtype:
+                        raise ValueError(
+                            f"scale_by_adam: state[{group.name!r}][{m!r}] has {g.dtype}{list(g.shape)}, the layout "
+                            f"needs {r.dtype}{list(r.shape)} (corrupt or foreign state)"
+                        )
+
+    def update(updates: Tree, state: TensorDictBase, params: Tree | None = None):
+        updates = as_tensordict(updates)
+        params = None if params is None else as_tensordict(params, "params")
+        check(updates, state, params)
+        sig, plan = plan_of(state["layout"])
+        keys = [k for k, _, _ in sig]
+        _, grads = leaves(updates)
+        by_key = dict(zip(keys, grads))
+        count = state["count"]
+        step = count + 1
+        out: dict[Key, Tensor] = {}
+        with torch.no_grad():
+            for group in plan.groups:
+                flat = _gather(group, by_key)
+                st = state[group.name]
+                if group.fmt is None:
+                    direction = full_step(flat, st["mu"], st["nu"], st.get("nu_max"), step, b1_t, b2_t, eps_t)
+                else:
+                    buffers = [t for m in moments for t in (st[m, "codes"], st[m, "scale"])]
+                    direction = quant_step(
+                        flat, buffers, step, b1_t, b2_t, eps_t, group.fmt,
+                        group.fmt.codebook(True, flat.device), group.fmt.codebook(False, flat.device),
+                    )
+                for slot in group.slots:
+                    out[slot.key] = direction[slot.offset : slot.offset + slot.numel].view(slot.shape).to(slot.dtype)
+            count.copy_(step)
+        return build(keys, [out[k] for k in keys]), state
+
+    return GradientTransformation(init, update, check)
+
+
+def _gather(group: _Group, by_key: dict[Key, Tensor]) -> Tensor:
+    """The group's gradients as one flat buffer in the group's dtype, zero padding between blocks."""
+    pieces = []
+    for slot in group.slots:
+        g = by_key[slot.key]
+        pieces.append(g.reshape(-1).to(group.dtype))
+        if slot.padded > slot.numel:
+            pieces.append(g.new_zeros(slot.padded - slot.numel, dtype=group.dtype))
+    if not pieces:
+        return torch.zeros(0, dtype=group.dtype)
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
