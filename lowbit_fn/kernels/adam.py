@@ -29,12 +29,21 @@ def adam_math(
     b2 = b2.to(torch.float64)
     bc1 = (1 - b1**step).to(dtype)
     bc2_sqrt = torch.sqrt(1 - b2**step).to(dtype)
-    m = torch.lerp(m, g, (1 - b1).to(dtype))
+    m = m + (1 - b1).to(dtype) * (g - m)  # torch's lerp for weights < 0.5, spelled out so eager == compiled
     v = v * b2.to(dtype) + (g * g) * (1 - b2).to(dtype)
     if vmax is not None:
         vmax = torch.maximum(vmax, v)
-    denom = torch.sqrt(v if vmax is None else vmax) / bc2_sqrt + eps.to(dtype)
+    denom = _sqrt(v if vmax is None else vmax) / bc2_sqrt + eps.to(dtype)
     return (m / bc1) / denom, m, v, vmax
+
+
+def _sqrt(x: Tensor) -> Tensor:
+    """Correctly rounded float32 sqrt in eager and compiled code alike.
+
+    Eager ``torch.sqrt`` on CPU is not always correctly rounded (vectorized math library), inductor's is, so
+    float32 goes through float64: a float64 sqrt within 1 ulp, rounded to float32, is the correctly rounded result.
+    """
+    return torch.sqrt(x.double()).to(x.dtype) if x.dtype != torch.float64 else torch.sqrt(x)
 
 
 @compiled
@@ -59,6 +68,7 @@ def quant_step(
     b2: Tensor,
     eps: Tensor,
     fmt: BlockFormat,
+    block_size: int,
     signed_map: Tensor | None,
     unsigned_map: Tensor | None,
 ) -> Tensor:
@@ -67,8 +77,8 @@ def quant_step(
     ``g`` is float32 and padded to whole blocks. Old moments are dequantized, the direction is computed from this
     step's unquantized moments, then the moments are re-quantized into their own buffers.
     """
-    nb = moments[1].shape[0]
-    blocks = g.view(nb, -1)
+    blocks = g.view(-1, block_size)
+    nb = blocks.shape[0]
     maps = (signed_map, unsigned_map, unsigned_map)
     old = [fmt.decode(moments[2 * i].view(nb, -1), moments[2 * i + 1], maps[i]) for i in range(len(moments) // 2)]
     direction, *new = adam_math(blocks, old[0], old[1], old[2] if len(old) > 2 else None, step, b1, b2, eps)

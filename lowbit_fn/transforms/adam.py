@@ -253,7 +253,7 @@ def scale_by_adam(
                 else:
                     buffers = [t for m in moments for t in (st[m, "codes"], st[m, "scale"])]
                     direction = quant_step(
-                        flat, buffers, step, b1_t, b2_t, eps_t, group.fmt,
+                        flat, buffers, step, b1_t, b2_t, eps_t, group.fmt, group.block_size,
                         group.fmt.codebook(True, flat.device), group.fmt.codebook(False, flat.device),
                     )
                 for slot in group.slots:
