@@ -9,8 +9,9 @@ falls back silently. ``LOWBIT_FN_COMPILE=0`` in the environment forces the eager
 from __future__ import annotations
 
 import os
+import types
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import torch
 
@@ -40,25 +41,47 @@ def _is_compile_failure(err: BaseException) -> bool:
     return isinstance(err, kinds)
 
 
+def _static_key(value: Any) -> Hashable:
+    """What a graph specializes on: tensor dtype/device/rank, list lengths, and non-tensor objects (formats, None).
+    Tensor sizes and ints are left out: they stay symbolic in the graph (``dynamic=True``)."""
+    if isinstance(value, torch.Tensor):
+        return (value.dtype, value.device.type, value.dim())
+    if isinstance(value, (list, tuple)):
+        return tuple(_static_key(v) for v in value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return type(value)
+    return value
+
+
 class compiled:  # noqa: N801 - used as a decorator
     """Decorator: run ``fn`` through ``torch.compile`` when possible, eagerly otherwise.
 
-    Inside a caller's own ``torch.compile`` region the plain function is called so the caller's graph inlines it.
+    Every combination of static arguments (format, dtypes, amsgrad's extra buffers, ...) gets its own copy of the
+    function's code object, so each has its own small graph cache: sizes are dynamic within it, and no
+    combination can push another past dynamo's recompile limit. Inside a caller's own ``torch.compile`` region
+    the plain function is called so the caller's graph inlines it.
     """
 
     def __init__(self, fn: Callable[..., Any]):
         self.fn = fn
-        self._compiled: Callable[..., Any] | None = None
+        self._variants: dict[Hashable, Callable[..., Any]] = {}
         self.__doc__ = fn.__doc__
         self.__name__ = fn.__name__
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def _variant(self, args: tuple[Any, ...]) -> Callable[..., Any]:
+        key = tuple(_static_key(a) for a in args)
+        variant = self._variants.get(key)
+        if variant is None:
+            fn = self.fn
+            clone = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+            variant = self._variants[key] = torch.compile(clone, dynamic=True, fullgraph=True)
+        return variant
+
+    def __call__(self, *args: Any) -> Any:
         if torch.compiler.is_compiling() or not compile_enabled():
-            return self.fn(*args, **kwargs)
-        if self._compiled is None:
-            self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+            return self.fn(*args)
         try:
-            return self._compiled(*args, **kwargs)
+            return self._variant(args)(*args)
         except Exception as err:  # compilation happens before the graph runs: inputs are untouched on failure
             if not _is_compile_failure(err):
                 raise
@@ -69,4 +92,4 @@ class compiled:  # noqa: N801 - used as a decorator
                 RuntimeWarning,
                 stacklevel=2,
             )
-            return self.fn(*args, **kwargs)
+            return self.fn(*args)

@@ -54,7 +54,7 @@ def codebook(state_format: str, *, signed: bool) -> Tensor:
 @compiled
 def _encode(flat: Tensor, fmt: BlockFormat, block_size: int, table: Tensor | None) -> tuple[Tensor, Tensor]:
     nb = fmt.num_blocks(flat.shape[0], block_size)
-    blocks = torch.nn.functional.pad(flat.float(), (0, nb * block_size - flat.shape[0])).view(nb, block_size)
+    blocks = torch.nn.functional.pad(flat, (0, nb * block_size - flat.shape[0])).view(nb, block_size)
     codes, scale = fmt.encode(blocks, table)
     return codes.reshape(-1), scale
 
@@ -98,7 +98,7 @@ def quantize(
         raise TypeError(f"quantize: x must be float32, bfloat16, float16 or float64, got {x.dtype}")
     if x.layout != torch.strided:
         raise TypeError(f"quantize: x must be a dense (strided) tensor, got layout {x.layout}")
-    flat = x.detach().reshape(-1)
+    flat = x.detach().reshape(-1).to(torch.float32)  # one graph for every input dtype
     if flat.numel() == 0:
         return torch.empty(0, dtype=torch.uint8, device=x.device), torch.empty(0, dtype=torch.float32, device=x.device)
     return _encode(flat, fmt, block_size, fmt.codebook(signed, x.device))
