@@ -312,9 +312,10 @@ def measure_model(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows for every optimizer on one model, and notes (skipped optional baselines)."""
     params, grads = make_tensors(shapes)
+    hyper: dict[str, Any] = {"lr": LEARNING_RATE, "weight_decay": WEIGHT_DECAY}
     runners = [
-        torch_optim_runner(FUSED, lambda ps: torch.optim.AdamW(ps, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, fused=True), params, grads),
-        torch_optim_runner(FOREACH, lambda ps: torch.optim.AdamW(ps, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, foreach=True), params, grads),
+        torch_optim_runner(FUSED, lambda ps: torch.optim.AdamW(ps, **hyper, fused=True), params, grads),
+        torch_optim_runner(FOREACH, lambda ps: torch.optim.AdamW(ps, **hyper, foreach=True), params, grads),
     ]
     runners += [lowbit_runner(fmt, params, grads) for fmt in formats]
     for runner in runners:
