@@ -99,5 +99,5 @@ def apply_updates(params: Tree, updates: Tree) -> TensorDict:
     keys, p = leaves(params)
     _, u = check_like(updates, signature(params), "updates", "params", same_dtype=False)
     with torch.no_grad():
-        new = torch._foreach_add(p, [x.to(y.dtype) for x, y in zip(u, p)])
+        new = torch._foreach_add(p, [x.to(y.dtype) for x, y in zip(u, p)]) if p else []
     return build(keys, new)

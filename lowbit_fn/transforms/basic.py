@@ -77,6 +77,8 @@ def add_decayed_weights(weight_decay: float | Tensor = 0.0) -> GradientTransform
 
     def fn(u: list[Tensor], p: list[Tensor] | None) -> list[Tensor]:
         assert p is not None
+        if not u:
+            return []
         if isinstance(weight_decay, Tensor):
             scaled = torch._foreach_mul([x.to(y.dtype) for x, y in zip(p, u)], weight_decay)
             return torch._foreach_add(u, scaled)
