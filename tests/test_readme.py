@@ -1,0 +1,27 @@
+"""The README's Python examples run as written."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+README = (Path(__file__).parents[1] / "README.md").read_text()
+BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+@pytest.mark.slow
+def test_readme_examples_run(tmp_path, monkeypatch):
+    assert len(BLOCKS) >= 4
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(BLOCKS[0], ns)  # the functional loop, compiled
+    assert torch.isfinite(ns["loss"]) and int(ns["state"]["0", "count"]) == 10
+    exec(BLOCKS[1], ns)  # the chain
+    state = ns["opt"].init(ns["params"])
+    ns["state"] = state
+    exec(BLOCKS[2], ns)  # checkpoints
+    assert int(ns["state"]["1", "count"]) == 0 and int(ns["state"]["3", "count"]) == 0
+    ns["x"] = torch.randn(1000)
+    exec(BLOCKS[3], ns)  # formats
+    assert ns["x_hat"].shape == (1000,) and ns["table"].shape == (256,)
