@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..formats import BlockFormat, get_format
 from ..kernels import full_step, quant_step
-from ._tree import Key, Signature, Tree, as_tensordict, build, check_like, leaves, name
+from ._tree import Key, Signature, Tree, as_tensordict, build, check_leaf, check_like, leaves
 from .base import GradientTransformation
 
 __all__ = ["scale_by_adam", "STATE_FORMATS"]
@@ -59,19 +59,13 @@ class _Group:
         return self.size // self.block_size if self.fmt is not None else 0
 
 
-@dataclass(frozen=True)
-class _Plan:
-    groups: tuple[_Group, ...]
-    device: torch.device
-
-
 def _make_plan(
     signature: tuple[tuple[Key, torch.Size, torch.dtype], ...],
-    device: torch.device,
     fmt: BlockFormat | None,
     block_size: int,
     min_quant_size: int,
-) -> _Plan:
+) -> tuple[_Group, ...]:
+    """Split the params into groups (quantized / fp32 / fp64) and place each in its group's flat buffer."""
     members: dict[tuple[str, BlockFormat | None, torch.dtype], list[tuple[Key, torch.Size, torch.dtype]]] = {}
     for key, shape, dtype in signature:
         if fmt is not None and shape.numel() >= min_quant_size:
@@ -90,7 +84,7 @@ def _make_plan(
             slots.append(_Slot(key, shape, dtype, offset, numel, padded))
             offset += padded
         groups.append(_Group(gname, gfmt, gdtype, tuple(slots), offset, block_size if gfmt is not None else 0))
-    return _Plan(tuple(groups), device)
+    return tuple(groups)
 
 
 def _moment(group: _Group, device: torch.device) -> TensorDictBase | Tensor:
@@ -176,15 +170,14 @@ def scale_by_adam(
     if not isinstance(eps, Tensor) and eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     moments = ("mu", "nu", "nu_max") if amsgrad else ("mu", "nu")
-    plans: dict[tuple, _Plan] = {}
+    plans: dict[tuple, tuple[_Group, ...]] = {}
 
-    def plan_of(layout: TensorDictBase) -> tuple[Signature, _Plan]:
-        """The params' signature recorded in the layout, and the (cached) plan of flat groups for it."""
+    def plan_of(layout: TensorDictBase) -> tuple[Signature, tuple[_Group, ...]]:
+        """The params' signature recorded in the layout, and the (cached) flat groups for it."""
         keys, shapes = leaves(layout)
         sig = tuple((k, s.shape[1:], s.dtype) for k, s in zip(keys, shapes))
-        device = shapes[0].device if shapes else torch.device("cpu")
         if sig not in plans:
-            plans[sig] = _make_plan(sig, device, fmt, block, min_quant_size)
+            plans[sig] = _make_plan(sig, fmt, block, min_quant_size)
         return list(sig), plans[sig]
 
     def init(params: Tree) -> TensorDictBase:
@@ -194,31 +187,30 @@ def scale_by_adam(
         if len(devices) > 1:
             raise ValueError(f"scale_by_adam: all params must be on one device, got {sorted(map(str, devices))}")
         for key, value in zip(keys, values):
-            if not value.is_floating_point() or value.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-                raise TypeError(f"params[{name(key)!r}] has unsupported dtype {value.dtype}")
+            check_leaf(key, value, "params")
         layout = build(keys, [torch.empty((0, *v.shape), dtype=v.dtype, device=v.device) for v in values])
-        _, plan = plan_of(layout)
+        _, groups = plan_of(layout)
         device = values[0].device if values else torch.device("cpu")
         state = {"count": torch.zeros((), dtype=torch.int64, device=device), "layout": layout}
-        for group in plan.groups:
+        for group in groups:
             state[group.name] = {m: _moment(group, device) for m in moments}
         return TensorDict(state, batch_size=[])
 
     def check(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None) -> None:
         if not isinstance(state, TensorDictBase) or "layout" not in state.keys() or "count" not in state.keys():
             raise ValueError("scale_by_adam: the state is not a scale_by_adam state (no 'layout'/'count' entries)")
-        sig, plan = plan_of(state["layout"])
+        sig, groups = plan_of(state["layout"])
         check_like(updates, sig, "updates", "params the state was built for")
         if params is not None:
             check_like(params, sig, "params", "params the state was built for")
-        expected = {"count", "layout"} | {g.name for g in plan.groups}
+        expected = {"count", "layout"} | {g.name for g in groups}
         if set(state.keys()) != expected:
             raise ValueError(
                 f"scale_by_adam(state_format={state_format!r}, block_size={block or None}): the state holds "
                 f"{sorted(set(state.keys()) - {'count', 'layout'})}, this transform expects "
                 f"{sorted(expected - {'count', 'layout'})} (a state from another format or amsgrad setting?)"
             )
-        for group in plan.groups:
+        for group in groups:
             reference = {m: _moment(group, torch.device("meta")) for m in moments}
             got = state[group.name]
             if set(got.keys()) != set(moments):
@@ -237,7 +229,7 @@ def scale_by_adam(
         updates = as_tensordict(updates)
         params = None if params is None else as_tensordict(params, "params")
         check(updates, state, params)
-        sig, plan = plan_of(state["layout"])
+        sig, groups = plan_of(state["layout"])
         keys = [k for k, _, _ in sig]
         _, grads = leaves(updates)
         by_key = dict(zip(keys, grads))
@@ -245,7 +237,7 @@ def scale_by_adam(
         step = count + 1
         out: dict[Key, Tensor] = {}
         with torch.no_grad():
-            for group in plan.groups:
+            for group in groups:
                 flat = _gather(group, by_key)
                 st = state[group.name]
                 if group.fmt is None:
@@ -272,6 +264,4 @@ def _gather(group: _Group, by_key: dict[Key, Tensor]) -> Tensor:
         pieces.append(g.reshape(-1).to(group.dtype))
         if slot.padded > slot.numel:
             pieces.append(g.new_zeros(slot.padded - slot.numel, dtype=group.dtype))
-    if not pieces:
-        return torch.zeros(0, dtype=group.dtype)
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]

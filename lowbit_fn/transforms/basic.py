@@ -12,7 +12,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
-from ._tree import Tree, as_tensordict, build, check_like, leaves, signature
+from ._tree import Tree, as_tensordict, build, check_leaf, check_like, leaves, signature
 from .base import GradientTransformation
 
 __all__ = ["add_decayed_weights", "scale_by_learning_rate", "clip_by_global_norm", "Schedule"]
@@ -40,7 +40,8 @@ def _stateless(
         if params is None:
             if needs_params:
                 raise ValueError(f"{name} needs params: call update(updates, state, params)")
-            check_like(updates, signature(updates), "updates", "updates")  # sparse / dtype checks
+            for key, value in zip(*leaves(updates)):
+                check_leaf(key, value, "updates")
         else:
             check_like(updates, signature(params), "updates", "params", same_dtype=False)
 
