@@ -196,11 +196,14 @@ def scale_by_adam(
             state[group.name] = {m: _moment(group, device) for m in moments}
         return TensorDict(state, batch_size=[])
 
-    def check(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None) -> None:
+    def validate(
+        updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None
+    ) -> tuple[list[Key], tuple[_Group, ...], list[Tensor]]:
+        """Raise for bad input; return the sorted keys, the groups and the updates' leaves in key order."""
         if not isinstance(state, TensorDictBase) or "layout" not in state.keys() or "count" not in state.keys():
             raise ValueError("scale_by_adam: the state is not a scale_by_adam state (no 'layout'/'count' entries)")
         sig, groups = plan_of(state["layout"])
-        check_like(updates, sig, "updates", "params the state was built for")
+        keys, grads = check_like(updates, sig, "updates", "params the state was built for")
         if params is not None:
             check_like(params, sig, "params", "params the state was built for")
         expected = {"count", "layout"} | {g.name for g in groups}
@@ -224,14 +227,15 @@ def scale_by_adam(
                             f"scale_by_adam: state[{group.name!r}][{m!r}] has {g.dtype}{list(g.shape)}, the layout "
                             f"needs {r.dtype}{list(r.shape)} (corrupt or foreign state)"
                         )
+        return keys, groups, grads
+
+    def check(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None) -> None:
+        validate(updates, state, params)
 
     def update(updates: Tree, state: TensorDictBase, params: Tree | None = None):
         updates = as_tensordict(updates)
         params = None if params is None else as_tensordict(params, "params")
-        check(updates, state, params)
-        sig, groups = plan_of(state["layout"])
-        keys = [k for k, _, _ in sig]
-        _, grads = leaves(updates)
+        keys, groups, grads = validate(updates, state, params)
         by_key = dict(zip(keys, grads))
         count = state["count"]
         step = count + 1
