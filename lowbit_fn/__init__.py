@@ -11,6 +11,18 @@ Example:
 
 from ._compile import compile_enabled
 from .formats import FORMATS, codebook, dequantize, quantize
+from .torch_optim import (
+    Adam4bit,
+    Adam8bit,
+    AdamFp8,
+    AdamW,
+    AdamW4bit,
+    AdamW8bit,
+    AdamWFp8,
+    TransformOptimizer,
+    as_torch_optimizer,
+    to_torch_state_dict,
+)
 from .transforms import (
     STATE_FORMATS,
     GradientTransformation,
@@ -35,4 +47,6 @@ __all__ = [
     "adam", "adamw", "STATE_FORMATS",
     "quantize", "dequantize", "codebook", "FORMATS",
     "compile_enabled",
+    "as_torch_optimizer", "TransformOptimizer", "to_torch_state_dict",
+    "Adam8bit", "AdamW8bit", "Adam4bit", "AdamW4bit", "AdamFp8", "AdamWFp8", "AdamW",
 ]

@@ -214,18 +214,19 @@ def scale_by_adam(
                 f"{sorted(expected - {'count', 'layout'})} (a state from another format or amsgrad setting?)"
             )
         for group in groups:
-            reference = {m: _moment(group, torch.device("meta")) for m in moments}
             got = state[group.name]
             if set(got.keys()) != set(moments):
                 raise ValueError(f"scale_by_adam: state[{group.name!r}] holds {sorted(got.keys())}, expected {list(moments)}")
             for m in moments:
-                ref = reference[m]
-                pairs = [(ref, got[m])] if isinstance(ref, Tensor) else [(ref[k], got[m, k]) for k in ("codes", "scale")]
-                for r, g in pairs:
-                    if r.shape != g.shape or r.dtype != g.dtype:
+                pairs = [(got[m], group.size, group.dtype)] if group.fmt is None else [
+                    (got[m, "codes"], group.fmt.code_bytes(group.num_blocks, group.block_size), torch.uint8),
+                    (got[m, "scale"], group.num_blocks, torch.float32),
+                ]
+                for tensor, size, dtype in pairs:
+                    if tensor.shape != (size,) or tensor.dtype != dtype:
                         raise ValueError(
-                            f"scale_by_adam: state[{group.name!r}][{m!r}] has {g.dtype}{list(g.shape)}, the layout "
-                            f"needs {r.dtype}{list(r.shape)} (corrupt or foreign state)"
+                            f"scale_by_adam: state[{group.name!r}][{m!r}] has {tensor.dtype}{list(tensor.shape)}, the "
+                            f"layout needs {dtype}[{size}] (corrupt or foreign state)"
                         )
         return keys, groups, grads
 

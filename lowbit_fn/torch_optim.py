@@ -1,0 +1,634 @@
+"""torch.optim front end: any transform factory as a ``torch.optim.Optimizer``, the drop-in low-bit classes, and
+checkpoints that move between state formats (and to and from ``torch.optim.Adam``/``AdamW``).
+
+How it maps onto the functional core:
+
+- Each param group builds its own transform from the factory. The group's ``lr``, ``betas``, ``eps`` and
+  ``weight_decay`` are copied into 0-d tensors that the transform holds, before every step: schedulers and hand
+  edits take effect at the next step and never recompile. Other factory arguments (``state_format``,
+  ``block_size``, ``amsgrad``, ...) may differ per group; changing one rebuilds the group's transform and converts
+  its states at the next step.
+- Each parameter has its own core state (the same TensorDict layout as the functional API, for one tensor), as
+  torch.optim keeps per-parameter state: a parameter without a gradient is skipped and its step count does not
+  advance. ``optimizer.state[p]`` is that state under torch's names, sharing its storage:
+  ``step``; ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq`` for full-precision moments (exactly torch's keys);
+  ``exp_avg_codes``/``exp_avg_scale``/... plus ``state_format`` and ``block_size`` for quantized ones.
+- bfloat16 and float16 parameters are updated in float32 and written back rounded to nearest, or stochastically
+  (bfloat16, ``bf16_stochastic_round=True``) with counter-based random bits: reproducible and resumable.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections import defaultdict
+from copy import deepcopy
+from typing import Any, Callable, Iterable
+
+import torch
+from tensordict import TensorDictBase
+from torch import Tensor
+
+from .formats import FORMATS, dequantize, quantize
+from .kernels.rounding import BF16_SR_SEED, stochastic_round_bf16, stream_key
+from .transforms import GradientTransformation, adam, adamw
+
+__all__ = [
+    "TransformOptimizer", "as_torch_optimizer", "to_torch_state_dict",
+    "Adam8bit", "AdamW8bit", "Adam4bit", "AdamW4bit", "AdamFp8", "AdamWFp8", "AdamW",
+]
+
+# factory argument -> torch param-group key; these become 0-d tensors refreshed from the group before each step
+_TORCH_NAMES = {"learning_rate": "lr", "eps": "eps", "weight_decay": "weight_decay"}
+_MOMENTS = {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"}
+_SIGNED = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
+_META = ("state_format", "block_size")
+# torch.optim.Adam/AdamW group flags: accepted in a loaded checkpoint (at their defaults), never stored here
+_TORCH_FLAGS = {"foreach": None, "maximize": False, "capturable": False, "differentiable": False, "fused": None}
+_KEY = "param"  # the single leaf of a per-parameter core state
+
+
+class _Spec:
+    """How a factory's keyword arguments map onto param-group keys."""
+
+    def __init__(self, factory: Callable[..., GradientTransformation]):
+        if not callable(factory):
+            raise TypeError(f"factory must be a transform factory such as lowbit_fn.adamw, got {type(factory).__name__}")
+        sig = inspect.signature(factory)
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        self.args = {n: p.default for n, p in sig.parameters.items() if p.kind in kinds}
+        self.betas = "b1" in self.args and "b2" in self.args
+        self.scalars = [n for n in self.args if n in _TORCH_NAMES or (self.betas and n in ("b1", "b2"))]
+        self.structural = [n for n in self.args if n not in self.scalars]
+
+    def defaults(self, hyperparams: dict[str, Any]) -> dict[str, Any]:
+        """torch-style defaults from the factory's keyword arguments (its own defaults filled in)."""
+        unknown = sorted(set(hyperparams) - set(self.args))
+        if unknown:
+            hint = {"lr": "learning_rate", "betas": "b1, b2"}
+            extra = "; ".join(f"use {hint[n]!r} instead of {n!r}" for n in unknown if n in hint)
+            raise TypeError(
+                f"unknown hyperparameter(s) {unknown} for this factory; it accepts {sorted(self.args)}"
+                + (f" ({extra})" if extra else "")
+            )
+        values = {**{n: d for n, d in self.args.items()}, **hyperparams}
+        missing = [n for n, v in values.items() if v is inspect.Parameter.empty]
+        if missing:
+            raise TypeError(f"missing required hyperparameter(s) {missing}")
+        out: dict[str, Any] = {}
+        for name, value in values.items():
+            if name in ("b1", "b2") and self.betas:
+                continue
+            if name in self.scalars and callable(value):
+                raise TypeError(f"{name} must be a number here; for a schedule use a torch.optim.lr_scheduler")
+            out[_TORCH_NAMES.get(name, name) if name in self.scalars else name] = value
+        if self.betas:
+            out["betas"] = (values["b1"], values["b2"])
+        return out
+
+
+def _check_group(group: dict[str, Any], where: str) -> None:
+    """torch's validation of the hyperparameters, with the value in the message."""
+    def number(key: str, value: Any) -> float:
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"{where}: {key} must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
+            return float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{where}: {key} must be a number, got {type(value).__name__}")
+        return float(value)
+
+    for key in ("lr", "eps", "weight_decay"):
+        if key in group and not number(key, group[key]) >= 0.0:
+            raise ValueError(f"{where}: invalid {key} {group[key]!r} (must be >= 0)")
+    if "betas" in group:
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
+        for i, b in enumerate(betas):
+            if not 0.0 <= number(f"betas[{i}]", b) < 1.0:
+                raise ValueError(f"{where}: invalid beta parameter at index {i}: {b!r} (must be in [0, 1))")
+
+
+class _Built:
+    """A param group's transform and the 0-d tensors it reads its hyperparameters from."""
+
+    def __init__(self, spec: _Spec, factory: Callable[..., GradientTransformation], group: dict[str, Any]):
+        self.key = _structural_key(spec, group)
+        self.scalars = {n: torch.zeros((), dtype=torch.float64) for n in spec.scalars}
+        self.transform = factory(**self.scalars, **{n: group[n] for n in spec.structural})
+        if not isinstance(self.transform, GradientTransformation):
+            raise TypeError(f"the factory returned {type(self.transform).__name__}, not a GradientTransformation")
+
+    def refresh(self, group: dict[str, Any]) -> None:
+        values = dict(group)
+        if "betas" in group:
+            values["b1"], values["b2"] = group["betas"]
+        for name, tensor in self.scalars.items():
+            value = values[_TORCH_NAMES.get(name, name)]
+            if isinstance(value, Tensor):
+                tensor.copy_(value.detach().reshape(()))
+            else:
+                tensor.fill_(value)
+
+
+def _structural_key(spec: _Spec, group: dict[str, Any]) -> tuple:
+    return tuple(repr(group[n]) for n in spec.structural)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# one parameter's core state <-> torch's names
+
+
+def _adam_prefix(core: TensorDictBase) -> tuple[str, ...] | None:
+    """Where the Adam state (the sub-TensorDict with ``layout`` and ``count``) sits in a chain's state."""
+    found = set()
+    for path in core.keys(include_nested=True, leaves_only=True):
+        path = path if isinstance(path, tuple) else (path,)
+        if "layout" in path:
+            found.add(path[: path.index("layout")])
+    if len(found) > 1:
+        raise ValueError("as_torch_optimizer supports transforms with at most one scale_by_adam in them")
+    return next(iter(found), None)
+
+
+def _group_format(name: str) -> tuple[str, int] | None:
+    """``"8bit_block256"`` -> ``("8bit", 256)``; full-precision groups -> ``None``."""
+    fmt, _, block = name.rpartition("_block")
+    return (fmt, int(block)) if fmt in FORMATS else None
+
+
+def _entries(core: TensorDictBase, shape: torch.Size) -> dict[str, Any]:
+    """The torch-named view of one parameter's core state: ``{name: tensor}`` sharing storage, plus metadata."""
+    prefix = _adam_prefix(core)
+    out: dict[str, Any] = {}
+    for path, value in core.items(include_nested=True, leaves_only=True):
+        path = path if isinstance(path, tuple) else (path,)
+        if prefix is not None and path[: len(prefix)] == prefix:
+            rest = path[len(prefix):]
+            if rest[0] == "layout":
+                continue
+            if rest == ("count",):
+                out["step"] = value
+                continue
+            quant = _group_format(rest[0])
+            moment = _MOMENTS[rest[1]]
+            if quant is None:
+                out[moment] = value.view(shape)
+            else:
+                out[f"{moment}_{rest[2]}"] = value
+                out["state_format"], out["block_size"] = quant
+            continue
+        out[".".join(path)] = value
+    return out
+
+
+def _label(group_index: int, index: int, group: dict[str, Any], param: Tensor) -> str:
+    names = group.get("param_names")
+    where = f"param_groups[{group_index}]['params'][{index}]"
+    if names is not None and index < len(names):
+        where = f"{names[index]!r} ({where})"
+    return f"parameter {where} of shape {list(param.shape)}"
+
+
+def _step_value(entry: dict[str, Any], label: str) -> int:
+    if "step" not in entry:
+        raise ValueError(f"{label}: the checkpoint has no 'step' (keys: {sorted(entry)})")
+    step = entry["step"]
+    value = float(step) if isinstance(step, (int, float)) or (isinstance(step, Tensor) and step.numel() == 1) else None
+    if value is None or not math.isfinite(value) or value < 0 or value != int(value):
+        raise ValueError(f"{label}: 'step' must be a whole number >= 0, got {step!r}")
+    return int(value)
+
+
+def _moment(entry: dict[str, Any], name: str, shape: torch.Size, label: str) -> Tensor:
+    """A moment from a checkpoint entry as a float tensor of ``shape`` (dequantized when stored quantized)."""
+    if name in entry:
+        value = entry[name]
+        if not isinstance(value, Tensor) or not value.is_floating_point() or value.numel() != shape.numel():
+            got = f"{value.dtype}{list(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"{label}: {name!r} in the checkpoint is {got}, expected {shape.numel()} floating values")
+        return value.reshape(shape)
+    if f"{name}_codes" in entry:
+        codes, scale = entry[f"{name}_codes"], entry.get(f"{name}_scale")
+        fmt, block = entry.get("state_format"), entry.get("block_size")
+        if fmt not in FORMATS or not isinstance(block, int):
+            raise ValueError(f"{label}: quantized {name!r} without a valid state_format/block_size ({fmt!r}, {block!r})")
+        if not isinstance(scale, Tensor):
+            raise ValueError(f"{label}: the checkpoint has {name}_codes but no {name}_scale tensor")
+        if scale.dtype == torch.float32 and bool(((scale < 0) | torch.isinf(scale)).any()):
+            raise ValueError(f"{label}: {name}_scale holds negative or infinite block scales (corrupt checkpoint)")
+        try:
+            return dequantize(codes, scale, fmt, signed=_SIGNED[name], shape=shape, block_size=block)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{label}: corrupt {name} in the checkpoint: {err}") from None
+    if name == "max_exp_avg_sq":  # saved without amsgrad: the running max starts at the current second moment
+        return _moment(entry, "exp_avg_sq", shape, label)
+    raise ValueError(f"{label}: the checkpoint has no {name!r} (keys: {sorted(entry)})")
+
+
+def _restore(core: TensorDictBase, entry: dict[str, Any], shape: torch.Size, label: str) -> None:
+    """Fill a freshly initialized core state from a checkpoint entry of any format (bit-exact when it matches)."""
+    target = _entries(core, shape)
+    done = set()
+    for name, dest in target.items():
+        if name in _META or name in done:
+            continue
+        if name == "step":
+            dest.fill_(_step_value(entry, label))
+        elif name in _SIGNED:
+            dest.copy_(_moment(entry, name, shape, label))
+        elif name.endswith("_codes"):
+            moment = name[: -len("_codes")]
+            codes, scale = target[name], target[f"{moment}_scale"]
+            same = all(entry.get(k) == target[k] for k in _META)
+            if same and f"{moment}_codes" in entry:
+                src_c, src_s = entry[name], entry.get(f"{moment}_scale")
+                _moment(entry, moment, shape, label)  # validates sizes, dtypes and scales
+                codes.copy_(src_c)
+                scale.copy_(src_s)
+            else:
+                value = _moment(entry, moment, shape, label)
+                c, s = quantize(value, target["state_format"], signed=_SIGNED[moment], block_size=target["block_size"])
+                codes.copy_(c)
+                scale.copy_(s)
+            done.add(f"{moment}_scale")
+        else:
+            src = entry.get(name)
+            if not isinstance(src, Tensor) or src.shape != dest.shape:
+                raise ValueError(f"{label}: the checkpoint has no tensor {name!r} of shape {list(dest.shape)}")
+            dest.copy_(src)
+
+
+def _work_dtype(param: Tensor) -> torch.dtype:
+    return param.dtype if param.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _record(param: Tensor, transform: GradientTransformation, entry: dict | None, label: str) -> tuple:
+    """A new core state for ``param`` (restored from ``entry`` when given) and its torch-named view."""
+    template = torch.empty((), dtype=_work_dtype(param), device=param.device).expand(param.shape)
+    core = transform.init({_KEY: template})
+    if entry:
+        _restore(core, entry, param.shape, label)
+    fresh = _entries(core, param.shape)
+    return fresh, tuple((k, v) for k, v in fresh.items() if isinstance(v, Tensor)), transform, core
+
+
+class TransformOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that runs a lowbit_fn transform factory (see :func:`as_torch_optimizer`)."""
+
+    def __init__(
+        self,
+        factory: Callable[..., GradientTransformation],
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        *,
+        bf16_stochastic_round: bool = False,
+        **hyperparams: Any,
+    ):
+        if not isinstance(bf16_stochastic_round, bool):
+            raise TypeError(f"bf16_stochastic_round must be a bool, got {type(bf16_stochastic_round).__name__}")
+        self._factory = factory
+        self._spec = _Spec(factory)
+        defaults = self._spec.defaults(hyperparams)
+        defaults["bf16_stochastic_round"] = bf16_stochastic_round
+        _check_group(defaults, type(self).__name__)
+        self._reset_caches()
+        super().__init__(params, defaults)
+
+    def _reset_caches(self) -> None:
+        self._built: dict[int, _Built] = {}
+        # param -> (its state entry, the entry's tensors, the transform it was built for, the core state)
+        self._cores: dict[Tensor, tuple[dict, tuple, GradientTransformation, TensorDictBase]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_factory": self._factory}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._spec = _Spec(self._factory)
+        self._reset_caches()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, plus a check of the group's hyperparameters and parameter dtypes."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        where = f"param_groups[{len(self.param_groups) - 1}]"
+        try:
+            _check_group(group, where)
+            for i, p in enumerate(group["params"]):
+                if p.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+                    raise TypeError(f"{_label(len(self.param_groups) - 1, i, group, p)} has unsupported dtype {p.dtype}")
+                if p.layout != torch.strided:
+                    raise TypeError(f"{_label(len(self.param_groups) - 1, i, group, p)} is not a dense tensor")
+            _Built(self._spec, self._factory, group)  # the factory accepts the group's arguments
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def _built_for(self, index: int, group: dict[str, Any]) -> _Built:
+        built = self._built.get(index)
+        if built is None or built.key != _structural_key(self._spec, group):
+            built = self._built[index] = _Built(self._spec, self._factory, group)
+        return built
+
+    def _core(self, param: Tensor, transform: GradientTransformation, label: str) -> tuple[tuple, bool]:
+        """The parameter's cache record ``(entry, entry tensors, transform, core state)`` and whether it is new:
+        rebuilt (converting the state) when its entry or its group's transform changed. Nothing is installed."""
+        entry = self.state.get(param)
+        cached = self._cores.get(param)
+        if cached is not None and cached[0] is entry and cached[2] is transform and all(
+            entry.get(k) is v for k, v in cached[1]
+        ):
+            return cached, False
+        return _record(param, transform, entry, label), True
+
+    def _install(self, param: Tensor, record: tuple) -> None:
+        self.state[param] = record[0]
+        self._cores[param] = record
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every parameter that has a gradient; returns the closure's loss (if given)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        jobs = []
+        position = 0
+        for gi, group in enumerate(self.param_groups):
+            built = self._built_for(gi, group)
+            for i, p in enumerate(group["params"]):
+                position += 1
+                if p.grad is None:
+                    continue
+                label = _label(gi, i, group, p)
+                g = p.grad
+                if g.layout != torch.strided:
+                    raise TypeError(f"{label}: sparse gradients are not supported")
+                if g.shape != p.shape or g.dtype != p.dtype:
+                    raise ValueError(f"{label}: gradient is {g.dtype}{list(g.shape)}, the parameter {p.dtype}{list(p.shape)}")
+                record, new = self._core(p, built.transform, label)
+                if group["bf16_stochastic_round"] and p.dtype == torch.bfloat16 and "step" not in record[0]:
+                    raise ValueError(f"{label}: bf16_stochastic_round needs a transform with a step count (scale_by_adam)")
+                jobs.append((p, g, group, built, record, new, position - 1))
+        for p, _, _, _, record, new, _ in jobs:  # everything checked: from here on nothing raises for bad input
+            if new:
+                self._install(p, record)
+        refreshed: set[int] = set()
+        for p, g, group, built, record, _, position in jobs:
+            if id(built) not in refreshed:
+                built.refresh(group)
+                refreshed.add(id(built))
+            work = p if _work_dtype(p) == p.dtype else p.to(_work_dtype(p))
+            updates, _ = built.transform.update({_KEY: g.to(work.dtype)}, record[3], {_KEY: work})
+            u = updates[_KEY]
+            if work is p:
+                p.add_(u)
+                continue
+            work.add_(u)
+            if group["bf16_stochastic_round"] and p.dtype == torch.bfloat16:
+                p.copy_(stochastic_round_bf16(work, stream_key(BF16_SR_SEED, position, record[0]["step"])))
+            else:
+                p.copy_(work)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint of this optimizer, of another lowbit_fn format, or of ``torch.optim.Adam``/``AdamW``.
+
+        Moments in the same format and block size are restored bit-exactly; others are converted (dequantized,
+        then quantized into this optimizer's format). The group hyperparameters (``lr``, ``betas``, ...) come from
+        the checkpoint, the state layout (``state_format``, ``block_size``, ``amsgrad``, ...) stays this
+        optimizer's. Raises ``ValueError`` naming the parameter for a checkpoint that does not fit, and then
+        leaves the optimizer exactly as it was.
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        state_dict = state_dict.copy()
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        if not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError(f"not an optimizer state_dict: expected 'state' and 'param_groups', got {sorted(state_dict)}")
+        saved_groups = deepcopy(state_dict["param_groups"])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"the checkpoint has {len(saved_groups)} parameter group(s), this optimizer {len(self.param_groups)}"
+            )
+        groups, id_map = [], {}
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param_groups[{gi}] has {len(group['params'])} parameters, the checkpoint's {len(saved['params'])}"
+                )
+            if saved.get("maximize"):
+                raise ValueError(f"param_groups[{gi}]: the checkpoint was saved with maximize=True, not supported")
+            new = dict(group)
+            keep = set(self._spec.structural) | {"params", "bf16_stochastic_round"}
+            new.update({k: v for k, v in saved.items() if k not in keep and k not in _TORCH_FLAGS and k != "decoupled_weight_decay"})
+            _check_group(new, f"param_groups[{gi}] of the checkpoint")
+            groups.append(new)
+            id_map.update(zip(saved["params"], ((gi, i) for i in range(len(group["params"])))))
+        state: defaultdict[Tensor, dict] = defaultdict(dict)
+        cores = {}
+        built = {gi: _Built(self._spec, self._factory, g) for gi, g in enumerate(groups)}
+        for key, entry in state_dict["state"].items():
+            if key not in id_map:
+                raise ValueError(f"the checkpoint has state for parameter index {key!r}, which no param group lists")
+            gi, i = id_map[key]
+            p = groups[gi]["params"][i]
+            if not isinstance(entry, dict):
+                raise ValueError(f"{_label(gi, i, groups[gi], p)}: its state is a {type(entry).__name__}, not a dict")
+            if not entry:
+                continue
+            record = _record(p, built[gi].transform, entry, _label(gi, i, groups[gi], p))
+            state[p] = record[0]
+            cores[p] = record
+        self.param_groups[:] = groups
+        self.state = state
+        self._built = built
+        self._cores = cores
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+
+def as_torch_optimizer(
+    factory: Callable[..., GradientTransformation],
+    params: Iterable[Tensor] | Iterable[dict[str, Any]],
+    *,
+    bf16_stochastic_round: bool = False,
+    **hyperparams: Any,
+) -> TransformOptimizer:
+    """Wrap a transform factory as a ``torch.optim.Optimizer``.
+
+    ``hyperparams`` are the factory's keyword arguments. In the param groups, ``learning_rate`` appears under
+    torch's name ``lr`` and ``b1``/``b2`` as ``betas``, so LR schedulers (including ``OneCycleLR``'s momentum
+    cycling), per-group settings and ``add_param_group`` work as with ``torch.optim.AdamW``. The step runs the same
+    transforms and compiled kernels as the functional API, one parameter at a time (torch.optim's per-parameter
+    state: transforms that couple parameters, such as ``clip_by_global_norm``, see one parameter here; clip with
+    ``torch.nn.utils.clip_grad_norm_`` before ``step()`` instead).
+
+    Args:
+      factory: a transform factory, e.g. :func:`lowbit_fn.adamw`.
+      params: parameters or param-group dicts, as for any ``torch.optim`` optimizer.
+      bf16_stochastic_round: write bfloat16 parameters back with stochastic rounding (unbiased) instead of
+        rounding to nearest. The update itself is always computed in float32.
+      **hyperparams: the factory's keyword arguments.
+
+    Returns:
+      A :class:`TransformOptimizer`.
+
+    Example:
+        >>> import torch, lowbit_fn
+        >>> model = torch.nn.Linear(128, 64)
+        >>> opt = lowbit_fn.as_torch_optimizer(lowbit_fn.adamw, model.parameters(), learning_rate=1e-3,
+        ...                                    weight_decay=0.01, state_format="4bit", min_quant_size=0)
+        >>> model(torch.randn(8, 128)).square().mean().backward()
+        >>> opt.step()
+        >>> sorted(opt.state[model.weight])
+        ['block_size', 'exp_avg_codes', 'exp_avg_scale', 'exp_avg_sq_codes', 'exp_avg_sq_scale', 'state_format', 'step']
+    """
+    return TransformOptimizer(factory, params, bf16_stochastic_round=bf16_stochastic_round, **hyperparams)
+
+
+def to_torch_state_dict(optimizer: TransformOptimizer) -> dict[str, Any]:
+    """The optimizer's ``state_dict`` as ``torch.optim.Adam``/``AdamW`` would save it: float32 ``exp_avg``/``exp_avg_sq``
+    (dequantized), a float32 ``step`` and torch's group flags, ready for ``torch.optim.AdamW.load_state_dict``.
+
+    Example:
+        >>> import torch, lowbit_fn
+        >>> model = torch.nn.Linear(128, 64)
+        >>> opt = lowbit_fn.AdamW8bit(model.parameters(), min_quant_size=0)
+        >>> model(torch.randn(8, 128)).square().mean().backward()
+        >>> opt.step()
+        >>> reference = torch.optim.AdamW(model.parameters())
+        >>> reference.load_state_dict(lowbit_fn.to_torch_state_dict(opt))
+        >>> reference.state[model.weight]["exp_avg"].dtype
+        torch.float32
+    """
+    if not isinstance(optimizer, TransformOptimizer) or optimizer._factory not in (adam, adamw):
+        raise ValueError("to_torch_state_dict needs an optimizer built from lowbit_fn.adam or lowbit_fn.adamw")
+    saved = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for index, entry in saved["state"].items():
+        if not entry:
+            continue
+        p = params[index]
+        label = f"parameter {index} of shape {list(p.shape)}"
+        out = {"step": torch.tensor(float(_step_value(entry, label)), dtype=torch.float32)}
+        for name in _SIGNED:
+            if name in entry or f"{name}_codes" in entry:
+                out[name] = _moment(entry, name, p.shape, label).to(torch.float32, copy=True)
+        state[index] = out
+    groups = []
+    drop = set(optimizer._spec.structural) | {"bf16_stochastic_round"}
+    for group in saved["param_groups"]:
+        new = {k: v for k, v in group.items() if k not in drop}
+        new.update(_TORCH_FLAGS, amsgrad=bool(group.get("amsgrad", False)))
+        new["decoupled_weight_decay"] = optimizer._factory is adamw
+        groups.append(new)
+    return {"state": state, "param_groups": groups}
+
+
+class _AdamBase(TransformOptimizer):
+    """Shared constructor of the drop-in classes; subclasses set the factory, the format and the decay default."""
+
+    _factory_fn: Callable[..., GradientTransformation] = staticmethod(adamw)
+    _state_format = "8bit"
+    _weight_decay = 1e-2
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float | None = None,
+        amsgrad: bool = False,
+        *,
+        block_size: int | None = None,
+        min_quant_size: int = 4096,
+        bf16_stochastic_round: bool = False,
+    ):
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        super().__init__(
+            type(self)._factory_fn, params, learning_rate=lr, b1=betas[0], b2=betas[1], eps=eps,
+            weight_decay=self._weight_decay if weight_decay is None else weight_decay, amsgrad=amsgrad,
+            state_format=self._state_format, block_size=block_size, min_quant_size=min_quant_size,
+            bf16_stochastic_round=bf16_stochastic_round,
+        )
+
+
+_DOC = """{title} with {what}, a drop-in for ``torch.optim.{torch}`` ({decay}).
+
+    Same signature as torchao's ``{name}``: ``(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay={wd},
+    amsgrad=False, *, block_size=None, min_quant_size=4096, bf16_stochastic_round=False)``. Tensors with fewer than
+    ``min_quant_size`` elements keep float32 state. See :func:`as_torch_optimizer` for the behaviour and
+    :func:`lowbit_fn.scale_by_adam` for the formats.
+
+    Example:
+        >>> import torch, lowbit_fn
+        >>> model = torch.nn.Linear(256, 256)
+        >>> opt = lowbit_fn.{name}(model.parameters(), lr=1e-3)
+        >>> model(torch.randn(4, 256)).sum().backward()
+        >>> opt.step(); opt.zero_grad()
+        >>> opt.state[model.weight]["state_format"]
+        '{fmt}'
+    """
+_WHAT = {"8bit": "8-bit (dynamic-tree map) moments", "4bit": "4-bit moments", "fp8": "FP8 (e4m3) moments"}
+
+
+def _dropin(name: str, factory: Callable[..., GradientTransformation], state_format: str) -> type:
+    decoupled = factory is adamw
+    wd = 1e-2 if decoupled else 0.0
+    doc = _DOC.format(
+        title="AdamW" if decoupled else "Adam", what=_WHAT[state_format], torch="AdamW" if decoupled else "Adam",
+        decay="decoupled weight decay" if decoupled else "L2 weight decay added to the gradient",
+        name=name, wd=wd, fmt=state_format,
+    )
+    attrs = {"__doc__": doc, "__module__": __name__, "_factory_fn": staticmethod(factory),
+             "_state_format": state_format, "_weight_decay": wd, "__qualname__": name}
+    return type(name, (_AdamBase,), attrs)
+
+
+Adam8bit = _dropin("Adam8bit", adam, "8bit")
+AdamW8bit = _dropin("AdamW8bit", adamw, "8bit")
+Adam4bit = _dropin("Adam4bit", adam, "4bit")
+AdamW4bit = _dropin("AdamW4bit", adamw, "4bit")
+AdamFp8 = _dropin("AdamFp8", adam, "fp8")
+AdamWFp8 = _dropin("AdamWFp8", adamw, "fp8")
+
+
+class AdamW(TransformOptimizer):
+    """``torch.optim.AdamW`` with float32 state, run by lowbit_fn's step: for bfloat16 parameters with
+    ``bf16_stochastic_round=True`` (float32 math, unbiased write-back) without quantized state.
+
+    Example:
+        >>> import torch, lowbit_fn
+        >>> model = torch.nn.Linear(16, 16).to(torch.bfloat16)
+        >>> opt = lowbit_fn.AdamW(model.parameters(), lr=1e-3, bf16_stochastic_round=True)
+        >>> model(torch.randn(4, 16, dtype=torch.bfloat16)).float().sum().backward()
+        >>> opt.step()
+        >>> opt.state[model.weight]["exp_avg"].dtype
+        torch.float32
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        bf16_stochastic_round: bool = False,
+    ):
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        super().__init__(
+            adamw, params, learning_rate=lr, b1=betas[0], b2=betas[1], eps=eps, weight_decay=weight_decay,
+            amsgrad=amsgrad, state_format="fp32", bf16_stochastic_round=bf16_stochastic_round,
+        )

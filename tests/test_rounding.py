@@ -1,0 +1,67 @@
+"""Counter-based random bits and stochastic rounding to bfloat16."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit_fn.kernels.rounding import hash32, stochastic_round_bf16, stream_key
+
+
+def neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bfloat16 values just below and above each float32 (in magnitude: truncation and the next step)."""
+    down = (x.view(torch.int32) & -0x10000).view(torch.float32)
+    up = ((x.view(torch.int32) & -0x10000) + 0x10000).view(torch.float32)
+    return down, up
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=1, max_size=300), st.integers(0, 2**40))
+def test_rounds_to_one_of_the_two_neighbours(values, step):
+    x = torch.tensor(values, dtype=torch.float32)
+    r = stochastic_round_bf16(x, stream_key(7, 3, torch.tensor(step))).float()
+    down, up = neighbours(x)
+    exact = x == down
+    assert bool(((r == down) | (r == up) | (exact & (r == x))).all())
+
+
+def test_unbiased_deterministic_and_eager_equals_compiled():
+    torch.manual_seed(0)
+    x = torch.randn(4096) * torch.logspace(-20, 20, 4096)
+    total = torch.zeros(4096, dtype=torch.float64)
+    n = 2000
+    for step in range(n):
+        key = stream_key(1, 0, torch.tensor(step))
+        r = stochastic_round_bf16(x, key)
+        if step < 3:
+            assert torch.equal(r.view(torch.int16), stochastic_round_bf16.fn(x, key).view(torch.int16))
+            assert torch.equal(r.view(torch.int16), stochastic_round_bf16(x, key).view(torch.int16))
+        total += r.double()
+    down, up = neighbours(x)
+    spacing = (up - down).double()
+    # each mean is within 5 standard deviations (spacing * 0.5 / sqrt(n)) of x, and the average bias is tiny
+    err = (total / n - x.double()) / spacing
+    assert float(err.abs().max()) < 5 * 0.5 / n**0.5
+    assert abs(float(err.mean())) < 0.01
+    nearest_bias = ((x.to(torch.bfloat16).double() - x.double()) / spacing).abs().mean()
+    assert float(nearest_bias) > 0.2  # nearest rounding's per-element error is ~0.25 spacing: SR removes it
+
+
+def test_special_values():
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0, -2.0])
+    r = stochastic_round_bf16(x, stream_key(0, 0, torch.tensor(5)))
+    assert torch.isnan(r[0]) and r[1] == float("inf") and r[2] == -float("inf")
+    assert torch.equal(r[3:].float(), x[3:]) and bool(torch.signbit(r[4]))
+
+
+def test_hash_bits_are_uniform_and_uncorrelated():
+    index = torch.arange(1 << 16, dtype=torch.int64)
+    a = hash32((index ^ stream_key(0, 0, torch.tensor(0))) & 0xFFFFFFFF)
+    b = hash32((index ^ stream_key(0, 0, torch.tensor(1))) & 0xFFFFFFFF)
+    assert int(a.min()) >= 0 and int(a.max()) < 2**32 and a.unique().numel() == a.numel()  # a bijection
+    for bit in (0, 7, 15, 31):  # each bit is set half of the time
+        assert abs(float(((a >> bit) & 1).double().mean()) - 0.5) < 0.01
+    u, v = a.double() / 2**32, b.double() / 2**32
+    corr = lambda s, t: float(torch.corrcoef(torch.stack([s, t]))[0, 1])  # noqa: E731
+    assert abs(corr(u[1:], u[:-1])) < 0.02  # neighbouring elements
+    assert abs(corr(u, v)) < 0.02  # consecutive steps
+    assert abs(float(u.mean()) - 0.5) < 0.01
