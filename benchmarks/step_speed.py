@@ -7,6 +7,8 @@ What is measured
     * ``lowbit_fn <format>``: ``opt.update(grads, state, params)`` followed by ``lowbit_fn.apply_updates(params,
       updates)`` for ``opt = lowbit_fn.adamw(learning_rate=1e-3, weight_decay=1e-2, state_format=<format>)``,
       i.e. a full step through the functional API (the state is donated, so it is updated in place).
+    * ``lowbit_fn <Class>``: the same step through the torch.optim front end (``lowbit_fn.AdamW8bit``, ...,
+      ``lowbit_fn.AdamW`` for fp32 state) with ``.grad`` set, timing ``opt.step()`` (``--apis torch_optim``).
     * ``torch fused fp32`` / ``torch foreach fp32``: ``torch.optim.AdamW(..., fused=True)`` (resp.
       ``foreach=True``) with ``.grad`` set to the same gradients, timing ``opt.step()``.
     * torchao / bitsandbytes low-bit AdamW, only when those packages are importable.
@@ -38,7 +40,8 @@ Memory columns
 
 Usage:
     python benchmarks/step_speed.py [--models tlike100 flat16M] [--formats fp32 8bit 4bit fp8]
-                                    [--rounds 5] [--steps 5] [--scale 1.0] [--markdown PATH]
+                                    [--apis functional torch_optim] [--rounds 5] [--steps 5] [--scale 1.0]
+                                    [--markdown PATH]
 """
 
 from __future__ import annotations
@@ -77,7 +80,9 @@ REFERENCE_MODELS: dict[str, list[Shape]] = {
 FORMATS = ("fp32", "8bit", "4bit", "fp8")
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 1e-2
-MIN_QUANT_SIZE = 4096  # lowbit_fn's default: smaller tensors keep fp32 state
+MIN_QUANT_SIZE = 4096
+APIS = ("functional", "torch_optim")
+TORCH_OPTIM_CLASSES = {"fp32": "AdamW", "8bit": "AdamW8bit", "4bit": "AdamW4bit", "fp8": "AdamWFp8"}  # lowbit_fn's default: smaller tensors keep fp32 state
 FUSED = "torch fused fp32"
 FOREACH = "torch foreach fp32"
 _QUANT_GROUP = re.compile(r"_block\d+$")
@@ -308,7 +313,7 @@ def contention_check() -> Contention:
 
 
 def measure_model(
-    model: str, shapes: list[Shape], formats: list[str], rounds: int, steps: int
+    model: str, shapes: list[Shape], formats: list[str], rounds: int, steps: int, apis: Iterable[str] = APIS
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows for every optimizer on one model, and notes (skipped optional baselines)."""
     params, grads = make_tensors(shapes)
@@ -317,7 +322,12 @@ def measure_model(
         torch_optim_runner(FUSED, lambda ps: torch.optim.AdamW(ps, **hyper, fused=True), params, grads),
         torch_optim_runner(FOREACH, lambda ps: torch.optim.AdamW(ps, **hyper, foreach=True), params, grads),
     ]
-    runners += [lowbit_runner(fmt, params, grads) for fmt in formats]
+    if "functional" in apis:
+        runners += [lowbit_runner(fmt, params, grads) for fmt in formats]
+    if "torch_optim" in apis:
+        for fmt in formats:
+            cls = getattr(lowbit_fn, TORCH_OPTIM_CLASSES[fmt])
+            runners.append(torch_optim_runner(f"lowbit_fn {cls.__name__}", lambda ps, c=cls: c(ps, **hyper), params, grads))
     for runner in runners:
         runner.first_s = _timed(runner.step)
         runner.step()  # one untimed warm-up step
@@ -377,6 +387,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=list(REFERENCE_MODELS), default=list(REFERENCE_MODELS))
     parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS), help="lowbit_fn state formats")
+    parser.add_argument("--apis", nargs="+", choices=list(APIS), default=list(APIS), help="lowbit_fn front ends to time")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds; the table gives the median (default 5)")
     parser.add_argument("--steps", type=int, default=5, help="steps per optimizer per round (default 5)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every tensor's first dimension (default 1.0)")
@@ -417,7 +428,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         shapes = scaled_shapes(REFERENCE_MODELS[model], args.scale)
         numel = sum(torch.Size(s).numel() for s in shapes)
         print(f"measuring {model}: {len(shapes)} tensors, {numel / 1e6:.2f} M elements ...", flush=True)
-        model_rows, model_notes = measure_model(model, shapes, args.formats, args.rounds, args.steps)
+        model_rows, model_notes = measure_model(model, shapes, args.formats, args.rounds, args.steps, args.apis)
         rows += model_rows
         notes += [n for n in model_notes if n not in notes]
         gc.collect()

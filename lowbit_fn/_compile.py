@@ -53,6 +53,16 @@ def _static_key(value: Any) -> Hashable:
     return value
 
 
+def _unview(value: Any) -> Any:
+    """A view as a plain alias of the same memory (``detach()`` drops the view's base): dynamo guards on a view's
+    base sizes, so views of differently shaped tensors would otherwise each compile a graph."""
+    if isinstance(value, torch.Tensor):
+        return value.detach() if value._base is not None else value
+    if isinstance(value, list):
+        return [_unview(v) for v in value]
+    return value
+
+
 class compiled:  # noqa: N801 - used as a decorator
     """Decorator: run ``fn`` through ``torch.compile`` when possible, eagerly otherwise.
 
@@ -80,6 +90,7 @@ class compiled:  # noqa: N801 - used as a decorator
     def __call__(self, *args: Any) -> Any:
         if torch.compiler.is_compiling() or not compile_enabled():
             return self.fn(*args)
+        args = tuple(_unview(a) for a in args)
         try:
             return self._variant(args)(*args)
         except Exception as err:  # compilation happens before the graph runs: inputs are untouched on failure

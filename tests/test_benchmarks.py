@@ -30,7 +30,7 @@ def test_step_speed_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     )
 
     models = {"tlike100", "flat16M"}
-    optimizers = {"torch fused fp32", "torch foreach fp32", "lowbit_fn fp32", "lowbit_fn 8bit"}
+    optimizers = {"torch fused fp32", "torch foreach fp32", "lowbit_fn fp32", "lowbit_fn 8bit", "lowbit_fn AdamW", "lowbit_fn AdamW8bit"}
     assert {r["model"] for r in rows} == models
     assert {r["optimizer"] for r in rows} >= optimizers
     for row in rows:
@@ -42,10 +42,11 @@ def test_step_speed_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     by_key = {(r["model"], r["optimizer"]): r for r in rows}
     for model in models:
         assert by_key[model, "torch fused fp32"]["ratio"] == 1.0
-        eight = by_key[model, "lowbit_fn 8bit"]
-        assert 2.0 <= eight["qbytes"] <= 2.1  # 1 code byte per moment + one fp32 scale per 256-element block
-        assert eight["bytes"] < 2.2
-        for name in ("torch fused fp32", "torch foreach fp32", "lowbit_fn fp32"):
+        for name in ("lowbit_fn 8bit", "lowbit_fn AdamW8bit"):  # functional and torch.optim front ends
+            eight = by_key[model, name]
+            assert 2.0 <= eight["qbytes"] <= 2.1  # 1 code byte per moment + one fp32 scale per 256-element block
+            assert eight["bytes"] < 2.2
+        for name in ("torch fused fp32", "torch foreach fp32", "lowbit_fn fp32", "lowbit_fn AdamW"):
             row = by_key[model, name]
             assert row["qbytes"] is None
             assert row["bytes"] == pytest.approx(8.0, abs=0.01)  # fp32 m and v (+ a few step counters)

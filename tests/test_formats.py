@@ -241,3 +241,15 @@ def test_bad_dtypes_and_sizes():
         lowbit_fn.dequantize(codes.float(), scale, "8bit", signed=True, shape=(300,))
     with pytest.raises(ValueError, match="code bytes"):
         lowbit_fn.dequantize(codes, scale, "4bit", signed=True, shape=(300,))
+
+
+def test_views_of_differently_shaped_tensors_share_one_graph():
+    """quantize flattens its input into a view; dynamo would guard on the view's base shape without _unview."""
+    from torch._dynamo.utils import counters
+
+    lowbit_fn.quantize(torch.randn(3, 5000), "fp8", signed=True)
+    before = counters["stats"]["unique_graphs"]
+    for shape in [(1, 5000), (5000, 1), (2, 3000), (7, 1, 900), (1, 1, 4000), (3, 3, 3, 300), (1, 2, 3, 4, 500), (9, 999)]:
+        codes, scale = lowbit_fn.quantize(torch.randn(shape), "fp8", signed=True)
+        assert scale.numel() == -(-torch.Size(shape).numel() // 256)
+    assert counters["stats"]["unique_graphs"] == before

@@ -12,7 +12,7 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
 @pytest.mark.slow
 def test_readme_examples_run(tmp_path, monkeypatch):
-    assert len(BLOCKS) >= 4
+    assert len(BLOCKS) >= 6
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
     exec(BLOCKS[0], ns)  # the functional loop, compiled
@@ -22,6 +22,12 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     ns["state"] = state
     exec(BLOCKS[2], ns)  # checkpoints
     assert int(ns["state"]["1", "count"]) == 0 and int(ns["state"]["3", "count"]) == 0
+    exec(BLOCKS[3], ns)  # torch.optim loop
+    weight = ns["model"][0].weight
+    assert int(ns["opt"].state[weight]["step"]) == 20 and ns["opt"].state[weight]["state_format"] == "8bit"
+    exec(BLOCKS[4], ns)  # checkpoint conversions
+    assert ns["opt4"].state[weight]["state_format"] == "4bit" and ns["opt8"].state[weight]["state_format"] == "8bit"
+    assert ns["reference"].state[weight]["exp_avg"].dtype == torch.float32
     ns["x"] = torch.randn(1000)
-    exec(BLOCKS[3], ns)  # formats
+    exec(BLOCKS[5], ns)  # formats
     assert ns["x_hat"].shape == (1000,) and ns["table"].shape == (256,)

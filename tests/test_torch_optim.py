@@ -347,6 +347,8 @@ def test_lr_set_by_hand_add_param_group_and_clip_grad_norm():
         for m, opt, e in ((model, ours, extra), (reference, theirs, extra_ref)):
             if i == 2:
                 opt.param_groups[0]["lr"] = 3e-3
+                opt.param_groups[0]["weight_decay"] = 0.2
+                opt.param_groups[0]["eps"] = 1e-3
                 opt.add_param_group({"params": [e], "lr": 1e-1, "weight_decay": 0.0})
             opt.zero_grad()
             (((m(x) - y) ** 2).mean() + (e**2).sum()).backward()
@@ -354,6 +356,7 @@ def test_lr_set_by_hand_add_param_group_and_clip_grad_norm():
             opt.step()
     assert max_rel(model, reference) < 1e-12 and rel(extra.detach(), extra_ref.detach()) < 1e-12
     assert len(ours.param_groups) == 2 and ours.param_groups[1]["betas"] == (0.9, 0.999)
+    assert isinstance(ours, torch.optim.Optimizer)
 
 
 def test_hooks_run():
