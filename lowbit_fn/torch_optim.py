@@ -354,9 +354,10 @@ class TransformOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         jobs = []
-        position = 0
+        position = -1  # the parameter's index in state_dict(): it salts its stochastic rounding
         for gi, group in enumerate(self.param_groups):
             built = self._built_for(gi, group)
+            built.refresh(group)
             for i, p in enumerate(group["params"]):
                 position += 1
                 if p.grad is None:
@@ -368,25 +369,21 @@ class TransformOptimizer(torch.optim.Optimizer):
                 if g.shape != p.shape or g.dtype != p.dtype:
                     raise ValueError(f"{label}: gradient is {g.dtype}{list(g.shape)}, the parameter {p.dtype}{list(p.shape)}")
                 record, new = self._core(p, built.transform, label)
-                if group["bf16_stochastic_round"] and p.dtype == torch.bfloat16 and "step" not in record[0]:
+                rounding = group["bf16_stochastic_round"] and p.dtype == torch.bfloat16
+                if rounding and "step" not in record[0]:
                     raise ValueError(f"{label}: bf16_stochastic_round needs a transform with a step count (scale_by_adam)")
-                jobs.append((p, g, group, built, record, new, position - 1))
-        for p, _, _, _, record, new, _ in jobs:  # everything checked: from here on nothing raises for bad input
+                jobs.append((p, g, built.transform, record, new, rounding, position))
+        for p, _, _, record, new, _, _ in jobs:  # everything checked: from here on nothing raises for bad input
             if new:
                 self._install(p, record)
-        refreshed: set[int] = set()
-        for p, g, group, built, record, _, position in jobs:
-            if id(built) not in refreshed:
-                built.refresh(group)
-                refreshed.add(id(built))
+        for p, g, transform, record, _, rounding, position in jobs:
             work = p if _work_dtype(p) == p.dtype else p.to(_work_dtype(p))
-            updates, _ = built.transform.update({_KEY: g.to(work.dtype)}, record[3], {_KEY: work})
-            u = updates[_KEY]
+            updates, _ = transform.update({_KEY: g.to(work.dtype)}, record[3], {_KEY: work})
             if work is p:
-                p.add_(u)
+                p.add_(updates[_KEY])
                 continue
-            work.add_(u)
-            if group["bf16_stochastic_round"] and p.dtype == torch.bfloat16:
+            work.add_(updates[_KEY])
+            if rounding:
                 p.copy_(stochastic_round_bf16(work, stream_key(BF16_SR_SEED, position, record[0]["step"])))
             else:
                 p.copy_(work)
