@@ -10,6 +10,7 @@ Example:
 """
 
 from ._compile import compile_enabled
+from .cpu_offload import CPUOffloadOptimizer
 from .formats import FORMATS, codebook, dequantize, quantize
 from .torch_optim import (
     Adam4bit,
@@ -34,6 +35,7 @@ from .transforms import (
     chain,
     clip_by_global_norm,
     identity,
+    offload,
     params_from_module,
     scale_by_adam,
     scale_by_learning_rate,
@@ -44,9 +46,9 @@ __version__ = "0.1.0"
 __all__ = [
     "GradientTransformation", "chain", "identity", "apply_updates", "params_from_module",
     "scale_by_adam", "add_decayed_weights", "scale_by_learning_rate", "clip_by_global_norm", "Schedule",
-    "adam", "adamw", "STATE_FORMATS",
+    "adam", "adamw", "STATE_FORMATS", "offload",
     "quantize", "dequantize", "codebook", "FORMATS",
     "compile_enabled",
-    "as_torch_optimizer", "TransformOptimizer", "to_torch_state_dict",
+    "as_torch_optimizer", "TransformOptimizer", "to_torch_state_dict", "CPUOffloadOptimizer",
     "Adam8bit", "AdamW8bit", "Adam4bit", "AdamW4bit", "AdamFp8", "AdamWFp8", "AdamW",
 ]
