@@ -183,17 +183,16 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
             if self.offload_gradients:
                 mirror.resolve()
                 mirror.host.grad = mirror.grad if mirror.has_grad else None
-                continue
-            grad = param.grad
-            if grad is None:
+            elif param.grad is None:
                 mirror.host.grad = None
-                continue
-            if mirror.copied is None or mirror.copied[0] is not grad or mirror.copied[1] != grad._version:
-                mirror.grad.copy_(grad, non_blocking=mirror.pin)  # new, or changed since (clipping, unscaling)
-                mirror.copied = (grad, grad._version)
-            mirror.host.grad = mirror.grad
-            if mirror.pin:
-                waited.add(param.device)
+            else:
+                grad = param.grad
+                if mirror.copied is None or mirror.copied[0] is not grad or mirror.copied[1] != grad._version:
+                    mirror.grad.copy_(grad, non_blocking=mirror.pin)  # new, or changed since (clipping, unscaling)
+                    mirror.copied = (grad, grad._version)
+                mirror.host.grad = mirror.grad
+            if mirror.pin and mirror.host.grad is not None:
+                waited.add(param.device)  # the host reads these buffers next: wait for the copies to land
         for device in waited:
             torch.accelerator.synchronize(device)
         return [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]

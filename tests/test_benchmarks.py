@@ -56,3 +56,14 @@ def test_step_speed_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "contention check (before)" in out and "contention check (after)" in out
     text = report.read_text(encoding="utf-8")
     assert "lowbit_fn 8bit" in text and "torch" in text
+
+
+def test_offload_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    path = Path(__file__).parents[1] / "benchmarks" / "offload.py"
+    spec = importlib.util.spec_from_file_location("offload_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--layers", "1", "--width", "256", "--steps", "1", "--warmup", "1", "--device", "cpu"])
+    assert [r["config"] for r in rows][:2] == ["AdamW on device", "CPUOffloadOptimizer(AdamW)"] and len(rows) == 6
+    assert all(r["ms"] > 0 and r["peak_gib"] is None for r in rows)
+    assert "| CPUOffloadOptimizer(AdamW8bit) |" in capsys.readouterr().out

@@ -12,7 +12,7 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 
 @pytest.mark.slow
 def test_readme_examples_run(tmp_path, monkeypatch):
-    assert len(BLOCKS) >= 6
+    assert len(BLOCKS) >= 7
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
     exec(BLOCKS[0], ns)  # the functional loop, compiled
@@ -28,6 +28,8 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     exec(BLOCKS[4], ns)  # checkpoint conversions
     assert ns["opt4"].state[weight]["state_format"] == "4bit" and ns["opt8"].state[weight]["state_format"] == "8bit"
     assert ns["reference"].state[weight]["exp_avg"].dtype == torch.float32
+    exec(BLOCKS[5], ns)  # offload
+    assert int(ns["opt"].state[ns["model"][0].weight]["step"]) == 1 and ns["functional"].init is not None
     ns["x"] = torch.randn(1000)
-    exec(BLOCKS[5], ns)  # formats
+    exec(BLOCKS[6], ns)  # formats
     assert ns["x_hat"].shape == (1000,) and ns["table"].shape == (256,)
