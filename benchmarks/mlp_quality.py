@@ -6,7 +6,8 @@ API (``torch.func`` loop); the reported loss is the train loss over all 2048 inp
 matrices are quantized (>= 4096 elements); biases keep fp32 state. Prints, per format, the final train loss and
 its ratio to fp32 AdamW's, averaged over seeds.
 
-    python benchmarks/mlp_quality.py [--steps 200] [--seeds 0 1 2] [--lr 1e-3]
+    python benchmarks/mlp_quality.py [--steps 200] [--seeds 0 1 2] [--lr 1e-3] [--depth 2]
+                                     [--formats 8bit fp8 4bit 4bit:nearest 8bit:stochastic fp8:stochastic]
 """
 
 from __future__ import annotations
@@ -21,27 +22,35 @@ from torch import nn
 import lowbit_fn
 
 FORMATS = ("fp32", "8bit", "fp8", "4bit")
+# "<state_format>[:<rounding>]": the format with its default rounding, or with the one named
+VARIANTS = ("8bit", "fp8", "4bit", "4bit:nearest", "8bit:stochastic", "fp8:stochastic")
 
 
-def make_problem(seed: int, n: int = 2048, dim: int = 64, hidden: int = 256) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """Inputs, teacher targets and a freshly initialized student, all from ``seed``."""
+def make_problem(
+    seed: int, n: int = 2048, dim: int = 64, hidden: int = 256, depth: int = 2
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """Inputs, teacher targets and a freshly initialized student with ``depth`` hidden layers, all from ``seed``."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, dim, generator=gen)
     with torch.random.fork_rng():
         torch.manual_seed(seed + 10_000)
         teacher = nn.Sequential(nn.Linear(dim, 256), nn.Tanh(), nn.Linear(256, 1))
         torch.manual_seed(seed)
-        student = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        layers: list[nn.Module] = [nn.Linear(dim, hidden), nn.Tanh()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(hidden, hidden), nn.Tanh()]
+        student = nn.Sequential(*layers, nn.Linear(hidden, 1))
     with torch.no_grad():
         y = teacher(x)
     return student, x, y
 
 
-def train(state_format: str, seed: int = 0, steps: int = 200, lr: float = 1e-3, batch: int = 128) -> list[float]:
-    """Full train-set loss after each step (``steps`` values) with ``adamw(state_format=...)``."""
-    model, x, y = make_problem(seed)
+def train(variant: str, seed: int = 0, steps: int = 200, lr: float = 1e-3, batch: int = 128, depth: int = 2) -> list[float]:
+    """Full train-set loss after each step (``steps`` values) with ``adamw(state_format=..., rounding=...)``."""
+    model, x, y = make_problem(seed, depth=depth)
     params = lowbit_fn.params_from_module(model)
-    opt = lowbit_fn.adamw(learning_rate=lr, weight_decay=1e-2, state_format=state_format)
+    state_format, _, rounding = variant.partition(":")
+    opt = lowbit_fn.adamw(learning_rate=lr, weight_decay=1e-2, state_format=state_format, rounding=rounding or None)
     state = opt.init(params)
     order = torch.Generator().manual_seed(seed + 20_000)
 
@@ -60,9 +69,11 @@ def train(state_format: str, seed: int = 0, steps: int = 200, lr: float = 1e-3, 
     return losses
 
 
-def compare(formats=FORMATS, seeds=(0, 1, 2), steps: int = 200, lr: float = 1e-3) -> dict[str, dict[str, float]]:
-    """Per format: mean final loss, and mean ratios to fp32 of the final, step-20 and step-50 losses."""
-    runs = {f: [train(f, s, steps, lr) for s in seeds] for f in dict.fromkeys(("fp32", *formats))}
+def compare(
+    formats=VARIANTS, seeds=(0, 1, 2), steps: int = 200, lr: float = 1e-3, depth: int = 2, batch: int = 128
+) -> dict[str, dict[str, float]]:
+    """Per variant: mean final loss, and mean ratios to fp32 of the final, step-20 and step-50 losses."""
+    runs = {f: [train(f, s, steps, lr, batch, depth) for s in seeds] for f in dict.fromkeys(("fp32", *formats))}
     out = {}
     for f in formats:
         row = {"final": statistics.mean(r[-1] for r in runs[f])}
@@ -79,10 +90,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    parser.add_argument("--depth", type=int, default=2, help="hidden layers of width 256 (default 2)")
+    parser.add_argument("--batch", type=int, default=128, help="minibatch size (2048: full batch)")
+    parser.add_argument("--formats", nargs="+", default=list(VARIANTS), help=f"variants, e.g. {', '.join(VARIANTS)}")
     args = parser.parse_args(argv)
-    table = compare(args.formats, tuple(args.seeds), args.steps, args.lr)
-    print(f"MLP regression, {args.steps} AdamW steps, lr {args.lr}, seeds {args.seeds} (final loss / fp32's)")
+    table = compare(args.formats, tuple(args.seeds), args.steps, args.lr, args.depth, args.batch)
+    print(f"MLP regression ({args.depth} hidden layers, batch {args.batch}), {args.steps} AdamW steps, lr {args.lr}, seeds {args.seeds}")
     print("| state | final loss | × fp32 final | × fp32 @20 | × fp32 @50 |")
     print("|---|---:|---:|---:|---:|")
     for f, row in table.items():

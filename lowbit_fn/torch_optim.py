@@ -29,9 +29,10 @@ import torch
 from tensordict import TensorDictBase
 from torch import Tensor
 
-from .formats import FORMATS, dequantize, quantize
+from .formats import FORMATS, ROUNDINGS, dequantize, quantize
 from .kernels.rounding import BF16_SR_SEED, stochastic_round_bf16, stream_key
 from .transforms import GradientTransformation, adam, adamw
+from .transforms.adam import parse_group_name
 
 __all__ = [
     "TransformOptimizer", "as_torch_optimizer", "to_torch_state_dict",
@@ -42,7 +43,7 @@ __all__ = [
 _TORCH_NAMES = {"learning_rate": "lr", "eps": "eps", "weight_decay": "weight_decay"}
 _MOMENTS = {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"}
 _SIGNED = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
-_META = ("state_format", "block_size")
+_META = ("state_format", "block_size", "rounding")
 # torch.optim.Adam/AdamW group flags: accepted in a loaded checkpoint (at their defaults), never stored here
 _TORCH_FLAGS = {"foreach": None, "maximize": False, "capturable": False, "differentiable": False, "fused": None}
 _KEY = "param"  # the single leaf of a per-parameter core state
@@ -152,12 +153,6 @@ def _adam_prefix(core: TensorDictBase) -> tuple[str, ...] | None:
     return next(iter(found), None)
 
 
-def _group_format(name: str) -> tuple[str, int] | None:
-    """``"8bit_block256"`` -> ``("8bit", 256)``; full-precision groups -> ``None``."""
-    fmt, _, block = name.rpartition("_block")
-    return (fmt, int(block)) if fmt in FORMATS else None
-
-
 def _entries(core: TensorDictBase, shape: torch.Size) -> dict[str, Any]:
     """The torch-named view of one parameter's core state: ``{name: tensor}`` sharing storage, plus metadata."""
     prefix = _adam_prefix(core)
@@ -171,13 +166,13 @@ def _entries(core: TensorDictBase, shape: torch.Size) -> dict[str, Any]:
             if rest == ("count",):
                 out["step"] = value
                 continue
-            quant = _group_format(rest[0])
+            quant = parse_group_name(rest[0])
             moment = _MOMENTS[rest[1]]
             if quant is None:
                 out[moment] = value.view(shape)
             else:
                 out[f"{moment}_{rest[2]}"] = value
-                out["state_format"], out["block_size"] = quant
+                out["state_format"], out["block_size"], out["rounding"] = quant
             continue
         out[".".join(path)] = value
     return out
@@ -218,10 +213,14 @@ def _moment(entry: dict[str, Any], name: str, shape: torch.Size, label: str) -> 
             raise ValueError(f"{label}: the checkpoint has {name}_codes but no {name}_scale tensor")
         if scale.dtype == torch.float32 and bool(((scale < 0) | torch.isinf(scale)).any()):
             raise ValueError(f"{label}: {name}_scale holds negative or infinite block scales (corrupt checkpoint)")
+        rounding = entry.get("rounding", "nearest")  # checkpoints from before stochastic rounding hold nearest codes
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"{label}: unknown rounding {rounding!r} in the checkpoint (expected one of {list(ROUNDINGS)})")
         try:
-            return dequantize(codes, scale, fmt, signed=_SIGNED[name], shape=shape, block_size=block)
+            value = dequantize(codes, scale, fmt, signed=_SIGNED[name], shape=shape, block_size=block)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{label}: corrupt {name} in the checkpoint: {err}") from None
+        return value * value if rounding == "stochastic" and name != "exp_avg" else value  # v stored as sqrt(v)
     if name == "max_exp_avg_sq":  # saved without amsgrad: the running max starts at the current second moment
         return _moment(entry, "exp_avg_sq", shape, label)
     raise ValueError(f"{label}: the checkpoint has no {name!r} (keys: {sorted(entry)})")
@@ -247,9 +246,15 @@ def _restore(core: TensorDictBase, entry: dict[str, Any], shape: torch.Size, lab
                 _moment(entry, moment, shape, label)  # validates sizes, dtypes and scales
                 codes.copy_(src_c)
                 scale.copy_(src_s)
-            else:
+            else:  # convert: dequantize the checkpoint's moment, quantize it with this state's scheme
                 value = _moment(entry, moment, shape, label)
-                c, s = quantize(value, target["state_format"], signed=_SIGNED[moment], block_size=target["block_size"])
+                stochastic = target["rounding"] == "stochastic"
+                if stochastic and moment != "exp_avg":
+                    value = value.float().sqrt()
+                c, s = quantize(
+                    value, target["state_format"], signed=_SIGNED[moment], block_size=target["block_size"],
+                    rounding=target["rounding"], step=_step_value(entry, label) if stochastic else 0,
+                )
                 codes.copy_(c)
                 scale.copy_(s)
             done.add(f"{moment}_scale")
@@ -483,7 +488,7 @@ def as_torch_optimizer(
         >>> model(torch.randn(8, 128)).square().mean().backward()
         >>> opt.step()
         >>> sorted(opt.state[model.weight])
-        ['block_size', 'exp_avg_codes', 'exp_avg_scale', 'exp_avg_sq_codes', 'exp_avg_sq_scale', 'state_format', 'step']
+        ['block_size', 'exp_avg_codes', 'exp_avg_scale', 'exp_avg_sq_codes', 'exp_avg_sq_scale', 'rounding', 'state_format', 'step']
     """
     return TransformOptimizer(factory, params, bf16_stochastic_round=bf16_stochastic_round, **hyperparams)
 

@@ -44,3 +44,11 @@ def snapshot(td: TensorDictBase) -> dict:
 def same(td: TensorDictBase, snap: dict) -> bool:
     items = dict(td.items(include_nested=True, leaves_only=True))
     return items.keys() == snap.keys() and all(torch.equal(items[k], snap[k]) for k in snap)
+
+
+def group_key(fmt: str, rounding: str | None = None) -> str:
+    """The state group name of a format with its default block size (and its default rounding)."""
+    from lowbit_fn.transforms.adam import DEFAULT_ROUNDING, group_name
+
+    f = lowbit_fn.FORMATS[fmt]
+    return group_name(f, f.default_block_size, rounding or DEFAULT_ROUNDING[fmt])

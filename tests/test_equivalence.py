@@ -5,7 +5,8 @@ import torch
 
 import lowbit_fn
 from lowbit_fn.kernels import adam_math
-from helpers import batches, loss_fn, mlp, run_functional
+from lowbit_fn.kernels.adam import _sqrt
+from helpers import batches, group_key, loss_fn, mlp, run_functional
 
 
 def torch_run(model, cls, data, **kw):
@@ -83,7 +84,7 @@ def test_quantized_trajectory_tracks_fp32(state_format):
     data = batches(20)
     ref, _ = run_functional(model, lowbit_fn.adamw(1e-3, state_format="fp32"), data, params=start.clone())
     got, state = run_functional(model, lowbit_fn.adamw(1e-3, state_format=state_format, min_quant_size=0), data, params=start.clone())
-    assert f"{state_format}_block{lowbit_fn.FORMATS[state_format].default_block_size}" in state["0"].keys()
+    assert group_key(state_format) in state["0"].keys()
     for key in ref.keys(include_nested=True, leaves_only=True):
         moved = (ref[key] - start[key]).norm()
         deviation = (got[key] - ref[key]).norm()
@@ -104,7 +105,11 @@ def test_one_step_moments_within_round_trip_bound(state_format):
     _, m, v, _ = adam_math(g, torch.zeros_like(g), torch.zeros_like(g), None, one, f64(0.9), f64(0.999), f64(1e-8))
     assert torch.allclose(m, 0.1 * g) and torch.allclose(v, 0.001 * g * g)  # adam_math is checked against torch above
     assert torch.allclose(direction["w"], (m / 0.1) / ((v.sqrt() / 0.001**0.5) + 1e-8), rtol=1e-5)
-    group = state[f"{state_format}_block{lowbit_fn.FORMATS[state_format].default_block_size}"]
+    group = state[group_key(state_format)]
+    stochastic = state_format == "4bit"  # the 4-bit default: stochastic rounding, v stored as sqrt(v)
     for moment, value, signed in (("mu", m, True), ("nu", v, False)):
-        codes, scale = lowbit_fn.quantize(value, state_format, signed=signed)
+        if stochastic and not signed:
+            value = _sqrt(value)  # the kernel's correctly rounded sqrt
+        rounding = "stochastic" if stochastic else "nearest"
+        codes, scale = lowbit_fn.quantize(value, state_format, signed=signed, rounding=rounding, step=1)
         assert torch.equal(group[moment, "codes"], codes) and torch.equal(group[moment, "scale"], scale)

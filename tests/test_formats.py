@@ -253,3 +253,97 @@ def test_views_of_differently_shaped_tensors_share_one_graph():
         codes, scale = lowbit_fn.quantize(torch.randn(shape), "fp8", signed=True)
         assert scale.numel() == -(-torch.Size(shape).numel() // 256)
     assert counters["stats"]["unique_graphs"] == before
+
+
+# --- stochastic rounding ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+@given(
+    data=st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=1, max_size=700),
+    step=st.integers(0, 2**31),
+    signed=st.booleans(),
+)
+def test_stochastic_codes_are_one_of_the_two_neighbours(fmt, data, step, signed):
+    x = torch.tensor(data)
+    x = x if signed else x.abs()
+    kw = {"signed": signed, "shape": x.shape}
+    c_sr, s_sr = lowbit_fn.quantize(x, fmt, signed=signed, rounding="stochastic", step=step)
+    c_nn, s_nn = lowbit_fn.quantize(x, fmt, signed=signed)
+    assert torch.equal(s_sr, s_nn)  # same block scales
+    got = lowbit_fn.dequantize(c_sr, s_sr, fmt, **kw)
+    if fmt == "fp8":  # codes are e4m3 values: the neighbours of y = x / scale on the e4m3 grid
+        scale = s_sr.repeat_interleave(256)[: x.numel()]
+        y = torch.where(scale > 0, x / torch.where(scale > 0, scale, 1), x)
+        grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+        grid = grid[torch.isfinite(grid)].unique()
+    else:
+        bs = 256 if fmt == "8bit" else 128
+        scale = s_sr.repeat_interleave(bs)[: x.numel()]
+        y = torch.where(scale > 0, x / torch.where(scale > 0, scale, 1), x)
+        grid = lowbit_fn.codebook(fmt, signed=signed)
+    code_y = torch.where(scale > 0, got / torch.where(scale > 0, scale, 1), got)
+    below = grid[(torch.searchsorted(grid, y, right=True) - 1).clamp(0, grid.numel() - 1)]
+    above = grid[torch.searchsorted(grid, y).clamp(0, grid.numel() - 1)]
+    tol = 1e-6 * (1 + y.abs())
+    ok = ((code_y - below).abs() <= tol) | ((code_y - above).abs() <= tol) | ((scale == 0) & (got == 0))
+    assert bool(ok.all()), (y[~ok][:5], code_y[~ok][:5])
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+@pytest.mark.parametrize("signed", [True, False])
+def test_stochastic_rounding_is_unbiased(fmt, signed):
+    """Mean of dequantized SR codes over many steps converges to x (within 5 standard errors of a level gap)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, generator=gen) * torch.logspace(-3, 0, 2048)
+    x = x if signed else x.abs()
+    n = 600
+    total = torch.zeros(2048, dtype=torch.float64)
+    for step in range(n):
+        codes, scale = lowbit_fn.quantize(x, fmt, signed=signed, rounding="stochastic", step=step, seed=3)
+        total += lowbit_fn.dequantize(codes, scale, fmt, signed=signed, shape=x.shape).double()
+    mean = total / n
+    codes, scale = lowbit_fn.quantize(x, fmt, signed=signed)
+    nearest = lowbit_fn.dequantize(codes, scale, fmt, signed=signed, shape=x.shape).double()
+    bs = {"8bit": 256, "4bit": 128, "fp8": 256}[fmt]
+    blockmax = x.abs().view(-1, bs).amax(1).repeat_interleave(bs).double()
+    lowest = 1 / 16 if fmt == "4bit" and not signed else 0.0  # the 4-bit v map starts at 1/16: below it, clamped
+    # the signed maps have no -1: the most negative entries are -0.8875 (4-bit) and -0.99296875 (8-bit)
+    highest = {"4bit": 0.8875, "8bit": 0.99296875}.get(fmt, 1.0) if signed else 1.0
+    inside = (x.abs().double() >= lowest * blockmax) & (x.abs().double() <= highest * blockmax)
+    err = (mean - x.double())[inside].abs() / blockmax[inside]
+    err_nearest = (nearest - x.double())[inside].abs() / blockmax[inside]
+    # the largest level gap relative to the block max: 4-bit 0.225, 8-bit 0.9 / 64, fp8 2**-4 of the value
+    gap = {"4bit": 0.225, "8bit": 0.0141, "fp8": 0.0625}[fmt]
+    assert float(err.max()) < 5 * 0.5 * gap / n**0.5
+    assert float(err.mean()) < 0.25 * float(err_nearest.mean())  # far below nearest rounding's fixed error
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+def test_stochastic_codes_are_deterministic_fresh_per_step_and_split_independent(fmt):
+    x = torch.randn(5 * 256 + 17)
+    kw = {"signed": True, "rounding": "stochastic"}
+    a = lowbit_fn.quantize(x, fmt, step=7, seed=1, **kw)
+    assert all(torch.equal(u, v) for u, v in zip(a, lowbit_fn.quantize(x.clone(), fmt, step=torch.tensor(7), seed=1, **kw)))
+    assert not torch.equal(a[0], lowbit_fn.quantize(x, fmt, step=8, seed=1, **kw)[0])  # fresh every step
+    assert not torch.equal(a[0], lowbit_fn.quantize(x, fmt, step=7, seed=2, **kw)[0])  # and per seed
+    cut = 2 * 256  # a multiple of every default block size
+    head = lowbit_fn.quantize(x[:cut], fmt, step=7, seed=1, **kw)
+    tail = lowbit_fn.quantize(x[cut:], fmt, step=7, seed=1, offset=cut, **kw)
+    assert torch.equal(a[0], torch.cat([head[0], tail[0]])) and torch.equal(a[1], torch.cat([head[1], tail[1]]))
+    from lowbit_fn.formats import _encode
+
+    fmt_obj = lowbit_fn.FORMATS[fmt]
+    args = (x, fmt_obj, fmt_obj.default_block_size, fmt_obj.codebook(True), True, 0, 1, 0, torch.tensor(7))
+    eager = _encode.fn(*args)
+    assert torch.equal(eager[0], a[0]) and torch.equal(eager[1], a[1])  # compiled == eager, bit for bit
+
+
+def test_stochastic_rounding_bad_arguments():
+    x = torch.randn(300)
+    with pytest.raises(ValueError, match="rounding"):
+        lowbit_fn.quantize(x, "8bit", signed=True, rounding="up")
+    with pytest.raises(ValueError, match="offset"):
+        lowbit_fn.quantize(x, "8bit", signed=True, rounding="stochastic", offset=100)
+    with pytest.raises(ValueError, match="seed"):
+        lowbit_fn.quantize(x, "8bit", signed=True, rounding="stochastic", seed=-1)

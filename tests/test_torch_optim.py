@@ -211,10 +211,12 @@ def test_checkpoints_convert_between_formats(source, target):
         for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
             if target == "fp32":
                 assert torch.equal(got[index][name], want[name])
-            else:
-                codes, scale = lowbit_fn.quantize(want[name], target, signed=signed)
-                shape = want[name].shape
-                assert torch.equal(got[index][name], lowbit_fn.dequantize(codes, scale, target, signed=signed, shape=shape))
+            else:  # the target's own scheme: 4-bit rounds stochastically and keeps sqrt(v)
+                stochastic = target == "4bit"
+                value = want[name] if signed or not stochastic else want[name].sqrt()
+                codes, scale = lowbit_fn.quantize(value, target, signed=signed, rounding="stochastic" if stochastic else "nearest", step=4)
+                back = lowbit_fn.dequantize(codes, scale, target, signed=signed, shape=value.shape)
+                assert torch.equal(got[index][name], back if signed or not stochastic else back * back)
         assert int(got[index]["step"]) == 4
     train(model, converted, batches(1))  # trains on in its own format
 
@@ -533,3 +535,38 @@ def test_bf16_math_is_float32():
     o16.step()
     assert torch.equal(p16.detach(), p32.detach().to(torch.bfloat16))
     assert o16.state[p16]["exp_avg"].dtype == torch.float32
+
+
+def test_4bit_rounding_schemes_convert_and_old_checkpoints_read_as_nearest():
+    model = mlp()
+    nearest = lowbit_fn.as_torch_optimizer(lowbit_fn.adamw, model.parameters(), state_format="4bit", rounding="nearest", min_quant_size=0)
+    train(model, nearest, batches(3))
+    saved = checkpoint_roundtrip(nearest.state_dict())
+    assert saved["state"][0]["rounding"] == "nearest"
+    legacy = copy.deepcopy(saved)  # a checkpoint written before the rounding key existed
+    for entry in legacy["state"].values():
+        del entry["rounding"]
+    again = lowbit_fn.as_torch_optimizer(lowbit_fn.adamw, copy.deepcopy(model).parameters(), state_format="4bit", rounding="nearest", min_quant_size=0)
+    again.load_state_dict(legacy)
+    for i, p in enumerate(again.param_groups[0]["params"]):
+        assert torch.equal(again.state[p]["exp_avg_sq_codes"], saved["state"][i]["exp_avg_sq_codes"])  # bit-exact
+    sr = lowbit_fn.AdamW4bit(copy.deepcopy(model).parameters(), min_quant_size=0)  # the default: stochastic
+    sr.load_state_dict(saved)
+    want = lowbit_fn.to_torch_state_dict(nearest)["state"]
+    got = lowbit_fn.to_torch_state_dict(sr)["state"]
+    for i, p in enumerate(sr.param_groups[0]["params"]):
+        assert sr.state[p]["rounding"] == "stochastic"
+        v = want[i]["exp_avg_sq"]
+        codes, scale = lowbit_fn.quantize(v.sqrt(), "4bit", signed=False, rounding="stochastic", step=3)
+        back = lowbit_fn.dequantize(codes, scale, "4bit", signed=False, shape=v.shape)
+        assert torch.equal(got[i]["exp_avg_sq"], back * back)  # v kept as sqrt(v), stochastically rounded
+    train(model, sr, batches(1))
+
+
+def test_functional_state_of_another_rounding_is_refused_clearly():
+    params = {"w": torch.randn(64, 64)}
+    state = lowbit_fn.scale_by_adam(state_format="4bit", rounding="nearest", min_quant_size=0).init(params)
+    with pytest.raises(ValueError, match="rounding='stochastic'.*4bit_block128"):
+        lowbit_fn.scale_by_adam(state_format="4bit", min_quant_size=0).update(params, state, params)
+    with pytest.raises(ValueError, match="rounding applies to quantized"):
+        lowbit_fn.scale_by_adam(state_format="fp32", rounding="nearest")

@@ -7,13 +7,13 @@ import torch
 from tensordict import TensorDict
 
 import lowbit_fn
-from helpers import batches, mlp, run_functional, same, snapshot
+from helpers import batches, group_key, mlp, run_functional, same, snapshot
 
 FORMATS = ["fp32", "8bit", "4bit", "fp8"]
 
 
 def quant_group(state, fmt):
-    return state[f"{fmt}_block{lowbit_fn.FORMATS[fmt].default_block_size}"]
+    return state[group_key(fmt)]
 
 
 # --- building blocks ---------------------------------------------------------------------------------------------

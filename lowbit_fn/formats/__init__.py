@@ -15,12 +15,16 @@ import torch
 from torch import Tensor
 
 from .._compile import compiled
+from .._random import stream_key, uniform
 from ._base import BlockFormat
 from .dynamic8 import Dynamic8, dynamic_tree_map
 from .fourbit import FourBit
 from .fp8 import Fp8
 
-__all__ = ["FORMATS", "BlockFormat", "get_format", "quantize", "dequantize", "codebook", "dynamic_tree_map"]
+__all__ = [
+    "FORMATS", "ROUNDINGS", "BlockFormat", "get_format", "quantize", "dequantize", "codebook", "dynamic_tree_map",
+    "block_noise",
+]
 
 FORMATS: dict[str, BlockFormat] = {f.name: f for f in (Dynamic8(), FourBit(), Fp8())}
 
@@ -51,11 +55,27 @@ def codebook(state_format: str, *, signed: bool) -> Tensor:
     return table.clone()
 
 
+ROUNDINGS = ("nearest", "stochastic")
+
+
+def block_noise(nb: int, block_size: int, offset: int, seed: int, stream: int, step: Tensor) -> Tensor:
+    """Stochastic-rounding noise for ``[nb, block_size]`` blocks whose first element has global index ``offset``.
+
+    Element ``i`` of a tensor (``offset + position``) draws from ``(seed, stream, step, i)`` only, so a tensor
+    quantized whole or in block-aligned pieces (each with its own ``offset``) gets the same codes."""
+    index = torch.arange(nb * block_size, device=step.device, dtype=torch.int64).view(nb, block_size) + offset
+    return uniform(index, stream_key(seed, stream, step))
+
+
 @compiled
-def _encode(flat: Tensor, fmt: BlockFormat, block_size: int, table: Tensor | None) -> tuple[Tensor, Tensor]:
+def _encode(
+    flat: Tensor, fmt: BlockFormat, block_size: int, table: Tensor | None, stochastic: bool, offset: int, seed: int,
+    stream: int, step: Tensor,
+) -> tuple[Tensor, Tensor]:
     nb = fmt.num_blocks(flat.shape[0], block_size)
     blocks = torch.nn.functional.pad(flat, (0, nb * block_size - flat.shape[0])).view(nb, block_size)
-    codes, scale = fmt.encode(blocks, table)
+    noise = block_noise(nb, block_size, offset, seed, stream, step) if stochastic else None
+    codes, scale = fmt.encode(blocks, table, noise)
     return codes.reshape(-1), scale
 
 
@@ -66,15 +86,31 @@ def _decode(codes: Tensor, scale: Tensor, fmt: BlockFormat, block_size: int, tab
 
 
 def quantize(
-    x: Tensor, state_format: str, *, signed: bool, block_size: int | None = None
+    x: Tensor,
+    state_format: str,
+    *,
+    signed: bool,
+    block_size: int | None = None,
+    rounding: str = "nearest",
+    seed: int = 0,
+    step: int | Tensor = 0,
+    offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Quantize ``x`` block-wise; returns ``(codes, scale)``.
+
+    With ``rounding="stochastic"`` each value goes to one of the two representable values around it, the upper
+    one with probability proportional to the distance from the lower, so the dequantized result equals ``x`` in
+    expectation. The random numbers come from a hash of ``(seed, signed, step, offset + element index)``:
+    deterministic, different every step, and the same whether ``x`` is quantized whole or in block-aligned pieces.
 
     Args:
       x: a floating tensor of any shape (float32, bfloat16, float16 or float64; computed in float32).
       state_format: ``"8bit"`` (dynamic-tree map), ``"4bit"`` (16-entry maps, two codes per byte) or ``"fp8"``.
       signed: the signed map (first moment) or the unsigned one (second moment).
       block_size: elements per block; defaults to 256 / 128 / 256.
+      rounding: ``"nearest"`` or ``"stochastic"``.
+      seed, step: select the random numbers of stochastic rounding (``step`` may be a 0-d integer tensor).
+      offset: the global index of ``x``'s first element (a multiple of ``block_size``), for pieces of a tensor.
 
     Returns:
       ``codes``: 1-D uint8 of ``num_blocks * block_size`` (4-bit: half that) entries, the last block padded;
@@ -92,6 +128,13 @@ def quantize(
     """
     fmt = get_format(state_format)
     block_size = fmt.check_block_size(block_size)
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"quantize: rounding must be one of {list(ROUNDINGS)}, got {rounding!r}")
+    for label, value in (("seed", seed), ("offset", offset)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"quantize: {label} must be an int >= 0, got {value!r}")
+    if offset % block_size:
+        raise ValueError(f"quantize: offset must be a multiple of block_size={block_size}, got {offset}")
     if not isinstance(x, Tensor):
         raise TypeError(f"quantize: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_INPUTS:
@@ -101,7 +144,10 @@ def quantize(
     flat = x.detach().reshape(-1).to(torch.float32)  # one graph for every input dtype
     if flat.numel() == 0:
         return torch.empty(0, dtype=torch.uint8, device=x.device), torch.empty(0, dtype=torch.float32, device=x.device)
-    return _encode(flat, fmt, block_size, fmt.codebook(signed, x.device))
+    step_t = torch.as_tensor(step, dtype=torch.int64, device=x.device)
+    return _encode(
+        flat, fmt, block_size, fmt.codebook(signed, x.device), rounding == "stochastic", offset, seed, int(not signed), step_t
+    )
 
 
 def dequantize(

@@ -42,6 +42,23 @@ def nearest_code(y: Tensor, codebook: Tensor) -> Tensor:
     return torch.where(take_upper, idx, lower).to(torch.uint8)
 
 
+def stochastic_code(y: Tensor, codebook: Tensor, noise: Tensor) -> Tensor:
+    """Index (uint8) of one of the two codebook entries around each ``y``, the upper one with probability
+    ``(y - lower) / (upper - lower)``, decided by ``noise`` (uniform in [0, 1)): unbiased within the map's range.
+    Values outside the range take the end entry; NaN maps to code 0."""
+    n = codebook.shape[0]
+    idx = torch.zeros_like(y, dtype=torch.int32)
+    step = n // 2
+    while step >= 1:
+        cand = idx + step
+        idx = torch.where(codebook[cand - 1] < y, cand, idx)
+        step //= 2
+    lower = (idx - 1).clamp(min=0)
+    lo, hi = codebook[lower], codebook[idx]
+    up = noise * (hi - lo) < (y - lo)  # P(up) = (y - lo) / (hi - lo); never up when y == lo, always when y == hi
+    return torch.where(up | (y >= hi), idx, lower).to(torch.uint8)
+
+
 class BlockFormat:
     """A quantized state format. Subclasses define the codebook (if any), ``encode`` and ``decode``.
 
@@ -77,8 +94,10 @@ class BlockFormat:
         """The sorted float32 map of normalized values, or ``None`` for formats without one (FP8)."""
         return None
 
-    def encode(self, blocks: Tensor, codebook: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``[nb, bs]`` float32 -> (uint8 codes ``[nb, bs // codes_per_byte]``, float32 scale ``[nb]``)."""
+    def encode(self, blocks: Tensor, codebook: Tensor | None, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``[nb, bs]`` float32 -> (uint8 codes ``[nb, bs // codes_per_byte]``, float32 scale ``[nb]``).
+
+        ``noise`` (uniform in [0, 1), shaped like ``blocks``) selects stochastic rounding; ``None``, nearest."""
         raise NotImplementedError
 
     def decode(self, codes: Tensor, scale: Tensor, codebook: Tensor | None) -> Tensor:
@@ -100,9 +119,11 @@ class CodebookFormat(BlockFormat):
             self._on_device[key] = self._maps[key[0]].to(key[1])
         return self._on_device[key]
 
-    def encode(self, blocks: Tensor, codebook: Tensor | None) -> tuple[Tensor, Tensor]:
+    def encode(self, blocks: Tensor, codebook: Tensor | None, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         scale = block_absmax(blocks)
-        return self.pack(nearest_code(normalize(blocks, scale), codebook)), scale
+        y = normalize(blocks, scale)
+        codes = nearest_code(y, codebook) if noise is None else stochastic_code(y, codebook, noise)
+        return self.pack(codes), scale
 
     def decode(self, codes: Tensor, scale: Tensor, codebook: Tensor | None) -> Tensor:
         return codebook[self.unpack(codes).long()] * scale.unsqueeze(1)

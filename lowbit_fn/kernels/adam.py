@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .._compile import compiled
-from ..formats import BlockFormat
+from ..formats import BlockFormat, block_noise
 
 
 def adam_math(
@@ -71,19 +71,29 @@ def quant_step(
     block_size: int,
     signed_map: Tensor | None,
     unsigned_map: Tensor | None,
+    stochastic: bool,
+    seed: int,
 ) -> Tensor:
     """Quantized moments ``[m_codes, m_scale, v_codes, v_scale(, vmax_codes, vmax_scale)]`` updated in place.
 
     ``g`` is float32 and padded to whole blocks. Old moments are dequantized, the direction is computed from this
-    step's unquantized moments, then the moments are re-quantized into their own buffers.
+    step's unquantized moments, then the moments are re-quantized into their own buffers. With ``stochastic``
+    the second moments are stored as ``sqrt(v)`` and every moment is stochastically rounded, with random numbers
+    from ``(seed, moment, step, index in the buffer)`` (streams 0, 1, 2 for m, v, vmax).
     """
     blocks = g.view(-1, block_size)
     nb = blocks.shape[0]
     maps = (signed_map, unsigned_map, unsigned_map)
     old = [fmt.decode(moments[2 * i].view(nb, -1), moments[2 * i + 1], maps[i]) for i in range(len(moments) // 2)]
+    if stochastic:
+        old = [old[0]] + [x * x for x in old[1:]]
     direction, *new = adam_math(blocks, old[0], old[1], old[2] if len(old) > 2 else None, step, b1, b2, eps)
     for i, value in enumerate(new[: len(old)]):
-        codes, scale = fmt.encode(value, maps[i])
+        noise = None
+        if stochastic:
+            value = value if i == 0 else _sqrt(value)
+            noise = block_noise(nb, block_size, 0, seed, i, step)
+        codes, scale = fmt.encode(value, maps[i], noise)
         moments[2 * i].copy_(codes.view(-1))
         moments[2 * i + 1].copy_(scale)
     return direction.view(-1)

@@ -7,7 +7,7 @@ State layout (one TensorDict, the same for every consumer):
 ``layout``
     keyed like the params; each leaf is an empty tensor of shape ``(0, *param.shape)`` and the param's dtype.
     It costs no memory and makes the state self-describing (shapes, dtypes, keys) for checks and conversions.
-``"<format>_block<N>"`` (e.g. ``"8bit_block256"``)
+``"<format>_block<N>"`` (e.g. ``"8bit_block256"``; ``"4bit_sr_block128"`` with stochastic rounding)
     the quantized group: parameters with at least ``min_quant_size`` elements, laid end to end in sorted key
     order, each padded to whole blocks. ``mu``/``nu`` (and ``nu_max`` with amsgrad) each hold ``codes`` (uint8)
     and ``scale`` (float32, one per block).
@@ -24,7 +24,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
-from ..formats import BlockFormat, get_format
+from ..formats import FORMATS, ROUNDINGS, BlockFormat, get_format
 from ..kernels import full_step, quant_step
 from ._tree import Key, Signature, Tree, as_tensordict, build, check_leaf, check_like, leaves
 from .base import GradientTransformation
@@ -32,6 +32,7 @@ from .base import GradientTransformation
 __all__ = ["scale_by_adam", "STATE_FORMATS"]
 
 STATE_FORMATS = ("8bit", "4bit", "fp8", "fp32")
+DEFAULT_ROUNDING = {"8bit": "nearest", "fp8": "nearest", "4bit": "stochastic"}
 Scalar = Union[float, Tensor]
 
 
@@ -59,17 +60,31 @@ class _Group:
         return self.size // self.block_size if self.fmt is not None else 0
 
 
+def group_name(fmt: BlockFormat, block_size: int, rounding: str) -> str:
+    """``"8bit_block256"`` (nearest rounding) or ``"4bit_sr_block128"`` (stochastic rounding, sqrt-domain v)."""
+    return f"{fmt.name}{'_sr' if rounding == 'stochastic' else ''}_block{block_size}"
+
+
+def parse_group_name(name: str) -> tuple[str, int, str] | None:
+    """Inverse of :func:`group_name`: ``(state_format, block_size, rounding)``; ``None`` for full precision."""
+    head, _, block = name.rpartition("_block")
+    rounding = "stochastic" if head.endswith("_sr") else "nearest"
+    fmt = head[: -len("_sr")] if rounding == "stochastic" else head
+    return (fmt, int(block), rounding) if fmt in FORMATS and block.isdigit() else None
+
+
 def _make_plan(
     signature: tuple[tuple[Key, torch.Size, torch.dtype], ...],
     fmt: BlockFormat | None,
     block_size: int,
     min_quant_size: int,
+    rounding: str,
 ) -> tuple[_Group, ...]:
     """Split the params into groups (quantized / fp32 / fp64) and place each in its group's flat buffer."""
     members: dict[tuple[str, BlockFormat | None, torch.dtype], list[tuple[Key, torch.Size, torch.dtype]]] = {}
     for key, shape, dtype in signature:
         if fmt is not None and shape.numel() >= min_quant_size:
-            gkey = (f"{fmt.name}_block{block_size}", fmt, torch.float32)
+            gkey = (group_name(fmt, block_size, rounding), fmt, torch.float32)
         elif dtype == torch.float64:
             gkey = ("fp64", None, torch.float64)
         else:
@@ -119,6 +134,8 @@ def scale_by_adam(
     state_format: str = "8bit",
     block_size: int | None = None,
     min_quant_size: int = 4096,
+    rounding: str | None = None,
+    seed: int = 0,
 ) -> GradientTransformation:
     """Rescale updates by Adam's bias-corrected moments, with the moments stored block-wise quantized.
 
@@ -140,6 +157,11 @@ def scale_by_adam(
       state_format: ``"8bit"``, ``"4bit"``, ``"fp8"`` or ``"fp32"`` (plain Adam state).
       block_size: elements per quantization block (default 256 / 128 / 256).
       min_quant_size: tensors with fewer elements keep full-precision state (0 quantizes everything).
+      rounding: how moments are re-quantized: ``"nearest"``, or ``"stochastic"`` (m and ``sqrt(v)`` stochastically
+        rounded, v stored as ``sqrt(v)``: the 4-bit scheme that trains like fp32). Default: ``"stochastic"`` for
+        ``"4bit"``, ``"nearest"`` for ``"8bit"`` and ``"fp8"`` (where stochastic rounding did not measurably help).
+      seed: selects the random numbers of stochastic rounding, drawn from a hash of (seed, moment, step, element
+        index): no generator state, so resumed training is bit-exact.
 
     Returns:
       A :class:`GradientTransformation`.
@@ -159,6 +181,14 @@ def scale_by_adam(
     block = fmt.check_block_size(block_size) if fmt is not None else 0
     if fmt is None and block_size is not None:
         raise ValueError(f"block_size applies to quantized formats; state_format='fp32' got block_size={block_size!r}")
+    if rounding is None:
+        rounding = DEFAULT_ROUNDING.get(state_format, "nearest")
+    elif fmt is None:
+        raise ValueError(f"rounding applies to quantized formats; state_format='fp32' got rounding={rounding!r}")
+    elif rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {list(ROUNDINGS)}, got {rounding!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     if isinstance(min_quant_size, bool) or not isinstance(min_quant_size, int) or min_quant_size < 0:
         raise ValueError(f"min_quant_size must be an int >= 0, got {min_quant_size!r}")
     if not isinstance(amsgrad, bool):
@@ -177,7 +207,7 @@ def scale_by_adam(
         keys, shapes = leaves(layout)
         sig = tuple((k, s.shape[1:], s.dtype) for k, s in zip(keys, shapes))
         if sig not in plans:
-            plans[sig] = _make_plan(sig, fmt, block, min_quant_size)
+            plans[sig] = _make_plan(sig, fmt, block, min_quant_size, rounding)
         return list(sig), plans[sig]
 
     def init(params: Tree) -> TensorDictBase:
@@ -209,9 +239,9 @@ def scale_by_adam(
         expected = {"count", "layout"} | {g.name for g in groups}
         if set(state.keys()) != expected:
             raise ValueError(
-                f"scale_by_adam(state_format={state_format!r}, block_size={block or None}): the state holds "
+                f"scale_by_adam(state_format={state_format!r}, block_size={block or None}, rounding={rounding!r}): the state holds "
                 f"{sorted(set(state.keys()) - {'count', 'layout'})}, this transform expects "
-                f"{sorted(expected - {'count', 'layout'})} (a state from another format or amsgrad setting?)"
+                f"{sorted(expected - {'count', 'layout'})} (a state from another format, rounding or amsgrad setting?)"
             )
         for group in groups:
             got = state[group.name]
@@ -252,6 +282,7 @@ def scale_by_adam(
                     direction = quant_step(
                         flat, buffers, step, b1_t, b2_t, eps_t, group.fmt, group.block_size,
                         group.fmt.codebook(True, flat.device), group.fmt.codebook(False, flat.device),
+                        rounding == "stochastic", seed,
                     )
                 for slot in group.slots:
                     out[slot.key] = direction[slot.offset : slot.offset + slot.numel].view(slot.shape).to(slot.dtype)

@@ -20,6 +20,8 @@ def adam(
     state_format: str = "8bit",
     block_size: int | None = None,
     min_quant_size: int = 4096,
+    rounding: str | None = None,
+    seed: int = 0,
 ) -> GradientTransformation:
     """Adam with L2 weight decay added to the gradient, like ``torch.optim.Adam`` (not bitsandbytes' decoupled).
 
@@ -37,7 +39,10 @@ def adam(
     """
     return chain(
         add_decayed_weights(weight_decay),
-        scale_by_adam(b1, b2, eps, amsgrad=amsgrad, state_format=state_format, block_size=block_size, min_quant_size=min_quant_size),
+        scale_by_adam(
+            b1, b2, eps, amsgrad=amsgrad, state_format=state_format, block_size=block_size,
+            min_quant_size=min_quant_size, rounding=rounding, seed=seed,
+        ),
         scale_by_learning_rate(learning_rate),
     )
 
@@ -53,6 +58,8 @@ def adamw(
     state_format: str = "8bit",
     block_size: int | None = None,
     min_quant_size: int = 4096,
+    rounding: str | None = None,
+    seed: int = 0,
 ) -> GradientTransformation:
     """AdamW (decoupled weight decay, scaled by the learning rate), like ``torch.optim.AdamW``.
 
@@ -72,7 +79,10 @@ def adamw(
         >>> params = lowbit_fn.apply_updates(params, updates)
     """
     return chain(
-        scale_by_adam(b1, b2, eps, amsgrad=amsgrad, state_format=state_format, block_size=block_size, min_quant_size=min_quant_size),
+        scale_by_adam(
+            b1, b2, eps, amsgrad=amsgrad, state_format=state_format, block_size=block_size,
+            min_quant_size=min_quant_size, rounding=rounding, seed=seed,
+        ),
         add_decayed_weights(weight_decay),
         scale_by_learning_rate(learning_rate),
     )
