@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
+from .torch_optim import evaluate_closure, load_pre_hooks
 from .transforms.offload import is_accelerator
 
 __all__ = ["CPUOffloadOptimizer"]
@@ -233,10 +234,7 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Evaluate the closure (if any), bring host copies and gradients up to date, step on the host, copy back."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for param, mirror in self._mirrors.items():  # written from outside (e.g. model.load_state_dict)?
             if (param._version, param.data_ptr()) != mirror.seen:
                 mirror.host.copy_(param.detach())
@@ -261,11 +259,7 @@ class CPUOffloadOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict`` of the wrapped optimizer's kind (it validates and places the state on the host)."""
-        state_dict = state_dict.copy()
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
+        state_dict = load_pre_hooks(self, state_dict)
         self.optimizer.load_state_dict(state_dict)
         for mine, theirs in zip(self.param_groups, self.optimizer.param_groups):
             mine.update({k: v for k, v in theirs.items() if k not in ("params", "param_names")})

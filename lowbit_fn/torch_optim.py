@@ -265,6 +265,24 @@ def _restore(core: TensorDictBase, entry: dict[str, Any], shape: torch.Size, lab
             dest.copy_(src)
 
 
+def evaluate_closure(closure: Callable[[], Any] | None) -> Any:
+    """``closure()`` with gradients enabled (``step`` itself runs under ``no_grad``), or ``None``."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def load_pre_hooks(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A shallow copy of ``state_dict`` passed through the optimizer's load-state-dict pre-hooks, as torch does."""
+    state_dict = state_dict.copy()
+    for hook in optimizer._optimizer_load_state_dict_pre_hooks.values():
+        result = hook(optimizer, state_dict)
+        if result is not None:
+            state_dict = result
+    return state_dict
+
+
 def _work_dtype(param: Tensor) -> torch.dtype:
     return param.dtype if param.dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -354,10 +372,7 @@ class TransformOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every parameter that has a gradient; returns the closure's loss (if given)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         jobs = []
         position = -1  # the parameter's index in state_dict(): it salts its stochastic rounding
         for gi, group in enumerate(self.param_groups):
@@ -405,11 +420,7 @@ class TransformOptimizer(torch.optim.Optimizer):
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        state_dict = state_dict.copy()
-        for hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
+        state_dict = load_pre_hooks(self, state_dict)
         if not {"state", "param_groups"} <= set(state_dict):
             raise ValueError(f"not an optimizer state_dict: expected 'state' and 'param_groups', got {sorted(state_dict)}")
         saved_groups = deepcopy(state_dict["param_groups"])
