@@ -24,17 +24,23 @@ def adam_math(
     ``(m / (1 - b1**t)) / (sqrt(v) / sqrt(1 - b2**t) + eps)``. Scalars are float64 0-d tensors; the math runs in
     the dtype of ``g`` (float32, or float64 for float64 parameters).
     """
-    dtype = g.dtype
+    one_minus_b1, b2_, one_minus_b2, bc1, bc2_sqrt, eps_ = adam_scalars(step, b1, b2, eps, g.dtype)
+    m = m + one_minus_b1 * (g - m)  # torch's lerp for weights < 0.5, spelled out so eager == compiled
+    v = v * b2_ + (g * g) * one_minus_b2
+    if vmax is not None:
+        vmax = torch.maximum(vmax, v)
+    denom = _sqrt(v if vmax is None else vmax) / bc2_sqrt + eps_
+    return (m / bc1) / denom, m, v, vmax
+
+
+def adam_scalars(step: Tensor, b1: Tensor, b2: Tensor, eps: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """The step's scalars in the math dtype: ``1 - b1, b2, 1 - b2, 1 - b1**t, sqrt(1 - b2**t), eps``
+    (powers and square root in float64, then rounded once). The native kernel receives exactly these."""
     b1 = b1.to(torch.float64)
     b2 = b2.to(torch.float64)
     bc1 = (1 - b1**step).to(dtype)
     bc2_sqrt = torch.sqrt(1 - b2**step).to(dtype)
-    m = m + (1 - b1).to(dtype) * (g - m)  # torch's lerp for weights < 0.5, spelled out so eager == compiled
-    v = v * b2.to(dtype) + (g * g) * (1 - b2).to(dtype)
-    if vmax is not None:
-        vmax = torch.maximum(vmax, v)
-    denom = _sqrt(v if vmax is None else vmax) / bc2_sqrt + eps.to(dtype)
-    return (m / bc1) / denom, m, v, vmax
+    return (1 - b1).to(dtype), b2.to(dtype), (1 - b2).to(dtype), bc1, bc2_sqrt, eps.to(dtype)
 
 
 def _sqrt(x: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..formats import FORMATS, ROUNDINGS, BlockFormat, get_format
 from ..kernels import full_step, quant_step
+from ..kernels.native import native_available, native_quant_step
 from ._tree import Key, Signature, Tree, as_tensordict, build, check_leaf, check_like, leaves
 from .base import GradientTransformation
 
@@ -279,7 +280,8 @@ def scale_by_adam(
                     direction = full_step(flat, st["mu"], st["nu"], st.get("nu_max"), step, b1_t, b2_t, eps_t)
                 else:
                     buffers = [t for m in moments for t in (st[m, "codes"], st[m, "scale"])]
-                    direction = quant_step(
+                    kernel = native_quant_step if native_available(flat.device) else quant_step
+                    direction = kernel(
                         flat, buffers, step, b1_t, b2_t, eps_t, group.fmt, group.block_size,
                         group.fmt.codebook(True, flat.device), group.fmt.codebook(False, flat.device),
                         rounding == "stochastic", seed,

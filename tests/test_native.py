@@ -1,0 +1,154 @@
+"""The native CPU kernel against the reference path: identical codes, scales and directions; the fallback."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lowbit_fn
+from lowbit_fn.kernels import quant_step
+from lowbit_fn.kernels.native import native_available, native_quant_step, prefix_table
+
+pytestmark = pytest.mark.skipif(not native_available(torch.device("cpu")), reason="no C compiler here")
+
+
+def f64(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+def both(fmt_name, g, moments, step, stochastic, b1=0.9, b2=0.999, eps=1e-8, seed=0):
+    """Run the reference and the native kernel on copies of the same state; returns both (direction, moments)."""
+    fmt = lowbit_fn.FORMATS[fmt_name]
+    out = []
+    for kernel in (quant_step, native_quant_step):
+        state = [t.clone() for t in moments]
+        d = kernel(g, state, torch.tensor(step), f64(b1), f64(b2), f64(eps), fmt, fmt.default_block_size,
+                   fmt.codebook(True), fmt.codebook(False), stochastic, seed)
+        out.append((d, state))
+    return out
+
+
+def random_state(fmt_name, n, nmom, gen):
+    moments = []
+    for i in range(nmom):
+        x = torch.randn(n, generator=gen) * torch.logspace(-6, 0, n)
+        moments += list(lowbit_fn.quantize(x if i == 0 else x.abs(), fmt_name, signed=i == 0))
+    return moments
+
+
+def assert_identical(ref, nat):
+    (d1, m1), (d2, m2) = ref, nat
+    assert torch.equal(torch.isnan(d1), torch.isnan(d2)) and torch.equal(d1.nan_to_num(), d2.nan_to_num())
+    for i in range(0, len(m1), 2):
+        s1, s2 = m1[i + 1], m2[i + 1]
+        assert torch.equal(torch.isnan(s1), torch.isnan(s2)) and torch.equal(s1.nan_to_num(), s2.nan_to_num())
+        ok = ~torch.isnan(s1)  # inside a NaN-poisoned block the codes are unspecified: every one decodes to NaN
+        c1, c2 = m1[i].view(s1.numel(), -1), m2[i].view(s1.numel(), -1)
+        assert torch.equal(c1[ok], c2[ok])
+
+
+@pytest.mark.parametrize("fmt", ["8bit", "4bit", "fp8"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_native_equals_reference_bit_for_bit(fmt, rounding, amsgrad):
+    gen = torch.Generator().manual_seed(0)
+    bs = lowbit_fn.FORMATS[fmt].default_block_size
+    n = bs * 41
+    g = torch.randn(n, generator=gen) * torch.logspace(-12, 3, n)
+    g[7 * bs + 5] = float("nan")  # one poisoned block
+    g[9 * bs:10 * bs] = 0.0  # an all-zero block
+    moments = random_state(fmt, n, 3 if amsgrad else 2, gen)
+    for step in (1, 2, 1000):
+        ref, nat = both(fmt, g, moments, step, rounding == "stochastic")
+        assert_identical(ref, nat)
+        moments = ref[1]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    values=st.lists(st.floats(-(2.0**100), 2.0**100, allow_nan=False, width=32), min_size=1, max_size=600),
+    fmt=st.sampled_from(["8bit", "4bit", "fp8"]),
+    stochastic=st.booleans(),
+    step=st.integers(1, 10**6),
+    b1=st.floats(0.0, 0.999),
+)
+def test_native_equals_reference_on_arbitrary_gradients(values, fmt, stochastic, step, b1):
+    bs = lowbit_fn.FORMATS[fmt].default_block_size
+    g = torch.tensor(values, dtype=torch.float32)
+    g = torch.nn.functional.pad(g, (0, max(2 * bs, -(-g.numel() // bs) * bs) - g.numel()))  # >= 2 whole blocks
+    moments = random_state(fmt, g.numel(), 2, torch.Generator().manual_seed(step))
+    assert_identical(*both(fmt, g, moments, step, stochastic, b1=b1))
+
+
+@given(st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=200))
+def test_prefix_table_counts_like_a_search(values):
+    for fmt in ("8bit", "4bit"):
+        for signed in (True, False):
+            table = lowbit_fn.FORMATS[fmt].codebook(signed)
+            lut = prefix_table(table)
+            y = torch.tensor(values, dtype=torch.float32)
+            c = lut[(y.view(torch.int32).to(torch.int64) >> 16) & 0xFFFF].long()
+            idx = (c + (table[c] < y).long()).clamp(max=table.numel() - 1)
+            want = torch.searchsorted(table, y, side="left").clamp(max=table.numel() - 1)
+            assert torch.equal(idx, want)
+
+
+def test_training_is_identical_with_and_without_the_native_kernel(monkeypatch):
+    from helpers import batches, mlp, run_functional
+
+    model = mlp()
+    start = lowbit_fn.params_from_module(model).clone()
+    runs = []
+    for native in ("1", "0"):
+        monkeypatch.setenv("LOWBIT_FN_NATIVE", native)
+        opt = lowbit_fn.adamw(1e-2, state_format="4bit", min_quant_size=0, amsgrad=True)
+        runs.append(run_functional(model, opt, batches(4), params=start.clone()))
+    (p1, s1), (p2, s2) = runs
+    for key in p1.keys(include_nested=True, leaves_only=True):
+        assert torch.equal(p1[key], p2[key])
+    for key in s1.keys(include_nested=True, leaves_only=True):
+        assert torch.equal(s1[key], s2[key])
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, warnings, torch, lowbit_fn
+    torch.manual_seed(0)
+    params = {"w": torch.randn(200, 300)}
+    grads = [{"w": torch.randn(200, 300)} for _ in range(3)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = {}
+        for fmt in ("8bit", "4bit", "fp8"):
+            opt = lowbit_fn.adamw(1e-2, state_format=fmt, min_quant_size=0)
+            p, state = params, opt.init(params)
+            for g in grads:
+                u, state = opt.update(g, state, p)
+                p = lowbit_fn.apply_updates(p, u)
+            out[fmt] = p["w"]
+    from lowbit_fn.kernels.native import native_available
+    ours = [w for w in caught if "native CPU kernel is unavailable" in str(w.message)]
+    torch.save({"n": len(ours), "native": native_available(torch.device("cpu")), "out": out}, sys.argv[1])
+    """
+)
+
+
+def test_without_a_c_compiler_one_warning_then_the_compiled_path(tmp_path):
+    def run(name, **env):
+        path = tmp_path / f"{name}.pt"
+        full = {**os.environ, "LOWBIT_FN_CACHE": str(tmp_path / f"native-{name}"), **env}
+        subprocess.run([sys.executable, "-c", SCRIPT, str(path)], check=True, env=full, timeout=600)
+        return torch.load(path, weights_only=False)
+
+    broken = run("broken", CC="/nonexistent/cc")
+    native = run("native")
+    assert broken["n"] == 1 and broken["native"] is False
+    assert native["n"] == 0 and native["native"] is True
+    assert list((tmp_path / "native-native").glob("native_adam_*.so")), "the build is cached"
+    for fmt, want in native["out"].items():
+        assert torch.equal(broken["out"][fmt], want), fmt
