@@ -103,15 +103,18 @@ def prefix_table(codebook: Tensor) -> Tensor:
     key = (codebook.data_ptr(), codebook.numpy().tobytes())
     if key not in _luts:
         n = codebook.numel()
-        bits = torch.arange(1 << 16, dtype=torch.int64) << 16
-        ends = torch.stack([bits, bits | 0xFFFF]).to(torch.int32).view(torch.float32)
-        low, high = ends.min(0).values, ends.max(0).values  # negative prefixes run backwards
+        prefix = torch.arange(1 << 16, dtype=torch.int64)
+        bits = prefix << 16
+        negative = prefix >= 0x8000  # negative prefixes run backwards: their smallest value has all low bits set
+        low = torch.where(negative, bits | 0xFFFF, bits).to(torch.int32).view(torch.float32)
+        high = torch.where(negative, bits, bits | 0xFFFF).to(torch.int32).view(torch.float32)
         below = torch.searchsorted(codebook, low.contiguous(), side="left")
         inside = torch.searchsorted(codebook, high.contiguous(), side="right") - below
         finite = torch.isfinite(low) & torch.isfinite(high)
         if bool((inside[finite] > 1).any()):
             raise ValueError("codebook entries closer than the prefix table resolves")
-        _luts[key] = torch.where(torch.isnan(low) | torch.isnan(high), 0, below.clamp(max=n - 1)).to(torch.uint8)
+        # NaN intervals: 0 (NaN inputs are handled apart); the +inf interval counts every entry, the -inf one none
+        _luts[key] = torch.where(torch.isnan(low), 0, below.clamp(max=n - 1)).to(torch.uint8)
     return _luts[key]
 
 
