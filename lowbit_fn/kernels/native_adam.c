@@ -56,22 +56,23 @@ static inline uint8_t e4m3_from_f32(float f) {
  * when the table is built), so one comparison finishes the count. NaN gives 0, as in the reference. */
 static inline int count_below(float y, const float *map, int n, const uint8_t *lut) {
     int c = lut[f2u(y) >> 16];
-    int idx = c + (map[c] < y ? 1 : 0);
-    idx = idx > n - 1 ? n - 1 : idx;
-    return y != y ? 0 : idx;
+    int idx = c + (map[c] < y);
+    idx -= idx > n - 1;
+    return idx * (y == y); /* NaN: 0 */
 }
 
 static inline int nearest_code(float y, const float *map, int n, const uint8_t *lut) {
     int idx = count_below(y, map, n, lut);
-    int lower = idx > 0 ? idx - 1 : 0;
-    return fabsf(map[idx] - y) < fabsf(y - map[lower]) ? idx : lower;
+    int lower = idx - (idx > 0);
+    return lower + (idx - lower) * (fabsf(map[idx] - y) < fabsf(y - map[lower])); /* arithmetic, not a branch */
 }
 
 static inline int stochastic_code(float y, const float *map, int n, const uint8_t *lut, float u) {
     int idx = count_below(y, map, n, lut);
-    int lower = idx > 0 ? idx - 1 : 0;
+    int lower = idx - (idx > 0);
     float lo = map[lower], hi = map[idx];
-    return (u * (hi - lo) < (y - lo)) | (y >= hi) ? idx : lower;
+    /* arithmetic instead of a branch: the random outcome would mispredict half of the time */
+    return lower + (idx - lower) * ((u * (hi - lo) < (y - lo)) | (y >= hi));
 }
 
 static inline float stochastic_e4m3(float y, float u) {
