@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["hash32", "stream_key", "uniform"]
+__all__ = ["hash32", "stream_key", "stream_key_int", "uniform"]
 
 _M32 = 0xFFFFFFFF
 
@@ -39,6 +39,20 @@ def stream_key(seed: int, salt: int, step: Tensor) -> Tensor:
     """The 32-bit key of one random stream (one tensor at one step), as an int64 0-d tensor on ``step``'s device."""
     base = hash32(torch.tensor((seed * 0x9E3779B9 + salt) & _M32, dtype=torch.int64, device=step.device))
     return hash32((step.to(torch.int64) ^ base) & _M32)
+
+
+def _hash32_int(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def stream_key_int(seed: int, salt: int, step: int) -> int:
+    """:func:`stream_key` with Python ints (for the native kernel's arguments): the same value, no tensor ops."""
+    base = _hash32_int((seed * 0x9E3779B9 + salt) & _M32)
+    return _hash32_int((step ^ base) & _M32)
 
 
 def uniform(index: Tensor, key: Tensor) -> Tensor:

@@ -65,3 +65,10 @@ def test_hash_bits_are_uniform_and_uncorrelated():
     assert abs(corr(u[1:], u[:-1])) < 0.02  # neighbouring elements
     assert abs(corr(u, v)) < 0.02  # consecutive steps
     assert abs(float(u.mean()) - 0.5) < 0.01
+
+
+def test_stream_key_in_python_ints_equals_the_tensor_version():
+    from lowbit_fn._random import stream_key_int
+
+    for seed, salt, step in [(0, 0, 0), (1, 2, 3), (2**31 - 1, 7, 2**40 + 5), (12345, 1, 999)]:
+        assert stream_key_int(seed, salt, step) == int(stream_key(seed, salt, torch.tensor(step)))

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .._random import stream_key
+from .._random import stream_key_int
 from ..formats import BlockFormat
 
 __all__ = ["native_available", "native_quant_step"]
@@ -134,7 +134,8 @@ def _adam_quant_step(
     codes = (ctypes.c_void_p * nmom)(*[_ptr(moments[2 * i]) for i in range(nmom)])
     scales = (ctypes.c_void_p * nmom)(*[_ptr(moments[2 * i + 1]) for i in range(nmom)])
     luts = [_ptr(prefix_table(m)) for m in (signed_map, unsigned_map)] if fmt != "fp8" else [0, 0]
-    keys = (ctypes.c_uint32 * nmom)(*[int(stream_key(seed, i, step)) if stochastic else 0 for i in range(nmom)])
+    step_int = int(step)
+    keys = (ctypes.c_uint32 * nmom)(*[stream_key_int(seed, i, step_int) if stochastic else 0 for i in range(nmom)])
     lib.lowbit_adam_quant_step(
         _ptr(g), _ptr(direction), nb, block_size, nmom, ctypes.cast(codes, ctypes.c_void_p),
         ctypes.cast(scales, ctypes.c_void_p), _FORMAT_CODES[fmt], _ptr(signed_map), _ptr(unsigned_map),
