@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
+JOBS ?= 2  # pytest-xdist workers: a cold run is dominated by one-off graph compiles, spread over the cores
 
 .PHONY: install test bench clean
 
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: install
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n $(JOBS)
 
 bench: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/step_speed.py
