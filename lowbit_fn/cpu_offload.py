@@ -30,11 +30,10 @@ class _Mirror:
 
     def __init__(self, param: Tensor):
         pin = is_accelerator(param.device)
-        self.host = param.detach().to(_HOST, copy=True)
-        self.grad = torch.empty_like(self.host)
+        self.host = torch.empty(param.shape, dtype=param.dtype, device=_HOST, pin_memory=pin)
+        self.host.copy_(param.detach())
+        self.grad = torch.empty_like(self.host, pin_memory=pin)
         self.staging: Tensor | None = None  # second buffer for accumulating offloaded gradients
-        if pin:
-            self.host, self.grad = self.host.pin_memory(), self.grad.pin_memory()
         self.pin = pin
         self.has_grad = False  # offload_gradients: the host buffer holds this accumulation window's gradient
         # offload_gradients: ``staging`` is to be added to ``grad`` (True), or once this device event has passed

@@ -72,7 +72,7 @@ class _Spec:
                 f"unknown hyperparameter(s) {unknown} for this factory; it accepts {sorted(self.args)}"
                 + (f" ({extra})" if extra else "")
             )
-        values = {**{n: d for n, d in self.args.items()}, **hyperparams}
+        values = {**self.args, **hyperparams}
         missing = [n for n, v in values.items() if v is inspect.Parameter.empty]
         if missing:
             raise TypeError(f"missing required hyperparameter(s) {missing}")

@@ -156,8 +156,7 @@ def native_quant_step(
 ) -> Tensor:
     """Same contract as :func:`lowbit_fn.kernels.quant_step` (``g`` float32 contiguous, padded to whole blocks)."""
     empty = torch.empty(1, dtype=torch.float32)  # FP8 has no maps
-    contiguous = [m if m.is_contiguous() else m.contiguous() for m in moments]
-    assert all(a is b for a, b in zip(contiguous, moments)), "native kernel needs contiguous state buffers"
+    assert all(m.is_contiguous() for m in moments), "native kernel needs contiguous state buffers"
     return _adam_quant_step(
         g.contiguous(), moments, step, b1, b2, eps, signed_map if signed_map is not None else empty,
         unsigned_map if unsigned_map is not None else empty, fmt.name, block_size, stochastic, seed,
