@@ -26,7 +26,7 @@ from torch import Tensor
 from .._random import stream_key_int
 from ..formats import BlockFormat
 
-__all__ = ["native_available", "native_quant_step"]
+__all__ = ["native_available", "native_adam_step", "native_quant_step"]
 
 _SOURCE = Path(__file__).with_name("native_adam.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
@@ -43,26 +43,32 @@ def _cpu_fingerprint() -> str:
     return platform.machine() + flags
 
 
+def _flags() -> list[str]:
+    """The compiler flags, plus ``$LOWBIT_FN_NATIVE_FLAGS`` (e.g. ``-DLOWBIT_PORTABLE`` for the portable code only)."""
+    return _FLAGS + os.environ.get("LOWBIT_FN_NATIVE_FLAGS", "").split()
+
+
 def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC", "gcc")
+    flags = _flags()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + version.encode() + " ".join(_FLAGS).encode() + _cpu_fingerprint().encode()).hexdigest()[:20]
+    key = hashlib.sha256(source + version.encode() + " ".join(flags).encode() + _cpu_fingerprint().encode()).hexdigest()[:20]
     cache = Path(os.environ.get("LOWBIT_FN_CACHE", Path.home() / ".cache" / "lowbit_fn"))
     target = cache / f"native_adam_{key}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then move into place atomically
             out = Path(tmp) / target.name
-            result = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
+            result = subprocess.run([cc, *flags, str(_SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {result.stderr.strip()[:500]}")
             os.replace(out, target)
     lib = ctypes.CDLL(str(target))
-    fn = lib.lowbit_adam_quant_step
-    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    fn.argtypes = [p, p, i64, i64, i32, p, p, i32, p, p, i32, p, p, p, f32, f32, f32, f32, f32, f32, i32, p, i32]
-    fn.restype = None
+    fn = lib.lowbit_adam_step
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    fn.argtypes = [p, i64, i64, i32, i32, p, p, i32, p, p, p, p, i32, p, i32, i32]
+    fn.restype = i32
     return lib
 
 
@@ -118,36 +124,89 @@ def prefix_table(codebook: Tensor) -> Tensor:
     return _luts[key]
 
 
-@torch.library.custom_op("lowbit_fn::adam_quant_step", mutates_args=("moments",), device_types="cpu")
-def _adam_quant_step(
-    g: Tensor, moments: list[Tensor], step: Tensor, b1: Tensor, b2: Tensor, eps: Tensor, signed_map: Tensor,
-    unsigned_map: Tensor, fmt: str, block_size: int, stochastic: bool, seed: int,
-) -> Tensor:
+EPILOGUE_L2, EPILOGUE_DECOUPLED, EPILOGUE_SCALE, EPILOGUE_APPLY = 1, 2, 4, 8
+_SEG_FIELDS = 11  # g, out, p, numel, index, codes[3], scales[3]
+
+
+def _padded_table(codebook: Tensor) -> Tensor:
+    """The prefix table with 4 bytes of padding (the kernel reads it with 32-bit gathers)."""
+    key = (codebook.data_ptr(), codebook.numpy().tobytes(), "padded")
+    if key not in _luts:
+        _luts[key] = torch.cat([prefix_table(codebook), torch.zeros(4, dtype=torch.uint8)])
+    return _luts[key]
+
+
+@torch.library.custom_op("lowbit_fn::adam_step", mutates_args=("moments", "params", "outs"), device_types="cpu")
+def _adam_step(
+    grads: list[Tensor], moments: list[Tensor], params: list[Tensor], outs: list[Tensor], index_bases: list[int],
+    step: Tensor, b1: Tensor, b2: Tensor, eps: Tensor, weight_decay: Tensor, neg_lr: Tensor, signed_map: Tensor,
+    unsigned_map: Tensor, fmt: str, block_size: int, stochastic: bool, seed: int, mode: int,
+) -> None:
     from .adam import adam_scalars
 
     lib = _library()
-    assert lib is not None, "lowbit_fn::adam_quant_step called without the native library"
-    one_minus_b1, b2f, one_minus_b2, bc1, bc2_sqrt, eps_f = (float(x) for x in adam_scalars(step, b1, b2, eps, torch.float32))
-    nb = g.numel() // block_size
-    direction = torch.empty_like(g)
-    nmom = len(moments) // 2
-    codes = (ctypes.c_void_p * nmom)(*[_ptr(moments[2 * i]) for i in range(nmom)])
-    scales = (ctypes.c_void_p * nmom)(*[_ptr(moments[2 * i + 1]) for i in range(nmom)])
-    luts = [_ptr(prefix_table(m)) for m in (signed_map, unsigned_map)] if fmt != "fp8" else [0, 0]
+    assert lib is not None, "lowbit_fn::adam_step called without the native library"
+    nseg = len(grads)
+    nmom = len(moments) // (2 * nseg) if nseg else 0
+    if nseg == 0:
+        return
+    scalars = torch.stack([x.to(torch.float32) for x in (*adam_scalars(step, b1, b2, eps, torch.float32), weight_decay, neg_lr)])
+    rows = []
+    for s in range(nseg):
+        mom = moments[2 * nmom * s : 2 * nmom * (s + 1)]
+        codes = [_ptr(mom[2 * i]) for i in range(nmom)] + [0] * (3 - nmom)
+        scales = [_ptr(mom[2 * i + 1]) for i in range(nmom)] + [0] * (3 - nmom)
+        rows += [_ptr(grads[s]), _ptr(outs[s]) if outs else 0, _ptr(params[s]) if params else 0, grads[s].numel(),
+                 index_bases[s], *codes, *scales]
+    segs = torch.tensor(rows, dtype=torch.int64)
+    luts = [_ptr(_padded_table(m)) for m in (signed_map, unsigned_map)] if fmt != "fp8" else [0, 0]
     step_int = int(step)
-    keys = (ctypes.c_uint32 * nmom)(*[stream_key_int(seed, i, step_int) if stochastic else 0 for i in range(nmom)])
-    lib.lowbit_adam_quant_step(
-        _ptr(g), _ptr(direction), nb, block_size, nmom, ctypes.cast(codes, ctypes.c_void_p),
-        ctypes.cast(scales, ctypes.c_void_p), _FORMAT_CODES[fmt], _ptr(signed_map), _ptr(unsigned_map),
-        signed_map.numel(), _ptr(_E4M3), *luts, one_minus_b1, b2f, one_minus_b2, bc1, bc2_sqrt, eps_f, int(stochastic),
-        ctypes.cast(keys, ctypes.c_void_p), torch.get_num_threads(),
+    keys = (ctypes.c_uint32 * 3)(*[stream_key_int(seed, i, step_int) if stochastic and i < nmom else 0 for i in range(3)])
+    failed = lib.lowbit_adam_step(
+        _ptr(segs), nseg, block_size, nmom, _FORMAT_CODES[fmt], _ptr(signed_map), _ptr(unsigned_map),
+        signed_map.numel(), _ptr(_E4M3), *luts, _ptr(scalars), int(stochastic), ctypes.cast(keys, ctypes.c_void_p),
+        mode, torch.get_num_threads(),
     )
-    return direction
+    if failed:
+        raise MemoryError("lowbit_fn native kernel: could not allocate its scratch buffers")
 
 
-@_adam_quant_step.register_fake
-def _(g, moments, step, b1, b2, eps, signed_map, unsigned_map, fmt, block_size, stochastic, seed):
-    return torch.empty_like(g)
+@_adam_step.register_fake
+def _(grads, moments, params, outs, index_bases, step, b1, b2, eps, weight_decay, neg_lr, signed_map, unsigned_map,
+      fmt, block_size, stochastic, seed, mode):
+    return None
+
+
+_NO_MAP = torch.empty(1, dtype=torch.float32)  # FP8 has no maps
+_ZERO = torch.zeros((), dtype=torch.float32)
+
+
+def native_adam_step(
+    grads: list[Tensor], moments: list[list[Tensor]], index_bases: list[int], step: Tensor, b1: Tensor, b2: Tensor,
+    eps: Tensor, fmt: BlockFormat, block_size: int, stochastic: bool, seed: int, *, params: list[Tensor] | None = None,
+    outs: list[Tensor] | None = None, mode: int = 0, weight_decay: Tensor = _ZERO, neg_lr: Tensor = _ZERO,
+) -> None:
+    """One Adam step over several tensors (*segments*) in one call.
+
+    Segment ``s``: gradient ``grads[s]`` (float32, contiguous, any length), its moments ``moments[s]`` (``[codes,
+    scale]`` per moment, covering ``ceil(len / block_size)`` blocks), the flat index of its first element
+    ``index_bases[s]`` (stochastic rounding counter) and, depending on ``mode`` (``EPILOGUE_*`` bits), its float32
+    parameter ``params[s]`` and output ``outs[s]``. Mode 0 writes the direction ``m_hat / (sqrt(v_hat) + eps)``;
+    ``EPILOGUE_L2`` adds ``p * weight_decay`` to the gradient first, ``EPILOGUE_DECOUPLED`` adds it to the
+    direction, ``EPILOGUE_SCALE`` multiplies by ``neg_lr``, and ``EPILOGUE_APPLY`` adds the result to the
+    parameter in place (no output): exactly the float32 operations of ``add_decayed_weights``,
+    ``scale_by_learning_rate`` and ``apply_updates``.
+    """
+    signed = fmt.codebook(True) if fmt.name != "fp8" else _NO_MAP
+    unsigned = fmt.codebook(False) if fmt.name != "fp8" else _NO_MAP
+    for g in grads:
+        assert g.dtype == torch.float32 and g.is_contiguous(), "native kernel needs contiguous float32 gradients"
+    flat = [t for pair in moments for t in pair]
+    assert all(t.is_contiguous() for t in flat), "native kernel needs contiguous state buffers"
+    _adam_step(
+        grads, flat, params or [], outs or [], index_bases, step, b1, b2, eps, weight_decay, neg_lr, signed, unsigned,
+        fmt.name, block_size, stochastic, seed, mode,
+    )
 
 
 def native_quant_step(
@@ -155,9 +214,7 @@ def native_quant_step(
     block_size: int, signed_map: Tensor | None, unsigned_map: Tensor | None, stochastic: bool, seed: int,
 ) -> Tensor:
     """Same contract as :func:`lowbit_fn.kernels.quant_step` (``g`` float32 contiguous, padded to whole blocks)."""
-    empty = torch.empty(1, dtype=torch.float32)  # FP8 has no maps
-    assert all(m.is_contiguous() for m in moments), "native kernel needs contiguous state buffers"
-    return _adam_quant_step(
-        g.contiguous(), moments, step, b1, b2, eps, signed_map if signed_map is not None else empty,
-        unsigned_map if unsigned_map is not None else empty, fmt.name, block_size, stochastic, seed,
-    )
+    g = g.contiguous()
+    direction = torch.empty_like(g)
+    native_adam_step([g], [moments], [0], step, b1, b2, eps, fmt, block_size, stochastic, seed, outs=[direction])
+    return direction

@@ -1,16 +1,46 @@
-/* lowbit_fn native CPU kernel: one Adam step over block-quantized moments (8-bit / 4-bit codebooks, FP8).
+/* lowbit_fn native CPU kernel: one Adam(W) step over block-quantized moments (8-bit / 4-bit codebooks, FP8).
  *
- * The same arithmetic as the reference path (lowbit_fn/kernels/adam.py and lowbit_fn/formats/), operation for
- * operation, so codes, scales and directions are identical: float32 math without contraction into FMAs
- * (built with -ffp-contract=off), sqrt through double, the same nearest-code search, the same stochastic
+ * The same arithmetic as the reference path (lowbit_fn/kernels/adam.py, lowbit_fn/formats/ and, for the fused
+ * epilogue, the chain add_decayed_weights -> scale_by_learning_rate -> apply_updates), operation for operation,
+ * so codes, scales, directions and parameters are identical: float32 math without contraction into FMAs (built
+ * with -ffp-contract=off), correctly rounded square roots, the same nearest-code search, the same stochastic
  * rounding hash. Built on the user's machine with -O3 -march=native; called through ctypes.
+ *
+ * Two code paths compute the same bits: AVX-512 (F/BW/VL) intrinsics for blocks whose size is a multiple of 16,
+ * and portable C for everything else (other CPUs, odd block sizes, and blocks holding NaN or Inf). Build with
+ * -DLOWBIT_PORTABLE to use only the portable one.
+ *
+ * Work comes as *segments*: one per tensor, each with its own gradient, output, parameter and moment buffers
+ * and the flat index of its first element (the stochastic-rounding counter). A segment's last block may be
+ * partial: missing gradient elements count as zero, as in the reference's zero padding.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(LOWBIT_PORTABLE)
+#define LOWBIT_AVX512 1
+#include <immintrin.h>
+#else
+#define LOWBIT_AVX512 0
+#endif
+
 enum { FMT_CODEBOOK8 = 0, FMT_CODEBOOK4 = 1, FMT_FP8 = 2 };
+/* epilogue bits: what is done with the direction d (mode 0: write d) */
+enum { EPI_L2 = 1, EPI_DECOUPLED = 2, EPI_SCALE = 4, EPI_APPLY = 8 };
+/* segment fields (int64 each) */
+enum { SEG_G, SEG_OUT, SEG_P, SEG_NUMEL, SEG_INDEX, SEG_CODES, SEG_SCALES = SEG_CODES + 3, SEG_FIELDS = SEG_SCALES + 3 };
+
+typedef struct {
+    int fmt, nmom, stochastic, mode, map_len;
+    int64_t bs, code_bytes;
+    const float *map[3];      /* codebook of moment i (signed for m, unsigned for v and vmax) */
+    const uint8_t *lut[3];    /* its prefix table (65536 entries + 4 bytes of padding) */
+    const float *fp8_lut;
+    float omb1, b2, omb2, bc1, bc2s, eps, wd, neg_lr;
+    uint32_t keys[3];
+} ctx_t;
 
 static inline uint32_t hash32(uint32_t x) {
     x ^= x >> 16;
@@ -84,124 +114,371 @@ static inline float stochastic_e4m3(float y, float u) {
     return copysignf(rounded, y);
 }
 
-/* Decode one block of moment `i` into out[bs]. */
-static void decode_block(int fmt, const uint8_t *codes, float scale, const float *map, const float *fp8_lut,
-                         int64_t bs, int square, float *out) {
-    if (fmt == FMT_CODEBOOK4) {
+/* ------------------------------------------------------------------------------------------------------------
+ * Portable path
+ * ------------------------------------------------------------------------------------------------------------ */
+
+/* Decode one block of moment i into out[bs]. */
+static void decode_block(const ctx_t *c, int i, const uint8_t *codes, float scale, float *out) {
+    const int64_t bs = c->bs;
+    if (c->fmt == FMT_CODEBOOK4) {
+        const float *map = c->map[i];
         for (int64_t j = 0; j < bs; j += 2) {
             uint8_t b = codes[j / 2];
             out[j] = map[b >> 4] * scale;
             out[j + 1] = map[b & 15] * scale;
         }
     } else {
-        const float *table = fmt == FMT_FP8 ? fp8_lut : map;
+        const float *table = c->fmt == FMT_FP8 ? c->fp8_lut : c->map[i];
         for (int64_t j = 0; j < bs; ++j) out[j] = table[codes[j]] * scale;
     }
-    if (square)
+    if (c->stochastic && i > 0) /* second moments are stored as sqrt(v) */
         for (int64_t j = 0; j < bs; ++j) out[j] = out[j] * out[j];
 }
 
 /* Codebook codes for one block. Kept scalar: GCC's gather-based vectorization of these loops ran 2x slower. */
 __attribute__((optimize("no-tree-vectorize")))
-static void encode_codebook(int packed, const float *x, float div, int64_t bs, const float *map, int map_len,
-                            const uint8_t *lut, int stochastic, uint32_t key, int64_t first, uint8_t *codes) {
-    for (int64_t j = 0; j < bs; ++j) {
+static void encode_codebook(const ctx_t *c, int i, const float *x, float div, int64_t first, uint8_t *codes) {
+    const float *map = c->map[i];
+    const uint8_t *lut = c->lut[i];
+    const int packed = c->fmt == FMT_CODEBOOK4, n = c->map_len;
+    for (int64_t j = 0; j < c->bs; ++j) {
         float y = x[j] / div;
-        int c = stochastic ? stochastic_code(y, map, map_len, lut, noise_at(first + j, key)) : nearest_code(y, map, map_len, lut);
+        int code = c->stochastic ? stochastic_code(y, map, n, lut, noise_at(first + j, c->keys[i])) : nearest_code(y, map, n, lut);
         if (packed) {
-            if (j & 1) codes[j / 2] |= (uint8_t)c;
-            else codes[j / 2] = (uint8_t)(c << 4);
+            if (j & 1) codes[j / 2] |= (uint8_t)code;
+            else codes[j / 2] = (uint8_t)(code << 4);
         } else {
-            codes[j] = (uint8_t)c;
+            codes[j] = (uint8_t)code;
         }
     }
 }
 
-/* Encode one block (values x[bs]) with its scale; `noise_key` >= 0 selects stochastic rounding. */
-static void encode_block(int fmt, const float *x, int64_t bs, const float *map, int map_len, const uint8_t *lut,
-                         int stochastic, uint32_t key, int64_t first, uint8_t *codes, float *scale_out) {
-    float absmax = 0.0f;
+/* The block's scale (absmax, NaN when it holds NaN or Inf; FP8 divides by 448) and the divisor of its values. */
+static float block_scale(int fmt, float absmax, int finite, float *div) {
+    float scale = finite ? absmax : NAN;
+    if (fmt == FMT_FP8) scale = scale / 448.0f;
+    *div = scale > 0.0f ? scale : 1.0f;
+    return scale;
+}
+
+static void encode_block(const ctx_t *c, int i, const float *x, int64_t first, uint8_t *codes, float *scale_out) {
+    const int64_t bs = c->bs;
+    float absmax = 0.0f, div;
     int nonfinite = 0;
     for (int64_t j = 0; j < bs; ++j) {
         float a = fabsf(x[j]);
         nonfinite |= !(a <= 3.4028234663852886e38f); /* NaN or Inf */
         absmax = a > absmax ? a : absmax; /* NaN is caught by nonfinite */
     }
-    int finite = !nonfinite;
-    float scale = finite ? absmax : NAN;
-    if (fmt == FMT_FP8) scale = scale / 448.0f;
-    *scale_out = scale;
-    float div = scale > 0.0f ? scale : 1.0f;
-    if (fmt == FMT_FP8) {
-        if (stochastic) {
-            for (int64_t j = 0; j < bs; ++j) {
-                float y = x[j] / div;
-                y = y < -448.0f ? -448.0f : (y > 448.0f ? 448.0f : y); /* NaN passes through */
-                codes[j] = e4m3_from_f32(stochastic_e4m3(y, noise_at(first + j, key)));
-            }
-        } else {
-            for (int64_t j = 0; j < bs; ++j) {
-                float y = x[j] / div;
-                y = y < -448.0f ? -448.0f : (y > 448.0f ? 448.0f : y);
-                codes[j] = e4m3_from_f32(y);
-            }
-        }
+    *scale_out = block_scale(c->fmt, absmax, !nonfinite, &div);
+    if (c->fmt != FMT_FP8) {
+        encode_codebook(c, i, x, div, first, codes);
         return;
     }
-    encode_codebook(fmt == FMT_CODEBOOK4, x, div, bs, map, map_len, lut, stochastic, key, first, codes);
+    for (int64_t j = 0; j < bs; ++j) {
+        float y = x[j] / div;
+        y = y < -448.0f ? -448.0f : (y > 448.0f ? 448.0f : y); /* NaN passes through */
+        codes[j] = e4m3_from_f32(c->stochastic ? stochastic_e4m3(y, noise_at(first + j, c->keys[i])) : y);
+    }
 }
 
-/* One Adam step over `nb` blocks of `bs` elements.
- *   g: float32 gradients, nb * bs (padded); direction: float32 output, same size.
- *   codes[i], scales[i]: moment i (0: m, 1: v, 2: vmax when nmom == 3), updated in place.
- *   one_minus_b1, b2f, one_minus_b2, bc1, bc2_sqrt, eps: the step's float32 scalars, computed by the caller
- *   exactly as the reference computes them.
- *   keys[i]: the stochastic-rounding stream key of moment i (used when stochastic).
- */
-void lowbit_adam_quant_step(const float *g, float *direction, int64_t nb, int64_t bs, int nmom, uint8_t **codes,
-                            float **scales, int fmt, const float *signed_map, const float *unsigned_map, int map_len,
-                            const float *fp8_lut, const uint8_t *signed_lut, const uint8_t *unsigned_lut, float one_minus_b1, float b2f, float one_minus_b2, float bc1,
-                            float bc2_sqrt, float eps, int stochastic, const uint32_t *keys, int nthreads) {
-    const int64_t code_bytes = fmt == FMT_CODEBOOK4 ? bs / 2 : bs;
-#pragma omp parallel num_threads(nthreads)
-    {
-        float *m = malloc(sizeof(float) * bs * 3);
-        float *v = m + bs, *vmax = m + 2 * bs;
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < nb; ++b) {
-            const float *gb = g + b * bs;
-            float *db = direction + b * bs;
-            decode_block(fmt, codes[0] + b * code_bytes, scales[0][b], signed_map, fp8_lut, bs, 0, m);
-            decode_block(fmt, codes[1] + b * code_bytes, scales[1][b], unsigned_map, fp8_lut, bs, stochastic, v);
-            if (nmom == 3)
-                decode_block(fmt, codes[2] + b * code_bytes, scales[2][b], unsigned_map, fp8_lut, bs, stochastic, vmax);
-            for (int64_t j = 0; j < bs; ++j) {
-                float gj = gb[j];
-                float mj = m[j] + one_minus_b1 * (gj - m[j]);
-                float vj = v[j] * b2f + (gj * gj) * one_minus_b2;
-                float d = vj;
-                if (nmom == 3) {
-                    float x = vmax[j] > vj ? vmax[j] : vj;
-                    if (vmax[j] != vmax[j] || vj != vj) x = NAN; /* torch.maximum propagates NaN */
-                    vmax[j] = x;
-                    d = x;
-                }
-                float denom = (float)sqrt((double)d) / bc2_sqrt + eps;
-                db[j] = (mj / bc1) / denom;
-                m[j] = mj;
-                v[j] = vj;
-            }
-            if (stochastic) { /* second moments are stored as sqrt(v) */
-                for (int64_t j = 0; j < bs; ++j) v[j] = (float)sqrt((double)v[j]);
-                if (nmom == 3)
-                    for (int64_t j = 0; j < bs; ++j) vmax[j] = (float)sqrt((double)vmax[j]);
-            }
-            const float *values[3] = {m, v, vmax};
-            for (int i = 0; i < nmom; ++i)
-                encode_block(fmt, values[i], bs, i == 0 ? signed_map : unsigned_map, map_len,
-                             i == 0 ? signed_lut : unsigned_lut, stochastic,
-                             stochastic ? keys[i] : 0, b * bs, codes[i] + b * code_bytes, scales[i] + b);
+/* The moment update and the epilogue over n elements (m, v, vmax updated in place; sqrt taken when stochastic). */
+static void math_scalar(const ctx_t *c, int64_t n, const float *g, const float *p, float *m, float *v, float *vmax,
+                        float *dst) {
+    for (int64_t j = 0; j < n; ++j) {
+        float gj = g[j];
+        if (c->mode & EPI_L2) gj = gj + p[j] * c->wd;
+        float mj = m[j] + c->omb1 * (gj - m[j]);
+        float vj = v[j] * c->b2 + (gj * gj) * c->omb2;
+        float d = vj;
+        if (c->nmom == 3) {
+            float x = vmax[j] > vj ? vmax[j] : vj;
+            if (vmax[j] != vmax[j] || vj != vj) x = NAN; /* torch.maximum propagates NaN */
+            vmax[j] = c->stochastic ? sqrtf(x) : x;
+            d = x;
         }
-        free(m);
+        float u = (mj / c->bc1) / (sqrtf(d) / c->bc2s + c->eps);
+        if (c->mode & EPI_DECOUPLED) u = u + p[j] * c->wd;
+        if (c->mode & EPI_SCALE) u = u * c->neg_lr;
+        dst[j] = (c->mode & EPI_APPLY) ? p[j] + u : u;
+        m[j] = mj;
+        v[j] = c->stochastic ? sqrtf(vj) : vj;
     }
+}
+
+/* ------------------------------------------------------------------------------------------------------------
+ * AVX-512 path: the same operations, 16 lanes at a time
+ * ------------------------------------------------------------------------------------------------------------ */
+#if LOWBIT_AVX512
+
+static inline __m512 v_abs(__m512 x) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF))); }
+
+static inline __m512 v_noise(int64_t first, uint32_t key) {
+    __m512i x = _mm512_add_epi32(_mm512_set1_epi32((int32_t)(uint32_t)(uint64_t)first),
+                                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    x = _mm512_xor_si512(x, _mm512_set1_epi32((int32_t)key));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB352D));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int32_t)0x846CA68Bu));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(x, 8)), _mm512_set1_ps(1.0f / 16777216.0f));
+}
+
+/* map[idx] for a 16-entry map held in a register, or a 256-entry one in memory */
+static inline __m512 v_lookup(__m512i idx, __m512 map16, const float *map, int n) {
+    return n == 16 ? _mm512_permutexvar_ps(idx, map16) : _mm512_i32gather_ps(idx, map, 4);
+}
+
+/* 16 codes (as int32 lanes) of elements j..j+15 */
+static inline __m512i v_load_codes(int fmt, const uint8_t *codes, int64_t j) {
+    if (fmt == FMT_CODEBOOK4) {
+        __m128i b = _mm_loadl_epi64((const __m128i *)(codes + j / 2));
+        __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
+        __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15));
+        return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)); /* even elements are the high nibbles */
+    }
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + j)));
+}
+
+static inline void v_store_codes(int fmt, uint8_t *codes, int64_t j, __m512i code) {
+    __m128i b = _mm512_cvtepi32_epi8(code);
+    if (fmt == FMT_CODEBOOK4) {
+        __m128i even = _mm_and_si128(b, _mm_set1_epi16(0xFF)), odd = _mm_srli_epi16(b, 8);
+        __m128i packed = _mm_packus_epi16(_mm_or_si128(_mm_slli_epi16(even, 4), odd), _mm_setzero_si128());
+        _mm_storel_epi64((__m128i *)(codes + j / 2), packed);
+    } else {
+        _mm_storeu_si128((__m128i *)(codes + j), b);
+    }
+}
+
+/* float8_e4m3fn bits (int32 lanes) -> float32, by arithmetic: 2**(e-7) * (1 + m/8), subnormals m * 2**-9,
+ * 0x7F/0xFF NaN; the same values as the decode table, without a gather (slow on some CPUs) */
+static inline __m512 v_from_e4m3(__m512i code) {
+    __m512i x = _mm512_and_si512(code, _mm512_set1_epi32(0x7F));
+    __m512 normal = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(x, 20), _mm512_set1_epi32(120 << 23)));
+    __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(x), _mm512_set1_ps(1.0f / 512.0f));
+    __m512 r = _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(x, _mm512_set1_epi32(8)), normal, sub);
+    r = _mm512_mask_mov_ps(r, _mm512_cmpeq_epi32_mask(x, _mm512_set1_epi32(0x7F)), _mm512_set1_ps(NAN));
+    __m512i sign = _mm512_slli_epi32(_mm512_and_si512(code, _mm512_set1_epi32(0x80)), 24);
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r), sign));
+}
+
+static void decode_block_avx512(const ctx_t *c, int i, const uint8_t *codes, float scale, float *out) {
+    const float *table = c->map[i];
+    const __m512 map16 = c->fmt == FMT_CODEBOOK4 ? _mm512_loadu_ps(table) : _mm512_setzero_ps();
+    const __m512 s = _mm512_set1_ps(scale);
+    const int n = c->fmt == FMT_CODEBOOK4 ? 16 : 256;
+    for (int64_t j = 0; j < c->bs; j += 16) {
+        __m512i code = v_load_codes(c->fmt, codes, j);
+        __m512 x = _mm512_mul_ps(c->fmt == FMT_FP8 ? v_from_e4m3(code) : v_lookup(code, map16, table, n), s);
+        if (c->stochastic && i > 0) x = _mm512_mul_ps(x, x);
+        _mm512_storeu_ps(out + j, x);
+    }
+}
+
+static inline __m512i v_e4m3(__m512 y) {
+    const __m512i denorm_mask = _mm512_set1_epi32(141 << 23);
+    __m512i bits = _mm512_castps_si512(y);
+    __m512i sign = _mm512_and_si512(bits, _mm512_set1_epi32((int32_t)0x80000000u));
+    bits = _mm512_xor_si512(bits, sign); /* |y| <= 448 here: no saturation */
+    __mmask16 small = _mm512_cmplt_epu32_mask(bits, _mm512_set1_epi32(121 << 23));
+    __m512i sub = _mm512_sub_epi32(
+        _mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(bits), _mm512_castsi512_ps(denorm_mask))), denorm_mask);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 20), _mm512_set1_epi32(1));
+    __m512i normal = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32((int32_t)(((uint32_t)(7 - 127) << 23) + 0x7FFFF))), odd), 20);
+    __m512i r = _mm512_and_si512(_mm512_mask_blend_epi32(small, normal, sub), _mm512_set1_epi32(0xFF));
+    return _mm512_or_si512(r, _mm512_srli_epi32(sign, 24));
+}
+
+/* Encode a block whose values are all finite; returns 0 (nothing written) when one is NaN or Inf. */
+static int encode_block_avx512(const ctx_t *c, int i, const float *x, int64_t first, uint8_t *codes, float *scale_out) {
+    const int64_t bs = c->bs;
+    __m512 amax = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t j = 0; j < bs; j += 16) {
+        __m512 a = v_abs(_mm512_loadu_ps(x + j));
+        bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(3.4028234663852886e38f), _CMP_NLE_UQ);
+        amax = _mm512_max_ps(amax, a);
+    }
+    if (bad) return 0;
+    float div;
+    *scale_out = block_scale(c->fmt, _mm512_reduce_max_ps(amax), 1, &div);
+    const __m512 vdiv = _mm512_set1_ps(div);
+    if (c->fmt == FMT_FP8) {
+        for (int64_t j = 0; j < bs; j += 16) {
+            __m512 y = _mm512_div_ps(_mm512_loadu_ps(x + j), vdiv);
+            y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-448.0f)), _mm512_set1_ps(448.0f));
+            if (c->stochastic) {
+                __m512i e = _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(y), 23), _mm512_set1_epi32(0xFF)),
+                                             _mm512_set1_epi32(127));
+                e = _mm512_max_epi32(e, _mm512_set1_epi32(-6));
+                __m512 spacing = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(124)), 23));
+                __m512 r = _mm512_add_ps(_mm512_div_ps(v_abs(y), spacing), v_noise(first + j, c->keys[i]));
+                r = _mm512_mul_ps(_mm512_roundscale_ps(r, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), spacing);
+                r = _mm512_min_ps(r, _mm512_set1_ps(448.0f));
+                __m512i ysign = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32((int32_t)0x80000000u));
+                y = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r), ysign));
+            }
+            _mm_storeu_si128((__m128i *)(codes + j), _mm512_cvtepi32_epi8(v_e4m3(y)));
+        }
+        return 1;
+    }
+    const float *map = c->map[i];
+    const int n = c->map_len;
+    const __m512 map16 = n == 16 ? _mm512_loadu_ps(map) : _mm512_setzero_ps();
+    const __m512i one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512(), last = _mm512_set1_epi32(n - 1);
+    for (int64_t j = 0; j < bs; j += 16) {
+        __m512 y = _mm512_div_ps(_mm512_loadu_ps(x + j), vdiv);
+        __m512i idx;
+        if (n == 16) { /* #entries < y by binary search over the map held in a register (no table, no gather) */
+            idx = zero;
+            for (int step = 8; step >= 1; step /= 2) {
+                __m512i cand = _mm512_add_epi32(idx, _mm512_set1_epi32(step));
+                __m512 entry = _mm512_permutexvar_ps(_mm512_sub_epi32(cand, one), map16);
+                idx = _mm512_mask_mov_epi32(idx, _mm512_cmp_ps_mask(entry, y, _CMP_LT_OQ), cand);
+            }
+        } else {
+            __m512i prefix = _mm512_srli_epi32(_mm512_castps_si512(y), 16);
+            idx = _mm512_and_si512(_mm512_i32gather_epi32(prefix, (const void *)c->lut[i], 1), _mm512_set1_epi32(0xFF));
+            __mmask16 below = _mm512_cmp_ps_mask(v_lookup(idx, map16, map, n), y, _CMP_LT_OQ);
+            idx = _mm512_mask_add_epi32(idx, below, idx, one);
+        }
+        idx = _mm512_min_epi32(idx, last);
+        __m512i lower = _mm512_max_epi32(_mm512_sub_epi32(idx, one), zero);
+        __m512 hi = v_lookup(idx, map16, map, n), lo = v_lookup(lower, map16, map, n);
+        __mmask16 up;
+        if (c->stochastic) {
+            __m512 u = v_noise(first + j, c->keys[i]);
+            up = _mm512_cmp_ps_mask(_mm512_mul_ps(u, _mm512_sub_ps(hi, lo)), _mm512_sub_ps(y, lo), _CMP_LT_OQ) |
+                 _mm512_cmp_ps_mask(y, hi, _CMP_GE_OQ);
+        } else {
+            up = _mm512_cmp_ps_mask(v_abs(_mm512_sub_ps(hi, y)), v_abs(_mm512_sub_ps(y, lo)), _CMP_LT_OQ);
+        }
+        v_store_codes(c->fmt, codes, j, _mm512_mask_blend_epi32(up, lower, idx));
+    }
+    return 1;
+}
+
+static void math_avx512(const ctx_t *c, int64_t n, const float *g, const float *p, float *m, float *v, float *vmax,
+                        float *dst) {
+    const __m512 omb1 = _mm512_set1_ps(c->omb1), b2 = _mm512_set1_ps(c->b2), omb2 = _mm512_set1_ps(c->omb2);
+    const __m512 bc1 = _mm512_set1_ps(c->bc1), bc2s = _mm512_set1_ps(c->bc2s), eps = _mm512_set1_ps(c->eps);
+    const __m512 wd = _mm512_set1_ps(c->wd), neg_lr = _mm512_set1_ps(c->neg_lr);
+    const int mode = c->mode;
+    for (int64_t j = 0; j < n; j += 16) {
+        __m512 gj = _mm512_loadu_ps(g + j), mj = _mm512_loadu_ps(m + j), vj = _mm512_loadu_ps(v + j);
+        __m512 pj = mode & (EPI_L2 | EPI_DECOUPLED | EPI_APPLY) ? _mm512_loadu_ps(p + j) : _mm512_setzero_ps();
+        if (mode & EPI_L2) gj = _mm512_add_ps(gj, _mm512_mul_ps(pj, wd));
+        mj = _mm512_add_ps(mj, _mm512_mul_ps(omb1, _mm512_sub_ps(gj, mj)));
+        vj = _mm512_add_ps(_mm512_mul_ps(vj, b2), _mm512_mul_ps(_mm512_mul_ps(gj, gj), omb2));
+        __m512 d = vj, root;
+        if (c->nmom == 3) {
+            __m512 old = _mm512_loadu_ps(vmax + j);
+            d = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(old, vj, _CMP_GT_OQ), vj, old);
+            d = _mm512_mask_mov_ps(d, _mm512_cmp_ps_mask(old, vj, _CMP_UNORD_Q), _mm512_set1_ps(NAN));
+        }
+        root = _mm512_sqrt_ps(d);
+        if (c->nmom == 3) _mm512_storeu_ps(vmax + j, c->stochastic ? root : d);
+        __m512 u = _mm512_div_ps(_mm512_div_ps(mj, bc1), _mm512_add_ps(_mm512_div_ps(root, bc2s), eps));
+        if (mode & EPI_DECOUPLED) u = _mm512_add_ps(u, _mm512_mul_ps(pj, wd));
+        if (mode & EPI_SCALE) u = _mm512_mul_ps(u, neg_lr);
+        _mm512_storeu_ps(dst + j, mode & EPI_APPLY ? _mm512_add_ps(pj, u) : u);
+        _mm512_storeu_ps(m + j, mj);
+        _mm512_storeu_ps(v + j, c->stochastic ? (c->nmom == 3 ? _mm512_sqrt_ps(vj) : root) : vj);
+    }
+}
+#endif
+
+/* ------------------------------------------------------------------------------------------------------------
+ * Driver
+ * ------------------------------------------------------------------------------------------------------------ */
+
+/* One block: b-th block of segment seg. work: 7 * bs floats of scratch. */
+static void step_block(const ctx_t *c, const int64_t *seg, int64_t b, float *work) {
+    const int64_t bs = c->bs, numel = seg[SEG_NUMEL], start = b * bs;
+    const int64_t count = numel - start < bs ? numel - start : bs;
+    float *m = work, *v = work + bs, *vmax = work + 2 * bs, *gbuf = work + 3 * bs, *pbuf = work + 4 * bs, *obuf = work + 5 * bs;
+    float *moment[3] = {m, v, vmax};
+    const float *g = (const float *)seg[SEG_G] + start;
+    float *p = seg[SEG_P] ? (float *)seg[SEG_P] + start : NULL;
+    float *dst = (c->mode & EPI_APPLY) ? p : (float *)seg[SEG_OUT] + start;
+    if (count < bs) { /* partial last block: zero-padded inputs, output through scratch */
+        memset(gbuf, 0, sizeof(float) * bs);
+        memcpy(gbuf, g, sizeof(float) * count);
+        g = gbuf;
+        if (p) {
+            memset(pbuf, 0, sizeof(float) * bs);
+            memcpy(pbuf, p, sizeof(float) * count);
+        }
+    }
+    const float *pin = count < bs ? pbuf : p;
+    float *out = count < bs ? obuf : dst;
+    const int vector = LOWBIT_AVX512 && bs % 16 == 0;
+    for (int i = 0; i < c->nmom; ++i) {
+        const uint8_t *codes = (const uint8_t *)seg[SEG_CODES + i] + b * c->code_bytes;
+        float scale = ((const float *)seg[SEG_SCALES + i])[b];
+#if LOWBIT_AVX512
+        if (vector) { decode_block_avx512(c, i, codes, scale, moment[i]); continue; }
+#endif
+        decode_block(c, i, codes, scale, moment[i]);
+    }
+#if LOWBIT_AVX512
+    if (vector) math_avx512(c, bs, g, pin, m, v, vmax, out);
+    else
+#endif
+        math_scalar(c, bs, g, pin, m, v, vmax, out);
+    if (count < bs) memcpy(dst, obuf, sizeof(float) * count);
+    const int64_t first = seg[SEG_INDEX] + start;
+    for (int i = 0; i < c->nmom; ++i) {
+        uint8_t *codes = (uint8_t *)seg[SEG_CODES + i] + b * c->code_bytes;
+        float *scale = (float *)seg[SEG_SCALES + i] + b;
+#if LOWBIT_AVX512
+        if (vector && encode_block_avx512(c, i, moment[i], first, codes, scale)) continue;
+#endif
+        encode_block(c, i, moment[i], first, codes, scale);
+    }
+}
+
+/* One Adam step over `nseg` segments (`segs`: nseg * SEG_FIELDS int64).
+ *   scalars: 1 - b1, b2, 1 - b2, 1 - b1**t, sqrt(1 - b2**t), eps, weight decay, -lr (float32, computed by the
+ *   caller exactly as the reference computes them); keys[i]: stochastic-rounding stream key of moment i. */
+int lowbit_adam_step(const int64_t *segs, int64_t nseg, int64_t bs, int nmom, int fmt, const float *signed_map,
+                     const float *unsigned_map, int map_len, const float *fp8_lut, const uint8_t *signed_lut,
+                     const uint8_t *unsigned_lut, const float *scalars, int stochastic, const uint32_t *keys, int mode,
+                     int nthreads) {
+    ctx_t c = {fmt, nmom, stochastic, mode, map_len, bs, fmt == FMT_CODEBOOK4 ? bs / 2 : bs,
+               {signed_map, unsigned_map, unsigned_map}, {signed_lut, unsigned_lut, unsigned_lut}, fp8_lut,
+               scalars[0], scalars[1], scalars[2], scalars[3], scalars[4], scalars[5], scalars[6], scalars[7],
+               {keys[0], keys[1], keys[2]}};
+    int64_t *starts = malloc(sizeof(int64_t) * (nseg + 1)); /* first global block of each segment */
+    if (!starts) return 1;
+    starts[0] = 0;
+    for (int64_t s = 0; s < nseg; ++s) starts[s + 1] = starts[s] + (segs[s * SEG_FIELDS + SEG_NUMEL] + bs - 1) / bs;
+    const int64_t total = starts[nseg];
+    int failed = 0;
+#pragma omp parallel num_threads(total >= 64 ? nthreads : 1) reduction(| : failed)
+    {
+        float *work = aligned_alloc(64, ((sizeof(float) * 7 * bs + 63) / 64) * 64);
+        int64_t s = -1;
+        if (!work) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t gb = 0; gb < total; ++gb) {
+            if (!work) continue;
+            if (s < 0 || gb >= starts[s + 1] || gb < starts[s]) { /* find the segment: binary search */
+                int64_t lo = 0, hi = nseg - 1;
+                while (lo < hi) {
+                    int64_t mid = (lo + hi + 1) / 2;
+                    if (starts[mid] <= gb) lo = mid; else hi = mid - 1;
+                }
+                s = lo;
+            }
+            step_block(&c, segs + s * SEG_FIELDS, gb - starts[s], work);
+        }
+        free(work);
+    }
+    free(starts);
+    return failed;
 }
