@@ -152,3 +152,35 @@ def test_without_a_c_compiler_one_warning_then_the_compiled_path(tmp_path):
     assert list((tmp_path / "native-native").glob("native_adam_*.so")), "the build is cached"
     for fmt, want in native["out"].items():
         assert torch.equal(broken["out"][fmt], want), fmt
+
+
+@pytest.mark.parametrize("alias", ["adam", "adamw"])
+@pytest.mark.parametrize("fmt", ["8bit", "4bit", "fp8"])
+def test_fused_adam_step_equals_the_chain_bit_for_bit(alias, fmt):
+    """adam/adamw run decay and learning rate inside the native step; the plain chain of the same pieces (the
+    kernel's direction, then torch ops) must give the same updates and states, bit for bit."""
+    gen = torch.Generator().manual_seed(1)
+    params = {"a": torch.randn(300, 70, generator=gen), "b": torch.randn(2 * 4096 + 5, generator=gen),
+              "c": torch.randn(10, generator=gen)}  # partial last blocks; "c" keeps full-precision state
+    lr, wd = (lambda count: 1e-2 / (1 + count)), torch.tensor(0.05, dtype=torch.float64)
+    kw = dict(state_format=fmt, min_quant_size=1000, amsgrad=fmt == "4bit")
+    fused = getattr(lowbit_fn, alias)(lr, weight_decay=wd, **kw)
+    core = lowbit_fn.scale_by_adam(**kw)
+    decay, scale = lowbit_fn.add_decayed_weights(wd), lowbit_fn.scale_by_learning_rate(lr)
+    plain = lowbit_fn.chain(core, decay, scale) if alias == "adamw" else lowbit_fn.chain(decay, core, scale)
+    runs = []
+    for opt in (fused, plain):
+        p, state, seen = {k: v.clone() for k, v in params.items()}, opt.init(params), []
+        for step in range(3):
+            grads = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(step)) for k, v in p.items()}
+            updates, state = opt.update(grads, state, p)
+            seen.append(updates)
+            p = lowbit_fn.apply_updates(p, updates)
+        runs.append((seen, state))
+    (u1, s1), (u2, s2) = runs
+    for a, b in zip(u1, u2):
+        for key in params:
+            assert torch.equal(a[key], b[key]), key
+    for key in s1.keys(include_nested=True, leaves_only=True):
+        assert torch.equal(s1[key], s2[key]), key
+    assert u1[0]["a"].abs().max() > 0

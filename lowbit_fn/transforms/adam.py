@@ -26,9 +26,10 @@ from torch import Tensor
 
 from ..formats import FORMATS, ROUNDINGS, BlockFormat, get_format
 from ..kernels import full_step, quant_step
-from ..kernels.native import native_available, native_quant_step
+from ..kernels.native import EPILOGUE_DECOUPLED, EPILOGUE_L2, EPILOGUE_SCALE, native_adam_step, native_available
 from ._tree import Key, Signature, Tree, as_tensordict, build, check_leaf, check_like, leaves
 from .base import GradientTransformation
+from .basic import decayed, scaled
 
 __all__ = ["scale_by_adam", "STATE_FORMATS"]
 
@@ -264,42 +265,115 @@ def scale_by_adam(
     def check(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None) -> None:
         validate(updates, state, params)
 
-    def update(updates: Tree, state: TensorDictBase, params: Tree | None = None):
+    def update(updates: Tree, state: TensorDictBase, params: Tree | None = None, *, epilogue: Epilogue | None = None):
         updates = as_tensordict(updates)
         params = None if params is None else as_tensordict(params, "params")
+        if epilogue is not None and params is None:
+            raise ValueError("scale_by_adam: a fused epilogue (weight decay, learning rate) needs params")
         keys, groups, grads = validate(updates, state, params)
         by_key = dict(zip(keys, grads))
+        by_param = dict(zip(*leaves(params))) if params is not None else {}
         count = state["count"]
         step = count + 1
         out: dict[Key, Tensor] = {}
         with torch.no_grad():
             for group in groups:
-                flat = _gather(group, by_key)
                 st = state[group.name]
+                if _native_serves(group, by_key, by_param, epilogue):
+                    out.update(_native_group(group, st, moments, by_key, by_param, step, (b1_t, b2_t, eps_t), rounding, seed, epilogue))
+                    continue
+                slot_grads = [by_key[slot.key] for slot in group.slots]
+                slot_params = [by_param[slot.key] for slot in group.slots] if epilogue is not None else []
+                if epilogue is not None and not epilogue.decoupled:  # L2: the decay joins the gradient first
+                    slot_grads = decayed(slot_grads, slot_params, epilogue.weight_decay)
+                flat = _gather(group, slot_grads)
                 if group.fmt is None:
                     direction = full_step(flat, st["mu"], st["nu"], st.get("nu_max"), step, b1_t, b2_t, eps_t)
                 else:
                     buffers = [t for m in moments for t in (st[m, "codes"], st[m, "scale"])]
-                    kernel = native_quant_step if native_available(flat.device) else quant_step
-                    direction = kernel(
+                    direction = quant_step(
                         flat, buffers, step, b1_t, b2_t, eps_t, group.fmt, group.block_size,
                         group.fmt.codebook(True, flat.device), group.fmt.codebook(False, flat.device),
                         rounding == "stochastic", seed,
                     )
-                for slot in group.slots:
-                    out[slot.key] = direction[slot.offset : slot.offset + slot.numel].view(slot.shape).to(slot.dtype)
+                result = [direction[s.offset : s.offset + s.numel].view(s.shape).to(s.dtype) for s in group.slots]
+                if epilogue is not None:
+                    if epilogue.decoupled:
+                        result = decayed(result, slot_params, epilogue.weight_decay)
+                    result = scaled(result, epilogue.factor)
+                out.update(zip((s.key for s in group.slots), result))
             count.copy_(step)
         return build(keys, [out[k] for k in keys]), state
 
     return GradientTransformation(init, update, check)
 
 
-def _gather(group: _Group, by_key: dict[Key, Tensor]) -> Tensor:
-    """The group's gradients as one flat buffer in the group's dtype, zero padding between blocks."""
+def _gather(group: _Group, grads: list[Tensor]) -> Tensor:
+    """The group's gradients (one per slot) as one flat buffer in the group's dtype, zero padding between blocks."""
     pieces = []
-    for slot in group.slots:
-        g = by_key[slot.key]
+    for slot, g in zip(group.slots, grads):
         pieces.append(g.reshape(-1).to(group.dtype))
         if slot.padded > slot.numel:
             pieces.append(g.new_zeros(slot.padded - slot.numel, dtype=group.dtype))
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """The rest of an Adam/AdamW chain, fused into :func:`scale_by_adam`'s update (see :func:`lowbit_fn.adamw`):
+    ``decoupled`` (AdamW): ``(direction + p * weight_decay) * factor``; otherwise (Adam, L2): the gradient becomes
+    ``g + p * weight_decay`` first and the result is ``direction * factor``. ``factor`` is the signed learning rate.
+    The same float32 operations as ``add_decayed_weights`` and ``scale_by_learning_rate``."""
+
+    weight_decay: float | Tensor
+    factor: float | Tensor
+    decoupled: bool
+
+
+def _native_serves(group: _Group, grads: dict[Key, Tensor], params: dict[Key, Tensor], epilogue: Epilogue | None) -> bool:
+    """Whether the native kernel runs this group: quantized, on the CPU, and float32 throughout when fused."""
+    if group.fmt is None or not native_available(grads[group.slots[0].key].device):
+        return False
+    if epilogue is None:
+        return True
+    return all(grads[s.key].dtype == torch.float32 and params[s.key].dtype == torch.float32 for s in group.slots)
+
+
+def _native_group(
+    group: _Group, st: TensorDictBase, moments: tuple[str, ...], grads: dict[Key, Tensor], params: dict[Key, Tensor],
+    step: Tensor, betas_eps: tuple[Tensor, Tensor, Tensor], rounding: str, seed: int, epilogue: Epilogue | None,
+) -> dict[Key, Tensor]:
+    """One native call for the whole group, one segment per parameter (no gathered copy of the gradients)."""
+    fmt, bs = group.fmt, group.block_size
+    assert fmt is not None
+    seg_grads, seg_moments, seg_params = [], [], []
+    code_bytes = fmt.code_bytes(1, bs)
+    for slot in group.slots:
+        seg_grads.append(grads[slot.key].reshape(-1).to(torch.float32).contiguous())
+        first, nblocks = slot.offset // bs, slot.padded // bs
+        seg_moments.append([
+            t for m in moments for t in (
+                st[m, "codes"][first * code_bytes : (first + nblocks) * code_bytes], st[m, "scale"][first : first + nblocks]
+            )
+        ])
+        if epilogue is not None:
+            seg_params.append(params[slot.key].reshape(-1).contiguous())
+    total = sum(s.numel for s in group.slots)
+    flat_out = torch.empty(total, dtype=torch.float32, device=seg_grads[0].device)
+    outs = list(flat_out.split([s.numel for s in group.slots]))
+    mode, wd, factor = 0, _ZERO, _ZERO
+    if epilogue is not None:
+        mode = (EPILOGUE_DECOUPLED if epilogue.decoupled else EPILOGUE_L2) | EPILOGUE_SCALE
+        wd, factor = _f32(epilogue.weight_decay), _f32(epilogue.factor)
+    native_adam_step(
+        seg_grads, seg_moments, [s.offset for s in group.slots], step, *betas_eps, fmt, bs, rounding == "stochastic",
+        seed, params=seg_params, outs=outs, mode=mode, weight_decay=wd, neg_lr=factor,
+    )
+    return {s.key: o.view(s.shape).to(s.dtype) for s, o in zip(group.slots, outs)}
+
+
+_ZERO = torch.zeros((), dtype=torch.float32)
+
+
+def _f32(x: float | Tensor) -> Tensor:
+    return x.detach().to(device="cpu", dtype=torch.float32) if isinstance(x, Tensor) else torch.tensor(x, dtype=torch.float32)

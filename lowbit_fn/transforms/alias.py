@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from .adam import Scalar, scale_by_adam
+from tensordict import TensorDictBase
+
+from ._tree import Tree, as_tensordict
+from .adam import Epilogue, Scalar, scale_by_adam
 from .base import GradientTransformation, chain
-from .basic import Schedule, add_decayed_weights, scale_by_learning_rate
+from .basic import Schedule, add_decayed_weights, learning_rate_factor, scale_by_learning_rate
 
 __all__ = ["adam", "adamw"]
 
@@ -37,14 +40,12 @@ def adam(
         >>> lowbit_fn.apply_updates(params, updates)["w"]
         tensor([-0.1000,  0.1000,  0.0000])
     """
-    return chain(
-        add_decayed_weights(weight_decay),
-        scale_by_adam(
-            b1, b2, eps, amsgrad=amsgrad, state_format=state_format, block_size=block_size,
-            min_quant_size=min_quant_size, rounding=rounding, seed=seed,
-        ),
-        scale_by_learning_rate(learning_rate),
+    core = scale_by_adam(
+        b1, b2, eps, amsgrad=amsgrad, state_format=state_format, block_size=block_size,
+        min_quant_size=min_quant_size, rounding=rounding, seed=seed,
     )
+    return _fused(chain(add_decayed_weights(weight_decay), core, scale_by_learning_rate(learning_rate)),
+                  core, 1, 2, learning_rate, weight_decay, decoupled=False)
 
 
 def adamw(
@@ -78,11 +79,32 @@ def adamw(
         >>> updates, state = opt.update(grads, state, params)
         >>> params = lowbit_fn.apply_updates(params, updates)
     """
-    return chain(
-        scale_by_adam(
-            b1, b2, eps, amsgrad=amsgrad, state_format=state_format, block_size=block_size,
-            min_quant_size=min_quant_size, rounding=rounding, seed=seed,
-        ),
-        add_decayed_weights(weight_decay),
-        scale_by_learning_rate(learning_rate),
+    core = scale_by_adam(
+        b1, b2, eps, amsgrad=amsgrad, state_format=state_format, block_size=block_size,
+        min_quant_size=min_quant_size, rounding=rounding, seed=seed,
     )
+    return _fused(chain(core, add_decayed_weights(weight_decay), scale_by_learning_rate(learning_rate)),
+                  core, 0, 2, learning_rate, weight_decay, decoupled=True)
+
+
+def _fused(
+    chained: GradientTransformation, core: GradientTransformation, core_index: int, lr_index: int,
+    learning_rate: float | Scalar | Schedule, weight_decay: float | Scalar, decoupled: bool,
+) -> GradientTransformation:
+    """``chained`` with one fused update: the decay and the learning rate run inside ``core``'s step (in the
+    native kernel, one pass over memory), with the same float32 operations, so the results are the chain's
+    bit for bit. The state is the chain's."""
+
+    def update(updates: Tree, state: TensorDictBase, params: Tree | None = None):
+        if params is None:
+            return chained.update(updates, state, params)  # raises: weight decay needs params
+        updates, params = as_tensordict(updates), as_tensordict(params, "params")
+        chained.check(updates, state, params)
+        factor = learning_rate_factor(learning_rate, state[str(lr_index)])
+        epilogue = Epilogue(weight_decay, factor, decoupled)
+        updates, new = core.update(updates, state[str(core_index)], params, epilogue=epilogue)
+        if new is not state[str(core_index)]:
+            state[str(core_index)] = new
+        return updates, state
+
+    return GradientTransformation(chained.init, update, chained.check)

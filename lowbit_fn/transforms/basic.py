@@ -78,14 +78,19 @@ def add_decayed_weights(weight_decay: float | Tensor = 0.0) -> GradientTransform
 
     def fn(u: list[Tensor], p: list[Tensor] | None) -> list[Tensor]:
         assert p is not None
-        if not u:
-            return []
-        if isinstance(weight_decay, Tensor):
-            scaled = torch._foreach_mul([x.to(y.dtype) for x, y in zip(p, u)], weight_decay)
-            return torch._foreach_add(u, scaled)
-        return torch._foreach_add(u, [x.to(y.dtype) for x, y in zip(p, u)], alpha=float(weight_decay))
+        return decayed(u, p, weight_decay)
 
     return _stateless("add_decayed_weights", fn, needs_params=True)
+
+
+def decayed(u: list[Tensor], p: list[Tensor], weight_decay: float | Tensor) -> list[Tensor]:
+    """``u + p * weight_decay`` leaf by leaf, in the dtype of ``u``: a product rounded, then a sum rounded (no
+    fused multiply-add, so the native kernel's fused AdamW epilogue computes the same bits)."""
+    if not u:
+        return []
+    p = [x.to(y.dtype) for x, y in zip(p, u)]
+    factor = weight_decay if isinstance(weight_decay, Tensor) else float(weight_decay)
+    return torch._foreach_add(u, torch._foreach_mul(p, factor))
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
@@ -132,7 +137,6 @@ def scale_by_learning_rate(learning_rate: float | Tensor | Schedule, *, flip_sig
         >>> [float(t.update({"w": torch.ones(1)}, state)[0]["w"]) for _ in range(2)]
         [-0.10000000149011612, -0.05000000074505806]
     """
-    sign = -1.0 if flip_sign else 1.0
     is_schedule = callable(learning_rate) and not isinstance(learning_rate, Tensor)
     if isinstance(learning_rate, Tensor):
         if learning_rate.dim() != 0 or not learning_rate.is_floating_point():
@@ -155,16 +159,26 @@ def scale_by_learning_rate(learning_rate: float | Tensor | Schedule, *, flip_sig
         updates = as_tensordict(updates)
         check(updates, state, None)
         keys, u = leaves(updates)
-        if is_schedule:
-            lr = learning_rate(state["count"].clone())
-            state["count"].add_(1)
-        else:
-            lr = learning_rate
         with torch.no_grad():
-            if isinstance(lr, Tensor):
-                scaled = _mul(u, sign * lr)
-            else:
-                scaled = torch._foreach_mul(u, sign * float(lr)) if u else []
-        return build(keys, scaled), state
+            return build(keys, scaled(u, learning_rate_factor(learning_rate, state, flip_sign))), state
 
     return GradientTransformation(init, update, check)
+
+
+def learning_rate_factor(learning_rate: float | Tensor | Schedule, state: TensorDictBase, flip_sign: bool = True) -> float | Tensor:
+    """This step's factor of :func:`scale_by_learning_rate` (``-lr``, or ``lr`` without ``flip_sign``), advancing a
+    schedule's count in ``state`` (its state)."""
+    sign = -1.0 if flip_sign else 1.0
+    if callable(learning_rate) and not isinstance(learning_rate, Tensor):
+        lr = learning_rate(state["count"].clone())
+        state["count"].add_(1)
+    else:
+        lr = learning_rate
+    return sign * lr if isinstance(lr, Tensor) else sign * float(lr)
+
+
+def scaled(u: list[Tensor], factor: float | Tensor) -> list[Tensor]:
+    """Every leaf times ``factor`` (a float, or a 0-d tensor cast to each leaf's dtype)."""
+    if isinstance(factor, Tensor):
+        return _mul(u, factor)
+    return torch._foreach_mul(u, factor) if u else []
