@@ -98,7 +98,8 @@ def test_prefix_table_counts_like_a_search(values):
             assert torch.equal(idx, want)
 
 
-def test_training_is_identical_with_and_without_the_native_kernel(monkeypatch):
+@pytest.mark.parametrize("fmt", ["4bit", "8bit", "fp8", "fp32"])
+def test_training_is_identical_with_and_without_the_native_kernel(monkeypatch, fmt):
     from helpers import batches, mlp, run_functional
 
     model = mlp()
@@ -106,7 +107,7 @@ def test_training_is_identical_with_and_without_the_native_kernel(monkeypatch):
     runs = []
     for native in ("1", "0"):
         monkeypatch.setenv("LOWBIT_FN_NATIVE", native)
-        opt = lowbit_fn.adamw(1e-2, state_format="4bit", min_quant_size=0, amsgrad=True)
+        opt = lowbit_fn.adamw(1e-2, state_format=fmt, min_quant_size=100, amsgrad=True)
         runs.append(run_functional(model, opt, batches(4), params=start.clone()))
     (p1, s1), (p2, s2) = runs
     for key in p1.keys(include_nested=True, leaves_only=True):

@@ -30,7 +30,7 @@ __all__ = ["native_available", "native_adam_step", "native_quant_step"]
 
 _SOURCE = Path(__file__).with_name("native_adam.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
-_FORMAT_CODES = {"8bit": 0, "4bit": 1, "fp8": 2}
+_FORMAT_CODES = {"8bit": 0, "4bit": 1, "fp8": 2, "fp32": 3}
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -147,19 +147,20 @@ def _adam_step(
     lib = _library()
     assert lib is not None, "lowbit_fn::adam_step called without the native library"
     nseg = len(grads)
-    nmom = len(moments) // (2 * nseg) if nseg else 0
     if nseg == 0:
         return
+    per = 1 if fmt == "fp32" else 2  # tensors per moment: float32 values, or codes and scales
+    nmom = len(moments) // (per * nseg)
     scalars = torch.stack([x.to(torch.float32) for x in (*adam_scalars(step, b1, b2, eps, torch.float32), weight_decay, neg_lr)])
     rows = []
     for s in range(nseg):
-        mom = moments[2 * nmom * s : 2 * nmom * (s + 1)]
-        codes = [_ptr(mom[2 * i]) for i in range(nmom)] + [0] * (3 - nmom)
-        scales = [_ptr(mom[2 * i + 1]) for i in range(nmom)] + [0] * (3 - nmom)
+        mom = moments[per * nmom * s : per * nmom * (s + 1)]
+        codes = [_ptr(mom[per * i]) for i in range(nmom)] + [0] * (3 - nmom)
+        scales = [_ptr(mom[per * i + 1]) if per == 2 else 0 for i in range(nmom)] + [0] * (3 - nmom)
         rows += [_ptr(grads[s]), _ptr(outs[s]) if outs else 0, _ptr(params[s]) if params else 0, grads[s].numel(),
                  index_bases[s], *codes, *scales]
     segs = torch.tensor(rows, dtype=torch.int64)
-    luts = [_ptr(_padded_table(m)) for m in (signed_map, unsigned_map)] if fmt != "fp8" else [0, 0]
+    luts = [_ptr(_padded_table(m)) for m in (signed_map, unsigned_map)] if fmt in ("8bit", "4bit") else [0, 0]
     step_int = int(step)
     keys = (ctypes.c_uint32 * 3)(*[stream_key_int(seed, i, step_int) if stochastic and i < nmom else 0 for i in range(3)])
     failed = lib.lowbit_adam_step(
@@ -183,13 +184,14 @@ _ZERO = torch.zeros((), dtype=torch.float32)
 
 def native_adam_step(
     grads: list[Tensor], moments: list[list[Tensor]], index_bases: list[int], step: Tensor, b1: Tensor, b2: Tensor,
-    eps: Tensor, fmt: BlockFormat, block_size: int, stochastic: bool, seed: int, *, params: list[Tensor] | None = None,
+    eps: Tensor, fmt: BlockFormat | None, block_size: int, stochastic: bool, seed: int, *, params: list[Tensor] | None = None,
     outs: list[Tensor] | None = None, mode: int = 0, weight_decay: Tensor = _ZERO, neg_lr: Tensor = _ZERO,
 ) -> None:
     """One Adam step over several tensors (*segments*) in one call.
 
     Segment ``s``: gradient ``grads[s]`` (float32, contiguous, any length), its moments ``moments[s]`` (``[codes,
-    scale]`` per moment, covering ``ceil(len / block_size)`` blocks), the flat index of its first element
+    scale]`` per moment, covering ``ceil(len / block_size)`` blocks; with ``fmt=None``, one float32 tensor per
+    moment, as long as the gradient, and ``block_size`` only divides the work), the flat index of its first element
     ``index_bases[s]`` (stochastic rounding counter) and, depending on ``mode`` (``EPILOGUE_*`` bits), its float32
     parameter ``params[s]`` and output ``outs[s]``. Mode 0 writes the direction ``m_hat / (sqrt(v_hat) + eps)``;
     ``EPILOGUE_L2`` adds ``p * weight_decay`` to the gradient first, ``EPILOGUE_DECOUPLED`` adds it to the
@@ -197,15 +199,16 @@ def native_adam_step(
     parameter in place (no output): exactly the float32 operations of ``add_decayed_weights``,
     ``scale_by_learning_rate`` and ``apply_updates``.
     """
-    signed = fmt.codebook(True) if fmt.name != "fp8" else _NO_MAP
-    unsigned = fmt.codebook(False) if fmt.name != "fp8" else _NO_MAP
+    name = fmt.name if fmt is not None else "fp32"
+    signed = fmt.codebook(True) if name in ("8bit", "4bit") else _NO_MAP
+    unsigned = fmt.codebook(False) if name in ("8bit", "4bit") else _NO_MAP
     for g in grads:
         assert g.dtype == torch.float32 and g.is_contiguous(), "native kernel needs contiguous float32 gradients"
     flat = [t for pair in moments for t in pair]
     assert all(t.is_contiguous() for t in flat), "native kernel needs contiguous state buffers"
     _adam_step(
         grads, flat, params or [], outs or [], index_bases, step, b1, b2, eps, weight_decay, neg_lr, signed, unsigned,
-        fmt.name, block_size, stochastic, seed, mode,
+        name, block_size, stochastic and fmt is not None, seed, mode,
     )
 
 

@@ -26,7 +26,7 @@
 #define LOWBIT_AVX512 0
 #endif
 
-enum { FMT_CODEBOOK8 = 0, FMT_CODEBOOK4 = 1, FMT_FP8 = 2 };
+enum { FMT_CODEBOOK8 = 0, FMT_CODEBOOK4 = 1, FMT_FP8 = 2, FMT_FP32 = 3 /* plain float32 moments */ };
 /* epilogue bits: what is done with the direction d (mode 0: write d) */
 enum { EPI_L2 = 1, EPI_DECOUPLED = 2, EPI_SCALE = 4, EPI_APPLY = 8 };
 /* segment fields (int64 each) */
@@ -431,7 +431,16 @@ static void step_block(const ctx_t *c, const int64_t *seg, int64_t b, float *wor
     const float *pin = count < bs ? pbuf : p;
     float *out = count < bs ? obuf : dst;
     const int vector = LOWBIT_AVX512 && bs % 16 == 0;
-    for (int i = 0; i < c->nmom; ++i) {
+    for (int i = 0; i < c->nmom && c->fmt == FMT_FP32; ++i) { /* plain moments: in place, or staged when partial */
+        float *state = (float *)seg[SEG_CODES + i] + start;
+        if (count < bs) {
+            memset(moment[i], 0, sizeof(float) * bs);
+            memcpy(moment[i], state, sizeof(float) * count);
+        } else {
+            moment[i] = state;
+        }
+    }
+    for (int i = 0; i < c->nmom && c->fmt != FMT_FP32; ++i) {
         const uint8_t *codes = (const uint8_t *)seg[SEG_CODES + i] + b * c->code_bytes;
         float scale = ((const float *)seg[SEG_SCALES + i])[b];
 #if LOWBIT_AVX512
@@ -440,11 +449,15 @@ static void step_block(const ctx_t *c, const int64_t *seg, int64_t b, float *wor
         decode_block(c, i, codes, scale, moment[i]);
     }
 #if LOWBIT_AVX512
-    if (vector) math_avx512(c, bs, g, pin, m, v, vmax, out);
+    if (vector) math_avx512(c, bs, g, pin, moment[0], moment[1], moment[2], out);
     else
 #endif
-        math_scalar(c, bs, g, pin, m, v, vmax, out);
+        math_scalar(c, bs, g, pin, moment[0], moment[1], moment[2], out);
     if (count < bs) memcpy(dst, obuf, sizeof(float) * count);
+    if (c->fmt == FMT_FP32) {
+        for (int i = 0; i < c->nmom && count < bs; ++i) memcpy((float *)seg[SEG_CODES + i] + start, moment[i], sizeof(float) * count);
+        return;
+    }
     const int64_t first = seg[SEG_INDEX] + start;
     for (int i = 0; i < c->nmom; ++i) {
         uint8_t *codes = (uint8_t *)seg[SEG_CODES + i] + b * c->code_bytes;

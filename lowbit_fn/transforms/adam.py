@@ -331,8 +331,9 @@ class Epilogue:
 
 
 def _native_serves(group: _Group, grads: dict[Key, Tensor], params: dict[Key, Tensor], epilogue: Epilogue | None) -> bool:
-    """Whether the native kernel runs this group: quantized, on the CPU, and float32 throughout when fused."""
-    if group.fmt is None or not native_available(grads[group.slots[0].key].device):
+    """Whether the native kernel runs this group: quantized or float32 state, on the CPU, and float32 throughout
+    when fused."""
+    if group.dtype != torch.float32 or not native_available(grads[group.slots[0].key].device):
         return False
     if epilogue is None:
         return True
@@ -344,18 +345,21 @@ def _native_group(
     step: Tensor, betas_eps: tuple[Tensor, Tensor, Tensor], rounding: str, seed: int, epilogue: Epilogue | None,
 ) -> dict[Key, Tensor]:
     """One native call for the whole group, one segment per parameter (no gathered copy of the gradients)."""
-    fmt, bs = group.fmt, group.block_size
-    assert fmt is not None
+    fmt = group.fmt
+    bs = group.block_size if fmt is not None else 256  # full precision: blocks only divide the work
     seg_grads, seg_moments, seg_params = [], [], []
-    code_bytes = fmt.code_bytes(1, bs)
+    code_bytes = fmt.code_bytes(1, bs) if fmt is not None else 0
     for slot in group.slots:
         seg_grads.append(grads[slot.key].reshape(-1).to(torch.float32).contiguous())
         first, nblocks = slot.offset // bs, slot.padded // bs
-        seg_moments.append([
-            t for m in moments for t in (
-                st[m, "codes"][first * code_bytes : (first + nblocks) * code_bytes], st[m, "scale"][first : first + nblocks]
-            )
-        ])
+        if fmt is None:
+            seg_moments.append([st[m][slot.offset : slot.offset + slot.numel] for m in moments])
+        else:
+            seg_moments.append([
+                t for m in moments for t in (
+                    st[m, "codes"][first * code_bytes : (first + nblocks) * code_bytes], st[m, "scale"][first : first + nblocks]
+                )
+            ])
         if epilogue is not None:
             seg_params.append(params[slot.key].reshape(-1).contiguous())
     total = sum(s.numel for s in group.slots)
