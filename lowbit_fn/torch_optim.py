@@ -398,11 +398,13 @@ class TransformOptimizer(torch.optim.Optimizer):
                 self._install(p, record)
         for p, g, transform, record, _, rounding, position in jobs:
             work = p if _work_dtype(p) == p.dtype else p.to(_work_dtype(p))
-            updates, _ = transform.update({_KEY: g.to(work.dtype)}, record[3], {_KEY: work})
+            if getattr(transform.update, "applies_in_place", False):  # adam/adamw: one fused in-place pass
+                transform.update({_KEY: g.to(work.dtype)}, record[3], {_KEY: work}, apply=True)
+            else:
+                updates, _ = transform.update({_KEY: g.to(work.dtype)}, record[3], {_KEY: work})
+                work.add_(updates[_KEY])
             if work is p:
-                p.add_(updates[_KEY])
                 continue
-            work.add_(updates[_KEY])
             if rounding:
                 p.copy_(stochastic_round_bf16(work, stream_key(BF16_SR_SEED, position, record[0]["step"])))
             else:

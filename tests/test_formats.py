@@ -104,7 +104,8 @@ def test_4bit_packs_even_element_in_high_nibble():
 
 shapes = st.one_of(
     st.just(()),
-    st.lists(st.sampled_from([1, 2, 3, 7, 31, 127, 128, 129, 255, 256, 257, 1000]), min_size=1, max_size=3),
+    st.lists(st.sampled_from([1, 2, 3, 7, 31, 127, 128, 129, 255, 256, 257, 1000]), min_size=1, max_size=3)
+    .filter(lambda dims: math.prod(dims) <= 2**20),  # 1000 x 1000 x 1000 would need tens of GB
 )
 
 
@@ -285,7 +286,8 @@ def test_stochastic_codes_are_one_of_the_two_neighbours(fmt, data, step, signed)
     code_y = torch.where(scale > 0, got / torch.where(scale > 0, scale, 1), got)
     below = grid[(torch.searchsorted(grid, y, right=True) - 1).clamp(0, grid.numel() - 1)]
     above = grid[torch.searchsorted(grid, y).clamp(0, grid.numel() - 1)]
-    tol = 1e-6 * (1 + y.abs())
+    # decoding rounds map[c] * scale once: relative 2**-24, or absolute 2**-149 when the product is subnormal
+    tol = 1e-6 * (1 + y.abs()) + torch.where(scale > 0, 2.0**-149 / torch.where(scale > 0, scale, 1), 0)
     ok = ((code_y - below).abs() <= tol) | ((code_y - above).abs() <= tol) | ((scale == 0) & (got == 0))
     assert bool(ok.all()), (y[~ok][:5], code_y[~ok][:5])
 

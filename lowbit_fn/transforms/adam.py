@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..formats import FORMATS, ROUNDINGS, BlockFormat, get_format
 from ..kernels import full_step, quant_step
-from ..kernels.native import EPILOGUE_DECOUPLED, EPILOGUE_L2, EPILOGUE_SCALE, native_adam_step, native_available
+from ..kernels.native import EPILOGUE_APPLY, EPILOGUE_DECOUPLED, EPILOGUE_L2, EPILOGUE_SCALE, native_adam_step, native_available
 from ._tree import Key, Signature, Tree, as_tensordict, build, check_leaf, check_like, leaves
 from .base import GradientTransformation
 from .basic import decayed, scaled
@@ -301,8 +301,13 @@ def scale_by_adam(
                     if epilogue.decoupled:
                         result = decayed(result, slot_params, epilogue.weight_decay)
                     result = scaled(result, epilogue.factor)
+                    if epilogue.apply:
+                        torch._foreach_add_(slot_params, result)
+                        continue
                 out.update(zip((s.key for s in group.slots), result))
             count.copy_(step)
+        if epilogue is not None and epilogue.apply:
+            return None, state
         return build(keys, [out[k] for k in keys]), state
 
     return GradientTransformation(init, update, check)
@@ -323,11 +328,13 @@ class Epilogue:
     """The rest of an Adam/AdamW chain, fused into :func:`scale_by_adam`'s update (see :func:`lowbit_fn.adamw`):
     ``decoupled`` (AdamW): ``(direction + p * weight_decay) * factor``; otherwise (Adam, L2): the gradient becomes
     ``g + p * weight_decay`` first and the result is ``direction * factor``. ``factor`` is the signed learning rate.
-    The same float32 operations as ``add_decayed_weights`` and ``scale_by_learning_rate``."""
+    The same float32 operations as ``add_decayed_weights`` and ``scale_by_learning_rate``. With ``apply`` the
+    result is added to the params in place (``apply_updates``' operation) and no updates are returned."""
 
     weight_decay: float | Tensor
     factor: float | Tensor
     decoupled: bool
+    apply: bool = False
 
 
 def _native_serves(group: _Group, grads: dict[Key, Tensor], params: dict[Key, Tensor], epilogue: Epilogue | None) -> bool:
@@ -337,7 +344,11 @@ def _native_serves(group: _Group, grads: dict[Key, Tensor], params: dict[Key, Te
         return False
     if epilogue is None:
         return True
-    return all(grads[s.key].dtype == torch.float32 and params[s.key].dtype == torch.float32 for s in group.slots)
+    return all(
+        grads[s.key].dtype == torch.float32 and params[s.key].dtype == torch.float32
+        and (params[s.key].is_contiguous() or not epilogue.apply)
+        for s in group.slots
+    )
 
 
 def _native_group(
@@ -362,18 +373,20 @@ def _native_group(
             ])
         if epilogue is not None:
             seg_params.append(params[slot.key].reshape(-1).contiguous())
-    total = sum(s.numel for s in group.slots)
-    flat_out = torch.empty(total, dtype=torch.float32, device=seg_grads[0].device)
-    outs = list(flat_out.split([s.numel for s in group.slots]))
+    apply = epilogue is not None and epilogue.apply
+    outs = []
+    if not apply:
+        total = sum(s.numel for s in group.slots)
+        outs = list(torch.empty(total, dtype=torch.float32, device=seg_grads[0].device).split([s.numel for s in group.slots]))
     mode, wd, factor = 0, _ZERO, _ZERO
     if epilogue is not None:
-        mode = (EPILOGUE_DECOUPLED if epilogue.decoupled else EPILOGUE_L2) | EPILOGUE_SCALE
+        mode = (EPILOGUE_DECOUPLED if epilogue.decoupled else EPILOGUE_L2) | EPILOGUE_SCALE | (EPILOGUE_APPLY if apply else 0)
         wd, factor = _f32(epilogue.weight_decay), _f32(epilogue.factor)
     native_adam_step(
         seg_grads, seg_moments, [s.offset for s in group.slots], step, *betas_eps, fmt, bs, rounding == "stochastic",
         seed, params=seg_params, outs=outs, mode=mode, weight_decay=wd, neg_lr=factor,
     )
-    return {s.key: o.view(s.shape).to(s.dtype) for s, o in zip(group.slots, outs)}
+    return {s.key: o.view(s.shape).to(s.dtype) for s, o in zip(group.slots, outs)}  # (nothing when applied)
 
 
 _ZERO = torch.zeros((), dtype=torch.float32)

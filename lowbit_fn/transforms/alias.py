@@ -95,16 +95,19 @@ def _fused(
     native kernel, one pass over memory), with the same float32 operations, so the results are the chain's
     bit for bit. The state is the chain's."""
 
-    def update(updates: Tree, state: TensorDictBase, params: Tree | None = None):
+    def update(updates: Tree, state: TensorDictBase, params: Tree | None = None, *, apply: bool = False):
+        """The chain's update; with ``apply=True`` (used by the torch.optim front end) the params are updated in
+        place, ``params + updates`` as :func:`apply_updates` computes it, and ``None`` is returned for the updates."""
         if params is None:
             return chained.update(updates, state, params)  # raises: weight decay needs params
         updates, params = as_tensordict(updates), as_tensordict(params, "params")
         chained.check(updates, state, params)
         factor = learning_rate_factor(learning_rate, state[str(lr_index)])
-        epilogue = Epilogue(weight_decay, factor, decoupled)
+        epilogue = Epilogue(weight_decay, factor, decoupled, apply)
         updates, new = core.update(updates, state[str(core_index)], params, epilogue=epilogue)
         if new is not state[str(core_index)]:
             state[str(core_index)] = new
         return updates, state
 
+    update.applies_in_place = True  # type: ignore[attr-defined]  # read by the torch.optim front end
     return GradientTransformation(chained.init, update, chained.check)
