@@ -136,11 +136,10 @@ def _padded_table(codebook: Tensor) -> Tensor:
     return _luts[key]
 
 
-@torch.library.custom_op("lowbit_fn::adam_step", mutates_args=("moments", "params", "outs"), device_types="cpu")
-def _adam_step(
+def _adam_step_impl(
     grads: list[Tensor], moments: list[Tensor], params: list[Tensor], outs: list[Tensor], index_bases: list[int],
     step: Tensor, b1: Tensor, b2: Tensor, eps: Tensor, weight_decay: Tensor, neg_lr: Tensor, signed_map: Tensor,
-    unsigned_map: Tensor, fmt: str, block_size: int, stochastic: bool, seed: int, mode: int,
+    unsigned_map: Tensor, fmt: str, block_size: int, stochastic: bool, seed: int, epilogue: int,
 ) -> None:
     from .adam import adam_scalars
 
@@ -166,15 +165,22 @@ def _adam_step(
     failed = lib.lowbit_adam_step(
         _ptr(segs), nseg, block_size, nmom, _FORMAT_CODES[fmt], _ptr(signed_map), _ptr(unsigned_map),
         signed_map.numel(), _ptr(_E4M3), *luts, _ptr(scalars), int(stochastic), ctypes.cast(keys, ctypes.c_void_p),
-        mode, torch.get_num_threads(),
+        epilogue, torch.get_num_threads(),
     )
     if failed:
         raise MemoryError("lowbit_fn native kernel: could not allocate its scratch buffers")
 
 
+# Registered as a custom op so that it also runs inside a user's torch.compile; eager calls skip the op's
+# dispatch layers (about 0.15 ms per call).
+_adam_step = torch.library.custom_op("lowbit_fn::adam_step", mutates_args=("moments", "params", "outs"), device_types="cpu")(
+    _adam_step_impl
+)
+
+
 @_adam_step.register_fake
 def _(grads, moments, params, outs, index_bases, step, b1, b2, eps, weight_decay, neg_lr, signed_map, unsigned_map,
-      fmt, block_size, stochastic, seed, mode):
+      fmt, block_size, stochastic, seed, epilogue):
     return None
 
 
@@ -206,7 +212,7 @@ def native_adam_step(
         assert g.dtype == torch.float32 and g.is_contiguous(), "native kernel needs contiguous float32 gradients"
     flat = [t for pair in moments for t in pair]
     assert all(t.is_contiguous() for t in flat), "native kernel needs contiguous state buffers"
-    _adam_step(
+    (_adam_step if torch.compiler.is_compiling() else _adam_step_impl)(
         grads, flat, params or [], outs or [], index_bases, step, b1, b2, eps, weight_decay, neg_lr, signed, unsigned,
         name, block_size, stochastic and fmt is not None, seed, mode,
     )
