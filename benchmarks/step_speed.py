@@ -18,8 +18,11 @@ What is measured
     16 x 2**20 elements. ``--scale`` multiplies every tensor's first dimension (at least 1) for quick runs.
 
 How it is timed
-    Every optimizer first takes one step timed on its own ("first step s": it includes ``torch.compile`` for
-    lowbit_fn, so it depends on the on-disk compile cache) and one more untimed warm-up step. Then, for
+    Every optimizer first takes one step timed on its own ("first step s (warm)": it includes any compilation
+    and the native kernel's loading, with whatever the on-disk caches already hold) and one more untimed warm-up
+    step. "first step s (cold)" (functional rows; ``--no-cold`` skips it) is the first step of a fresh process
+    whose caches (``TORCHINDUCTOR_CACHE_DIR``, ``LOWBIT_FN_CACHE``) start empty: a new user's first step,
+    including the build of the native kernel. Then, for
     ``--rounds`` rounds, every optimizer runs ``--steps`` steps back to back, timed as a whole; optimizers are
     interleaved within a round and the order is reversed every other round, so slow drifts of the machine hit
     all of them alike. The table gives the median over rounds of the per-step milliseconds, and the ratio of
@@ -59,6 +62,7 @@ import shlex  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any, Callable, Iterable  # noqa: E402
@@ -224,6 +228,30 @@ def _timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - t0
 
 
+_COLD_CHILD = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import step_speed, torch
+params, grads = step_speed.make_tensors(step_speed.scaled_shapes(step_speed.REFERENCE_MODELS[sys.argv[2]], float(sys.argv[4])))
+runner = step_speed.lowbit_runner(sys.argv[3], params, grads)
+t0 = time.perf_counter()
+runner.step()
+print(json.dumps(time.perf_counter() - t0))
+"""
+
+
+def cold_first_step(model: str, fmt: str, scale: float) -> float:
+    """Seconds of the first functional step in a fresh process with empty caches (torch.compile's and the native
+    kernel's build): what a new user's first step costs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"), LOWBIT_FN_CACHE=os.path.join(tmp, "native"))
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(
+            [sys.executable, "-c", _COLD_CHILD, here, model, fmt, str(scale)], env=env, capture_output=True, text=True, check=True
+        )
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 # ----------------------------------------------------------------------------------------------- contention
 
 
@@ -313,7 +341,8 @@ def contention_check() -> Contention:
 
 
 def measure_model(
-    model: str, shapes: list[Shape], formats: list[str], rounds: int, steps: int, apis: Iterable[str] = APIS
+    model: str, shapes: list[Shape], formats: list[str], rounds: int, steps: int, apis: Iterable[str] = APIS,
+    scale: float = 1.0, cold_start: bool = True,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows for every optimizer on one model, and notes (skipped optional baselines)."""
     params, grads = make_tensors(shapes)
@@ -344,6 +373,7 @@ def measure_model(
             per_step[runner.name].append((time.perf_counter() - t0) / steps * 1e3)
 
     medians = {name: statistics.median(ms) for name, ms in per_step.items()}
+    cold = {f"lowbit_fn {fmt}": cold_first_step(model, fmt, scale) for fmt in formats} if cold_start else {}
     rows = []
     for runner in runners:
         qbytes, nbytes = runner.memory()
@@ -355,6 +385,7 @@ def measure_model(
             "qbytes": qbytes,
             "bytes": nbytes,
             "first_s": runner.first_s,
+            "cold_s": cold.get(runner.name),
         })
     return rows, notes
 
@@ -372,13 +403,14 @@ def _ms(value: float) -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | optimizer | ms/step | × fused fp32 | state B/elem (quantized tensors) | state B/elem (all) | first step s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| model | optimizer | ms/step | × fused fp32 | state B/elem (quantized tensors) | state B/elem (all) "
+        "| first step s (warm) | first step s (cold) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['optimizer']} | {_ms(r['ms'])} | {_num(r['ratio'], 2)} | {_num(r['qbytes'], 3)} "
-            f"| {_num(r['bytes'], 3)} | {_num(r['first_s'], 2)} |"
+            f"| {_num(r['bytes'], 3)} | {_num(r['first_s'], 2)} | {_num(r.get('cold_s'), 2)} |"
         )
     return "\n".join(lines)
 
@@ -392,6 +424,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="steps per optimizer per round (default 5)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every tensor's first dimension (default 1.0)")
     parser.add_argument("--markdown", metavar="PATH", help="also write the report to this file")
+    parser.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold first-step measurements")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
         parser.error("--rounds and --steps must be >= 1")
@@ -405,7 +438,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     Each row is a dict with ``model``, ``optimizer``, ``ms`` (median ms per step), ``ratio`` (to the fused torch
     AdamW), ``qbytes`` (state bytes per element of the quantized tensors, ``None`` without any), ``bytes`` (all
-    state bytes per parameter element) and ``first_s`` (seconds of the first step).
+    state bytes per parameter element), ``first_s`` (seconds of the first step in this process, with whatever the
+    on-disk caches hold: warm after any earlier run) and ``cold_s`` (functional rows: the first step in a fresh
+    process with empty caches; ``None`` elsewhere or with ``--no-cold``).
     """
     if argv is None:
         command = shlex.join(sys.orig_argv)
@@ -428,7 +463,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         shapes = scaled_shapes(REFERENCE_MODELS[model], args.scale)
         numel = sum(torch.Size(s).numel() for s in shapes)
         print(f"measuring {model}: {len(shapes)} tensors, {numel / 1e6:.2f} M elements ...", flush=True)
-        model_rows, model_notes = measure_model(model, shapes, args.formats, args.rounds, args.steps, args.apis)
+        model_rows, model_notes = measure_model(
+            model, shapes, args.formats, args.rounds, args.steps, args.apis, args.scale, args.cold
+        )
         rows += model_rows
         notes += [n for n in model_notes if n not in notes]
         gc.collect()

@@ -34,7 +34,10 @@ def test_step_speed_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert {r["model"] for r in rows} == models
     assert {r["optimizer"] for r in rows} >= optimizers
     for row in rows:
-        assert set(row) == {"model", "optimizer", "ms", "ratio", "qbytes", "bytes", "first_s"}
+        assert set(row) == {"model", "optimizer", "ms", "ratio", "qbytes", "bytes", "first_s", "cold_s"}
+        functional = row["optimizer"] in ("lowbit_fn fp32", "lowbit_fn 8bit")
+        assert (row["cold_s"] is not None) == functional, row
+        assert not functional or (math.isfinite(row["cold_s"]) and row["cold_s"] > 0), row
         assert math.isfinite(row["ms"]) and row["ms"] > 0, row
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0, row
         assert math.isfinite(row["first_s"]) and row["first_s"] >= 0, row

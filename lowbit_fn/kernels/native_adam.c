@@ -307,19 +307,25 @@ static inline __m512i v_e4m3(__m512 y) {
     return _mm512_or_si512(r, _mm512_srli_epi32(sign, 24));
 }
 
-/* Encode a block whose values are all finite; returns 0 (nothing written) when one is NaN or Inf. */
-static int encode_block_avx512(const ctx_t *c, int i, const float *x, int64_t first, uint8_t *codes, float *scale_out) {
+/* Running max |x| of a block's values and whether one is NaN or Inf (computed where the values are made). */
+typedef struct {
+    __m512 amax;
+    __mmask16 bad;
+} absmax_t;
+
+static inline void v_track(absmax_t *t, __m512 x) {
+    __m512 a = v_abs(x);
+    t->bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(3.4028234663852886e38f), _CMP_NLE_UQ);
+    t->amax = _mm512_max_ps(t->amax, a);
+}
+
+/* Encode a block whose values are all finite, given their absmax; returns 0 (nothing written) otherwise. */
+static int encode_block_avx512(const ctx_t *c, int i, const float *x, const absmax_t *t, int64_t first, uint8_t *codes,
+                               float *scale_out) {
     const int64_t bs = c->bs;
-    __m512 amax = _mm512_setzero_ps();
-    __mmask16 bad = 0;
-    for (int64_t j = 0; j < bs; j += 16) {
-        __m512 a = v_abs(_mm512_loadu_ps(x + j));
-        bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(3.4028234663852886e38f), _CMP_NLE_UQ);
-        amax = _mm512_max_ps(amax, a);
-    }
-    if (bad) return 0;
+    if (t->bad) return 0;
     float div;
-    *scale_out = block_scale(c->fmt, _mm512_reduce_max_ps(amax), 1, &div);
+    *scale_out = block_scale(c->fmt, _mm512_reduce_max_ps(t->amax), 1, &div);
     const __m512 vdiv = _mm512_set1_ps(div);
     if (c->fmt == FMT_FP8) {
         for (int64_t j = 0; j < bs; j += 16) {
@@ -377,7 +383,7 @@ static int encode_block_avx512(const ctx_t *c, int i, const float *x, int64_t fi
 }
 
 static void math_avx512(const ctx_t *c, int64_t n, const float *g, const float *p, float *m, float *v, float *vmax,
-                        float *dst) {
+                        float *dst, absmax_t track[3]) {
     const __m512 omb1 = _mm512_set1_ps(c->omb1), b2 = _mm512_set1_ps(c->b2), omb2 = _mm512_set1_ps(c->omb2);
     const __m512 bc1 = _mm512_set1_ps(c->bc1), bc2s = _mm512_set1_ps(c->bc2s), eps = _mm512_set1_ps(c->eps);
     const __m512 wd = _mm512_set1_ps(c->wd), neg_lr = _mm512_set1_ps(c->neg_lr);
@@ -395,13 +401,20 @@ static void math_avx512(const ctx_t *c, int64_t n, const float *g, const float *
             d = _mm512_mask_mov_ps(d, _mm512_cmp_ps_mask(old, vj, _CMP_UNORD_Q), _mm512_set1_ps(NAN));
         }
         root = _mm512_sqrt_ps(d);
-        if (c->nmom == 3) _mm512_storeu_ps(vmax + j, c->stochastic ? root : d);
+        if (c->nmom == 3) {
+            __m512 stored = c->stochastic ? root : d;
+            _mm512_storeu_ps(vmax + j, stored);
+            v_track(&track[2], stored);
+        }
         __m512 u = _mm512_div_ps(_mm512_div_ps(mj, bc1), _mm512_add_ps(_mm512_div_ps(root, bc2s), eps));
         if (mode & EPI_DECOUPLED) u = _mm512_add_ps(u, _mm512_mul_ps(pj, wd));
         if (mode & EPI_SCALE) u = _mm512_mul_ps(u, neg_lr);
         _mm512_storeu_ps(dst + j, mode & EPI_APPLY ? _mm512_add_ps(pj, u) : u);
+        __m512 vs = c->stochastic ? (c->nmom == 3 ? _mm512_sqrt_ps(vj) : root) : vj;
         _mm512_storeu_ps(m + j, mj);
-        _mm512_storeu_ps(v + j, c->stochastic ? (c->nmom == 3 ? _mm512_sqrt_ps(vj) : root) : vj);
+        _mm512_storeu_ps(v + j, vs);
+        v_track(&track[0], mj);
+        v_track(&track[1], vs);
     }
 }
 #endif
@@ -431,6 +444,7 @@ static void step_block(const ctx_t *c, const int64_t *seg, int64_t b, float *wor
     const float *pin = count < bs ? pbuf : p;
     float *out = count < bs ? obuf : dst;
     const int vector = LOWBIT_AVX512 && bs % 16 == 0;
+    (void)vector; /* portable build */
     for (int i = 0; i < c->nmom && c->fmt == FMT_FP32; ++i) { /* plain moments: in place, or staged when partial */
         float *state = (float *)seg[SEG_CODES + i] + start;
         if (count < bs) {
@@ -449,7 +463,8 @@ static void step_block(const ctx_t *c, const int64_t *seg, int64_t b, float *wor
         decode_block(c, i, codes, scale, moment[i]);
     }
 #if LOWBIT_AVX512
-    if (vector) math_avx512(c, bs, g, pin, moment[0], moment[1], moment[2], out);
+    absmax_t track[3] = {{_mm512_setzero_ps(), 0}, {_mm512_setzero_ps(), 0}, {_mm512_setzero_ps(), 0}};
+    if (vector) math_avx512(c, bs, g, pin, moment[0], moment[1], moment[2], out, track);
     else
 #endif
         math_scalar(c, bs, g, pin, moment[0], moment[1], moment[2], out);
@@ -463,7 +478,7 @@ static void step_block(const ctx_t *c, const int64_t *seg, int64_t b, float *wor
         uint8_t *codes = (uint8_t *)seg[SEG_CODES + i] + b * c->code_bytes;
         float *scale = (float *)seg[SEG_SCALES + i] + b;
 #if LOWBIT_AVX512
-        if (vector && encode_block_avx512(c, i, moment[i], first, codes, scale)) continue;
+        if (vector && encode_block_avx512(c, i, moment[i], &track[i], first, codes, scale)) continue;
 #endif
         encode_block(c, i, moment[i], first, codes, scale);
     }
