@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import lowbit_fn
 from lowbit_fn.kernels import quant_step
-from lowbit_fn.kernels.native import native_available, native_quant_step, prefix_table
+from lowbit_fn.kernels.native import native_available, native_quant_step, nearest_thresholds, prefix_table
 
 pytestmark = pytest.mark.skipif(not native_available(torch.device("cpu")), reason="no C compiler here")
 
@@ -96,6 +96,21 @@ def test_prefix_table_counts_like_a_search(values):
             idx = (c + (table[c] < y).long()).clamp(max=table.numel() - 1)
             want = torch.searchsorted(table, y, side="left").clamp(max=table.numel() - 1)
             assert torch.equal(idx, want)
+
+
+@pytest.mark.parametrize("fmt", ["4bit", "8bit", "fp8", "fp32"])
+@given(st.lists(st.floats(-1.0, 1.0, width=32), min_size=1, max_size=200))
+def test_nearest_thresholds_pick_the_nearest_code(values):
+    from lowbit_fn.formats._base import nearest_code
+
+    for fmt in ("8bit", "4bit"):
+        for signed in (True, False):
+            table = lowbit_fn.FORMATS[fmt].codebook(signed)
+            y = torch.tensor(values, dtype=torch.float32)
+            y = y if signed else y.abs()
+            idx = torch.searchsorted(table, y, side="left").clamp(max=table.numel() - 1)
+            code = idx - (y < nearest_thresholds(table)[idx]).long()
+            assert torch.equal(code, nearest_code(y, table).long())
 
 
 @pytest.mark.parametrize("fmt", ["4bit", "8bit", "fp8", "fp32"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import subprocess
@@ -67,7 +68,7 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     fn = lib.lowbit_adam_step
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, i64, i32, i32, p, p, i32, p, p, p, p, i32, p, i32, i32]
+    fn.argtypes = [p, i64, i64, i32, i32, p, p, i32, p, p, p, p, p, p, i32, p, i32, i32]
     fn.restype = i32
     return lib
 
@@ -128,6 +129,32 @@ EPILOGUE_L2, EPILOGUE_DECOUPLED, EPILOGUE_SCALE, EPILOGUE_APPLY = 1, 2, 4, 8
 _SEG_FIELDS = 11  # g, out, p, numel, index, codes[3], scales[3]
 
 
+def nearest_thresholds(codebook: Tensor) -> Tensor:
+    """float32[n]: ``t[k]`` is the smallest float32 ``y`` in ``(map[k-1], map[k]]`` for which the reference's nearest
+    rounding picks ``k`` (``|map[k] - y| < |y - map[k-1]|`` in float32); ``t[0] = -inf``. That comparison is
+    monotone in ``y``, so the code is ``k - (y < t[k])`` with ``k`` the search's index: one table look-up
+    instead of two. Found by bisection over the float32 bit patterns."""
+    key = (codebook.data_ptr(), codebook.numpy().tobytes(), "thresholds")
+    if key not in _luts:
+        below, above = codebook[:-1].float(), codebook[1:].float()
+
+        def ordered(x: Tensor) -> Tensor:  # float32 -> int64, order-preserving (both zeros at 0)
+            bits = x.view(torch.int32).to(torch.int64)
+            return torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+
+        def unordered(o: Tensor) -> Tensor:
+            return torch.where(o < 0, (-o) | 0x80000000, o).to(torch.uint32).view(torch.float32)
+
+        lo, hi = ordered(below), ordered(above)  # the upper entry is picked at hi, not at lo
+        while bool((hi - lo > 1).any()):
+            mid = (lo + hi) // 2
+            y = unordered(mid)
+            up = (above - y).abs() < (y - below).abs()
+            hi, lo = torch.where(up, mid, hi), torch.where(up, lo, mid)
+        _luts[key] = torch.cat([torch.tensor([-math.inf]), unordered(hi)])
+    return _luts[key]
+
+
 def _padded_table(codebook: Tensor) -> Tensor:
     """The prefix table with 4 bytes of padding (the kernel reads it with 32-bit gathers)."""
     key = (codebook.data_ptr(), codebook.numpy().tobytes(), "padded")
@@ -159,12 +186,14 @@ def _adam_step_impl(
         rows += [_ptr(grads[s]), _ptr(outs[s]) if outs else 0, _ptr(params[s]) if params else 0, grads[s].numel(),
                  index_bases[s], *codes, *scales]
     segs = torch.tensor(rows, dtype=torch.int64)
-    luts = [_ptr(_padded_table(m)) for m in (signed_map, unsigned_map)] if fmt in ("8bit", "4bit") else [0, 0]
+    codebooks = fmt in ("8bit", "4bit")
+    luts = [_ptr(_padded_table(m)) for m in (signed_map, unsigned_map)] if codebooks else [0, 0]
+    thresholds = [_ptr(nearest_thresholds(m)) for m in (signed_map, unsigned_map)] if codebooks else [0, 0]
     step_int = int(step)
     keys = (ctypes.c_uint32 * 3)(*[stream_key_int(seed, i, step_int) if stochastic and i < nmom else 0 for i in range(3)])
     failed = lib.lowbit_adam_step(
         _ptr(segs), nseg, block_size, nmom, _FORMAT_CODES[fmt], _ptr(signed_map), _ptr(unsigned_map),
-        signed_map.numel(), _ptr(_E4M3), *luts, _ptr(scalars), int(stochastic), ctypes.cast(keys, ctypes.c_void_p),
+        signed_map.numel(), _ptr(_E4M3), *luts, *thresholds, _ptr(scalars), int(stochastic), ctypes.cast(keys, ctypes.c_void_p),
         epilogue, torch.get_num_threads(),
     )
     if failed:

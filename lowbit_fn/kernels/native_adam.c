@@ -37,6 +37,7 @@ typedef struct {
     int64_t bs, code_bytes;
     const float *map[3];      /* codebook of moment i (signed for m, unsigned for v and vmax) */
     const uint8_t *lut[3];    /* its prefix table (65536 entries + 4 bytes of padding) */
+    const float *thr[3];      /* its nearest-rounding thresholds: code k - 1 below thr[k], k from thr[k] on */
     const float *fp8_lut;     /* float8_e4m3fn code -> float32 (portable path) */
     float omb1, b2, omb2, bc1, bc2s, eps, wd, neg_lr;
     uint32_t keys[3];
@@ -349,6 +350,7 @@ static int encode_block_avx512(const ctx_t *c, int i, const float *x, const absm
     const float *map = c->map[i];
     const int n = c->map_len;
     const __m512 map16 = n == 16 ? _mm512_loadu_ps(map) : _mm512_setzero_ps();
+    const __m512 thr16 = n == 16 ? _mm512_loadu_ps(c->thr[i]) : _mm512_setzero_ps();
     const __m512i one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512(), last = _mm512_set1_epi32(n - 1);
     for (int64_t j = 0; j < bs; j += 16) {
         __m512 y = _mm512_div_ps(_mm512_loadu_ps(x + j), vdiv);
@@ -367,17 +369,19 @@ static int encode_block_avx512(const ctx_t *c, int i, const float *x, const absm
             idx = _mm512_mask_add_epi32(idx, below, idx, one);
         }
         idx = _mm512_min_epi32(idx, last);
-        __m512i lower = _mm512_max_epi32(_mm512_sub_epi32(idx, one), zero);
-        __m512 hi = v_lookup(idx, map16, map, n), lo = v_lookup(lower, map16, map, n);
-        __mmask16 up;
+        __m512i code;
         if (c->stochastic) {
+            __m512i lower = _mm512_max_epi32(_mm512_sub_epi32(idx, one), zero);
+            __m512 hi = v_lookup(idx, map16, map, n), lo = v_lookup(lower, map16, map, n);
             __m512 u = v_noise(first + j, c->keys[i]);
-            up = _mm512_cmp_ps_mask(_mm512_mul_ps(u, _mm512_sub_ps(hi, lo)), _mm512_sub_ps(y, lo), _CMP_LT_OQ) |
-                 _mm512_cmp_ps_mask(y, hi, _CMP_GE_OQ);
-        } else {
-            up = _mm512_cmp_ps_mask(v_abs(_mm512_sub_ps(hi, y)), v_abs(_mm512_sub_ps(y, lo)), _CMP_LT_OQ);
+            __mmask16 up = _mm512_cmp_ps_mask(_mm512_mul_ps(u, _mm512_sub_ps(hi, lo)), _mm512_sub_ps(y, lo), _CMP_LT_OQ) |
+                           _mm512_cmp_ps_mask(y, hi, _CMP_GE_OQ);
+            code = _mm512_mask_blend_epi32(up, lower, idx);
+        } else { /* |map[idx] - y| < |y - map[idx - 1]| exactly when y >= thr[idx] (thr[0] = -inf) */
+            __mmask16 down = _mm512_cmp_ps_mask(y, v_lookup(idx, thr16, c->thr[i], n), _CMP_LT_OQ);
+            code = _mm512_mask_sub_epi32(idx, down, idx, one);
         }
-        v_store_codes(c->fmt, codes, j, _mm512_mask_blend_epi32(up, lower, idx));
+        v_store_codes(c->fmt, codes, j, code);
     }
     return 1;
 }
@@ -489,10 +493,11 @@ static void step_block(const ctx_t *c, const int64_t *seg, int64_t b, float *wor
  *   caller exactly as the reference computes them); keys[i]: stochastic-rounding stream key of moment i. */
 int lowbit_adam_step(const int64_t *segs, int64_t nseg, int64_t bs, int nmom, int fmt, const float *signed_map,
                      const float *unsigned_map, int map_len, const float *fp8_lut, const uint8_t *signed_lut,
-                     const uint8_t *unsigned_lut, const float *scalars, int stochastic, const uint32_t *keys, int mode,
+                     const uint8_t *unsigned_lut, const float *signed_thr, const float *unsigned_thr, const float *scalars, int stochastic, const uint32_t *keys, int mode,
                      int nthreads) {
     ctx_t c = {fmt, nmom, stochastic, mode, map_len, bs, fmt == FMT_CODEBOOK4 ? bs / 2 : bs,
-               {signed_map, unsigned_map, unsigned_map}, {signed_lut, unsigned_lut, unsigned_lut}, fp8_lut,
+               {signed_map, unsigned_map, unsigned_map}, {signed_lut, unsigned_lut, unsigned_lut},
+               {signed_thr, unsigned_thr, unsigned_thr}, fp8_lut,
                scalars[0], scalars[1], scalars[2], scalars[3], scalars[4], scalars[5], scalars[6], scalars[7],
                {keys[0], keys[1], keys[2]}};
     int64_t *starts = malloc(sizeof(int64_t) * (nseg + 1)); /* first global block of each segment */
