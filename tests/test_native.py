@@ -98,7 +98,6 @@ def test_prefix_table_counts_like_a_search(values):
             assert torch.equal(idx, want)
 
 
-@pytest.mark.parametrize("fmt", ["4bit", "8bit", "fp8", "fp32"])
 @given(st.lists(st.floats(-1.0, 1.0, width=32), min_size=1, max_size=200))
 def test_nearest_thresholds_pick_the_nearest_code(values):
     from lowbit_fn.formats._base import nearest_code
