@@ -396,11 +396,13 @@ class TransformOptimizer(torch.optim.Optimizer):
         for p, _, _, record, new, _, _ in jobs:  # everything checked: from here on nothing raises for bad input
             if new:
                 self._install(p, record)
-        for p, g, transform, record, _, rounding, position in jobs:
-            work = p if _work_dtype(p) == p.dtype else p.to(_work_dtype(p))
-            if getattr(transform.update, "applies_in_place", False):  # adam/adamw: one fused in-place pass
-                transform.update({_KEY: g.to(work.dtype)}, record[3], {_KEY: work}, apply=True)
-            else:
+        works = [p if _work_dtype(p) == p.dtype else p.to(_work_dtype(p)) for p, *_ in jobs]
+        for transform in dict.fromkeys(job[2] for job in jobs):  # adam/adamw: one fused in-place native pass
+            apply_many = getattr(transform.update, "apply_many", None)
+            if apply_many is not None:
+                apply_many([({_KEY: g.to(w.dtype)}, record[3], {_KEY: w}) for (_, g, t, record, *_), w in zip(jobs, works) if t is transform])
+        for (p, g, transform, record, _, rounding, position), work in zip(jobs, works):
+            if getattr(transform.update, "apply_many", None) is None:
                 updates, _ = transform.update({_KEY: g.to(work.dtype)}, record[3], {_KEY: work})
                 work.add_(updates[_KEY])
             if work is p:

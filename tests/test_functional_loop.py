@@ -36,19 +36,28 @@ def test_func_loop_eager_trains(fmt):
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["fp32", "8bit"])
 def test_func_loop_inside_user_torch_compile(fmt):
+    """The whole step (gradients and update) under the user's torch.compile trains; the update itself, compiled,
+    gives exactly the eager results for the same gradients (compiled gradients differ from eager ones in the
+    last bits, which quantized moments can turn into one-code differences, so the loops are not compared)."""
     model = mlp()
     start = lowbit_fn.params_from_module(model).clone()
     opt = lowbit_fn.adamw(1e-2, state_format=fmt, min_quant_size=0)
-    step = make_step(model, opt)
-    compiled_step = torch.compile(step)
-    data = batches(5)
+    compiled_step = torch.compile(make_step(model, opt))
+    params, state, losses = start.clone(), opt.init(start), []
+    for x, y in batches(1) * 5:  # one batch, five steps: the loss must go down
+        params, state, loss = compiled_step(params, state, x, y)
+        losses.append(float(loss))
+    assert int(state["0", "count"]) == 5 and losses[-1] < 0.9 * losses[0]
+
     results = []
-    for fn in (step, compiled_step):
+    for update in (opt.update, torch.compile(opt.update)):
         params, state = start.clone(), opt.init(start)
-        for x, y in data:
-            params, state, loss = fn(params, state, x, y)
+        for x, y in batches(3):
+            updates, state = update(torch.func.grad_and_value(loss_fn(model))(params, x, y)[0], state, params)
+            params = lowbit_fn.apply_updates(params, updates)
         results.append((params, state))
     (p_eager, s_eager), (p_comp, s_comp) = results
-    assert int(s_comp["0", "count"]) == 5
     for k in p_eager.keys(include_nested=True, leaves_only=True):
-        assert torch.allclose(p_comp[k], p_eager[k], rtol=1e-5, atol=1e-7)
+        assert torch.equal(p_comp[k], p_eager[k]), k
+    for k in s_eager.keys(include_nested=True, leaves_only=True):
+        assert torch.equal(s_comp[k], s_eager[k]), k

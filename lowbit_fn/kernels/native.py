@@ -1,11 +1,13 @@
-"""The native CPU kernel: ``native_adam.c`` built on first use for this machine, called through ctypes, and
-registered as the custom op ``lowbit_fn::adam_quant_step`` (so it also runs inside a user's ``torch.compile``).
+"""The native CPU kernel: ``native_adam.c`` built on first use for this machine and called through ctypes.
 
-The build is plain C (no torch headers), so it takes about a second: ``$CC`` (default ``gcc``) with ``-O3
--march=native -fopenmp -ffp-contract=off``, cached under ``$LOWBIT_FN_CACHE`` (default ``~/.cache/lowbit_fn``)
-by a hash of the source, the compiler and the CPU, and reused across processes. Without a working compiler the
-compiled torch path runs instead, after one warning; ``LOWBIT_FN_NATIVE=0`` selects that path explicitly. The
-native kernel computes exactly what the reference path computes (identical codes, scales and directions).
+One call steps any number of tensors (*segments*) and can finish the AdamW step in the same pass: weight decay,
+learning rate and the in-place parameter update (the *epilogue*). The build is plain C (no torch headers), so it
+takes under a second: ``$CC`` (default ``gcc``) with ``-O3 -march=native -fopenmp -ffp-contract=off`` (plus
+``$LOWBIT_FN_NATIVE_FLAGS``), cached under ``$LOWBIT_FN_CACHE`` (default ``~/.cache/lowbit_fn``) by a hash of the
+source, the flags, the compiler and the CPU, and reused across processes. Without a working compiler the compiled
+torch path runs instead, after one warning; ``LOWBIT_FN_NATIVE=0`` selects that path explicitly. The native
+kernel computes exactly what the reference path computes (identical codes, scales, directions and parameters).
+Inside a user's ``torch.compile`` the call is a graph break (see ``transforms/adam.py``): it runs eagerly.
 """
 
 from __future__ import annotations
@@ -163,7 +165,7 @@ def _padded_table(codebook: Tensor) -> Tensor:
     return _luts[key]
 
 
-def _adam_step_impl(
+def _adam_step(
     grads: list[Tensor], moments: list[Tensor], params: list[Tensor], outs: list[Tensor], index_bases: list[int],
     step: Tensor, b1: Tensor, b2: Tensor, eps: Tensor, weight_decay: Tensor, neg_lr: Tensor, signed_map: Tensor,
     unsigned_map: Tensor, fmt: str, block_size: int, stochastic: bool, seed: int, epilogue: int,
@@ -171,7 +173,7 @@ def _adam_step_impl(
     from .adam import adam_scalars
 
     lib = _library()
-    assert lib is not None, "lowbit_fn::adam_step called without the native library"
+    assert lib is not None, "the native kernel called without the native library"
     nseg = len(grads)
     if nseg == 0:
         return
@@ -198,19 +200,6 @@ def _adam_step_impl(
     )
     if failed:
         raise MemoryError("lowbit_fn native kernel: could not allocate its scratch buffers")
-
-
-# Registered as a custom op so that it also runs inside a user's torch.compile; eager calls skip the op's
-# dispatch layers (about 0.15 ms per call).
-_adam_step = torch.library.custom_op("lowbit_fn::adam_step", mutates_args=("moments", "params", "outs"), device_types="cpu")(
-    _adam_step_impl
-)
-
-
-@_adam_step.register_fake
-def _(grads, moments, params, outs, index_bases, step, b1, b2, eps, weight_decay, neg_lr, signed_map, unsigned_map,
-      fmt, block_size, stochastic, seed, epilogue):
-    return None
 
 
 _NO_MAP = torch.empty(1, dtype=torch.float32)  # FP8 has no maps
@@ -241,7 +230,7 @@ def native_adam_step(
         assert g.dtype == torch.float32 and g.is_contiguous(), "native kernel needs contiguous float32 gradients"
     flat = [t for pair in moments for t in pair]
     assert all(t.is_contiguous() for t in flat), "native kernel needs contiguous state buffers"
-    (_adam_step if torch.compiler.is_compiling() else _adam_step_impl)(
+    _adam_step(
         grads, flat, params or [], outs or [], index_bases, step, b1, b2, eps, weight_decay, neg_lr, signed, unsigned,
         name, block_size, stochastic and fmt is not None, seed, mode,
     )

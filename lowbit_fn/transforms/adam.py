@@ -265,51 +265,80 @@ def scale_by_adam(
     def check(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None) -> None:
         validate(updates, state, params)
 
+    betas_eps = (b1_t, b2_t, eps_t)
+
+    def reference_group(group: _Group, st: TensorDictBase, grads: list[Tensor], params: list[Tensor], step: Tensor,
+                        epilogue: Epilogue | None) -> list[Tensor] | None:
+        """The compiled torch path for one group: the results per slot (``None`` when applied to the params)."""
+        if epilogue is not None and not epilogue.decoupled:  # L2: the decay joins the gradient first
+            grads = decayed(grads, params, epilogue.weight_decay)
+        flat = _gather(group, grads)
+        if group.fmt is None:
+            direction = full_step(flat, st["mu"], st["nu"], st.get("nu_max"), step, *betas_eps)
+        else:
+            buffers = [t for m in moments for t in (st[m, "codes"], st[m, "scale"])]
+            direction = quant_step(
+                flat, buffers, step, *betas_eps, group.fmt, group.block_size, group.fmt.codebook(True, flat.device),
+                group.fmt.codebook(False, flat.device), rounding == "stochastic", seed,
+            )
+        result = [direction[s.offset : s.offset + s.numel].view(s.shape).to(s.dtype) for s in group.slots]
+        if epilogue is None:
+            return result
+        if epilogue.decoupled:
+            result = decayed(result, params, epilogue.weight_decay)
+        result = scaled(result, epilogue.factor)
+        if not epilogue.apply:
+            return result
+        torch._foreach_add_(params, result)
+        return None
+
+    def run(items: list[tuple[TensorDictBase, TensorDictBase, TensorDictBase | None, Epilogue | None]]) -> list[dict[Key, Tensor]]:
+        """Validate every ``(updates, state, params, epilogue)``, then step them all: the groups the native kernel
+        serves in one call per distinct (layout, step, scalars), the others on the compiled path."""
+        checked = [(validate(u, st, p), st, p, ep) for u, st, p, ep in items]
+        batch = _NativeBatch()
+        outs: list[dict[Key, Tensor]] = []
+        with torch.no_grad():
+            for (keys, groups, grads), state, params, epilogue in checked:
+                by_key = dict(zip(keys, grads))
+                by_param = dict(zip(*leaves(params))) if params is not None else {}
+                step = state["count"] + 1
+                out: dict[Key, Tensor] = {}
+                for group in groups:
+                    st = state[group.name]
+                    if _native_serves(group, by_key, by_param, epilogue):
+                        batch.add(group, st, moments, by_key, by_param, step, betas_eps, rounding, seed, epilogue, out)
+                        continue
+                    result = reference_group(
+                        group, st, [by_key[s.key] for s in group.slots],
+                        [by_param[s.key] for s in group.slots] if epilogue is not None else [], step, epilogue,
+                    )
+                    if result is not None:
+                        out.update(zip((s.key for s in group.slots), result))
+                outs.append(out)
+            batch.run()
+            for _, state, _, _ in checked:
+                state["count"].add_(1)
+        return outs
+
     def update(updates: Tree, state: TensorDictBase, params: Tree | None = None, *, epilogue: Epilogue | None = None):
         updates = as_tensordict(updates)
         params = None if params is None else as_tensordict(params, "params")
         if epilogue is not None and params is None:
             raise ValueError("scale_by_adam: a fused epilogue (weight decay, learning rate) needs params")
-        keys, groups, grads = validate(updates, state, params)
-        by_key = dict(zip(keys, grads))
-        by_param = dict(zip(*leaves(params))) if params is not None else {}
-        count = state["count"]
-        step = count + 1
-        out: dict[Key, Tensor] = {}
-        with torch.no_grad():
-            for group in groups:
-                st = state[group.name]
-                if _native_serves(group, by_key, by_param, epilogue):
-                    out.update(_native_group(group, st, moments, by_key, by_param, step, (b1_t, b2_t, eps_t), rounding, seed, epilogue))
-                    continue
-                slot_grads = [by_key[slot.key] for slot in group.slots]
-                slot_params = [by_param[slot.key] for slot in group.slots] if epilogue is not None else []
-                if epilogue is not None and not epilogue.decoupled:  # L2: the decay joins the gradient first
-                    slot_grads = decayed(slot_grads, slot_params, epilogue.weight_decay)
-                flat = _gather(group, slot_grads)
-                if group.fmt is None:
-                    direction = full_step(flat, st["mu"], st["nu"], st.get("nu_max"), step, b1_t, b2_t, eps_t)
-                else:
-                    buffers = [t for m in moments for t in (st[m, "codes"], st[m, "scale"])]
-                    direction = quant_step(
-                        flat, buffers, step, b1_t, b2_t, eps_t, group.fmt, group.block_size,
-                        group.fmt.codebook(True, flat.device), group.fmt.codebook(False, flat.device),
-                        rounding == "stochastic", seed,
-                    )
-                result = [direction[s.offset : s.offset + s.numel].view(s.shape).to(s.dtype) for s in group.slots]
-                if epilogue is not None:
-                    if epilogue.decoupled:
-                        result = decayed(result, slot_params, epilogue.weight_decay)
-                    result = scaled(result, epilogue.factor)
-                    if epilogue.apply:
-                        torch._foreach_add_(slot_params, result)
-                        continue
-                out.update(zip((s.key for s in group.slots), result))
-            count.copy_(step)
+        (out,) = run([(updates, state, params, epilogue)])
         if epilogue is not None and epilogue.apply:
             return None, state
+        keys = leaves(updates)[0]
         return build(keys, [out[k] for k in keys]), state
 
+    def apply_many(items: list[tuple[TensorDictBase, TensorDictBase, TensorDictBase, Epilogue]]) -> None:
+        """``update(updates, state, params, epilogue=e)`` with ``e.apply`` for many states at once (the torch.optim
+        front end's per-parameter states): one native call for all that share a step and scalars."""
+        assert all(e.apply for _, _, _, e in items)
+        run(items)
+
+    update.apply_many = apply_many  # type: ignore[attr-defined]
     return GradientTransformation(init, update, check)
 
 
@@ -351,42 +380,64 @@ def _native_serves(group: _Group, grads: dict[Key, Tensor], params: dict[Key, Te
     )
 
 
-def _native_group(
-    group: _Group, st: TensorDictBase, moments: tuple[str, ...], grads: dict[Key, Tensor], params: dict[Key, Tensor],
-    step: Tensor, betas_eps: tuple[Tensor, Tensor, Tensor], rounding: str, seed: int, epilogue: Epilogue | None,
-) -> dict[Key, Tensor]:
-    """One native call for the whole group, one segment per parameter (no gathered copy of the gradients)."""
-    fmt = group.fmt
-    bs = group.block_size if fmt is not None else 256  # full precision: blocks only divide the work
-    seg_grads, seg_moments, seg_params = [], [], []
-    code_bytes = fmt.code_bytes(1, bs) if fmt is not None else 0
-    for slot in group.slots:
-        seg_grads.append(grads[slot.key].reshape(-1).to(torch.float32).contiguous())
-        first, nblocks = slot.offset // bs, slot.padded // bs
-        if fmt is None:
-            seg_moments.append([st[m][slot.offset : slot.offset + slot.numel] for m in moments])
-        else:
-            seg_moments.append([
-                t for m in moments for t in (
-                    st[m, "codes"][first * code_bytes : (first + nblocks) * code_bytes], st[m, "scale"][first : first + nblocks]
-                )
-            ])
+class _NativeBatch:
+    """Native-kernel work collected from any number of states: :meth:`add` registers one group's parameters as
+    segments (returning their output tensors, filled by :meth:`run`), :meth:`run` makes one call per distinct
+    (format, block size, rounding, step, scalars, epilogue)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[tuple, dict[str, list]] = {}
+        self.results: list[tuple[dict[Key, Tensor], Key, Tensor, torch.Size, torch.dtype]] = []  # made after the run
+
+    @torch.compiler.disable  # inside a user's torch.compile: runs eagerly (a graph break), on the real tensors
+    def add(
+        self, group: _Group, st: TensorDictBase, moments: tuple[str, ...], grads: dict[Key, Tensor],
+        params: dict[Key, Tensor], step: Tensor, betas_eps: tuple[Tensor, Tensor, Tensor], rounding: str, seed: int,
+        epilogue: Epilogue | None, out: dict[Key, Tensor],
+    ) -> None:
+        """Register the group's slots; :meth:`run` puts their results (unless applied in place) into ``out``."""
+        fmt = group.fmt
+        bs = group.block_size if fmt is not None else 256  # full precision: blocks only divide the work
+        apply = epilogue is not None and epilogue.apply
+        mode, wd, factor = 0, _ZERO, _ZERO
         if epilogue is not None:
-            seg_params.append(params[slot.key].reshape(-1).contiguous())
-    apply = epilogue is not None and epilogue.apply
-    outs = []
-    if not apply:
-        total = sum(s.numel for s in group.slots)
-        outs = list(torch.empty(total, dtype=torch.float32, device=seg_grads[0].device).split([s.numel for s in group.slots]))
-    mode, wd, factor = 0, _ZERO, _ZERO
-    if epilogue is not None:
-        mode = (EPILOGUE_DECOUPLED if epilogue.decoupled else EPILOGUE_L2) | EPILOGUE_SCALE | (EPILOGUE_APPLY if apply else 0)
-        wd, factor = _f32(epilogue.weight_decay), _f32(epilogue.factor)
-    native_adam_step(
-        seg_grads, seg_moments, [s.offset for s in group.slots], step, *betas_eps, fmt, bs, rounding == "stochastic",
-        seed, params=seg_params, outs=outs, mode=mode, weight_decay=wd, neg_lr=factor,
-    )
-    return {s.key: o.view(s.shape).to(s.dtype) for s, o in zip(group.slots, outs)}  # (nothing when applied)
+            mode = (EPILOGUE_DECOUPLED if epilogue.decoupled else EPILOGUE_L2) | EPILOGUE_SCALE | (EPILOGUE_APPLY if apply else 0)
+            wd, factor = _f32(epilogue.weight_decay), _f32(epilogue.factor)
+        key = (
+            fmt.name if fmt is not None else None, bs, rounding, seed, len(moments), mode, int(step),
+            *(float(x) for x in betas_eps), float(wd), float(factor),
+        )
+        call = self.calls.setdefault(key, {"grads": [], "moments": [], "params": [], "outs": [], "index": [],
+                                          "args": (step, betas_eps, fmt, bs, rounding == "stochastic", seed, mode, wd, factor)})
+        code_bytes = fmt.code_bytes(1, bs) if fmt is not None else 0
+        for slot in group.slots:
+            call["grads"].append(grads[slot.key].reshape(-1).to(torch.float32).contiguous())
+            call["index"].append(slot.offset)
+            first, nblocks = slot.offset // bs, slot.padded // bs
+            if fmt is None:
+                call["moments"].append([st[m][slot.offset : slot.offset + slot.numel] for m in moments])
+            else:
+                call["moments"].append([
+                    t for m in moments for t in (
+                        st[m, "codes"][first * code_bytes : (first + nblocks) * code_bytes], st[m, "scale"][first : first + nblocks]
+                    )
+                ])
+            if epilogue is not None:
+                call["params"].append(params[slot.key].reshape(-1) if apply else params[slot.key].reshape(-1).contiguous())
+            if not apply:
+                call["outs"].append(torch.empty(slot.numel, dtype=torch.float32, device=call["grads"][-1].device))
+                self.results.append((out, slot.key, call["outs"][-1], slot.shape, slot.dtype))
+
+    @torch.compiler.disable
+    def run(self) -> None:
+        for call in self.calls.values():
+            step, betas_eps, fmt, bs, stochastic, seed, mode, wd, factor = call["args"]
+            native_adam_step(
+                call["grads"], call["moments"], call["index"], step, *betas_eps, fmt, bs, stochastic, seed,
+                params=call["params"], outs=call["outs"], mode=mode, weight_decay=wd, neg_lr=factor,
+            )
+        for out, key, flat, shape, dtype in self.results:  # views taken after the kernel wrote (also when traced)
+            out[key] = flat.view(shape).to(dtype)
 
 
 _ZERO = torch.zeros((), dtype=torch.float32)

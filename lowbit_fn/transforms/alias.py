@@ -7,7 +7,7 @@ from tensordict import TensorDictBase
 from ._tree import Tree, as_tensordict
 from .adam import Epilogue, Scalar, scale_by_adam
 from .base import GradientTransformation, chain
-from .basic import Schedule, add_decayed_weights, learning_rate_factor, scale_by_learning_rate
+from .basic import Schedule, add_decayed_weights, advance_schedule, learning_rate_factor, scale_by_learning_rate
 
 __all__ = ["adam", "adamw"]
 
@@ -44,8 +44,8 @@ def adam(
         b1, b2, eps, amsgrad=amsgrad, state_format=state_format, block_size=block_size,
         min_quant_size=min_quant_size, rounding=rounding, seed=seed,
     )
-    return _fused(chain(add_decayed_weights(weight_decay), core, scale_by_learning_rate(learning_rate)),
-                  core, 1, 2, learning_rate, weight_decay, decoupled=False)
+    return _fused((add_decayed_weights(weight_decay), core, scale_by_learning_rate(learning_rate)),
+                  1, 2, learning_rate, weight_decay, decoupled=False)
 
 
 def adamw(
@@ -83,31 +83,52 @@ def adamw(
         b1, b2, eps, amsgrad=amsgrad, state_format=state_format, block_size=block_size,
         min_quant_size=min_quant_size, rounding=rounding, seed=seed,
     )
-    return _fused(chain(core, add_decayed_weights(weight_decay), scale_by_learning_rate(learning_rate)),
-                  core, 0, 2, learning_rate, weight_decay, decoupled=True)
+    return _fused((core, add_decayed_weights(weight_decay), scale_by_learning_rate(learning_rate)),
+                  0, 2, learning_rate, weight_decay, decoupled=True)
 
 
 def _fused(
-    chained: GradientTransformation, core: GradientTransformation, core_index: int, lr_index: int,
+    members: tuple[GradientTransformation, ...], core_index: int, lr_index: int,
     learning_rate: float | Scalar | Schedule, weight_decay: float | Scalar, decoupled: bool,
 ) -> GradientTransformation:
-    """``chained`` with one fused update: the decay and the learning rate run inside ``core``'s step (in the
-    native kernel, one pass over memory), with the same float32 operations, so the results are the chain's
+    """``chain(*members)`` with one fused update: the decay and the learning rate run inside the core's step (in
+    the native kernel, one pass over memory), with the same float32 operations, so the results are the chain's
     bit for bit. The state is the chain's."""
+    chained, core = chain(*members), members[core_index]
 
-    def update(updates: Tree, state: TensorDictBase, params: Tree | None = None, *, apply: bool = False):
-        """The chain's update; with ``apply=True`` (used by the torch.optim front end) the params are updated in
-        place, ``params + updates`` as :func:`apply_updates` computes it, and ``None`` is returned for the updates."""
+    def check_others(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase) -> None:
+        """The chain's check, less the core's (its update validates everything before changing anything)."""
+        expected = {str(i) for i in range(len(members))}
+        if set(state.keys()) != expected:
+            raise ValueError(f"chain: the state has entries {sorted(state.keys())}, expected {sorted(expected)}")
+        for i, t in enumerate(members):
+            if i != core_index:
+                t.check(updates, state[str(i)], params)
+
+    def epilogue(state: TensorDictBase, apply: bool) -> Epilogue:  # the schedule's count advances after the step
+        return Epilogue(weight_decay, learning_rate_factor(learning_rate, state[str(lr_index)], advance=False), decoupled, apply)
+
+    def update(updates: Tree, state: TensorDictBase, params: Tree | None = None):
         if params is None:
             return chained.update(updates, state, params)  # raises: weight decay needs params
         updates, params = as_tensordict(updates), as_tensordict(params, "params")
-        chained.check(updates, state, params)
-        factor = learning_rate_factor(learning_rate, state[str(lr_index)])
-        epilogue = Epilogue(weight_decay, factor, decoupled, apply)
-        updates, new = core.update(updates, state[str(core_index)], params, epilogue=epilogue)
+        chained.check(updates, state, params)  # (the members' messages, in the chain's order)
+        updates, new = core.update(updates, state[str(core_index)], params, epilogue=epilogue(state, False))
         if new is not state[str(core_index)]:
             state[str(core_index)] = new
+        advance_schedule(learning_rate, state[str(lr_index)])
         return updates, state
 
-    update.applies_in_place = True  # type: ignore[attr-defined]  # read by the torch.optim front end
+    def apply_many(items: list[tuple[Tree, TensorDictBase, Tree]]) -> None:
+        """``params += update(updates, state, params)`` (the float32 sum ``apply_updates`` computes) in place, for
+        many ``(updates, state, params)`` at once: the torch.optim front end's per-parameter states. Everything is
+        checked before anything changes; one native call serves all the states that share a step and scalars."""
+        prepared = [(as_tensordict(u), st, as_tensordict(p, "params")) for u, st, p in items]
+        for u, st, p in prepared:
+            check_others(u, st, p)
+        core.update.apply_many([(u, st[str(core_index)], p, epilogue(st, True)) for u, st, p in prepared])  # type: ignore[attr-defined]
+        for _, st, _ in prepared:
+            advance_schedule(learning_rate, st[str(lr_index)])
+
+    update.apply_many = apply_many  # type: ignore[attr-defined]  # read by the torch.optim front end
     return GradientTransformation(chained.init, update, chained.check)

@@ -137,7 +137,7 @@ def scale_by_learning_rate(learning_rate: float | Tensor | Schedule, *, flip_sig
         >>> [float(t.update({"w": torch.ones(1)}, state)[0]["w"]) for _ in range(2)]
         [-0.10000000149011612, -0.05000000074505806]
     """
-    is_schedule = callable(learning_rate) and not isinstance(learning_rate, Tensor)
+    is_schedule = _is_schedule(learning_rate)
     if isinstance(learning_rate, Tensor):
         if learning_rate.dim() != 0 or not learning_rate.is_floating_point():
             raise ValueError(f"learning_rate must be a float, a 0-d floating tensor or a schedule, got {learning_rate!r}")
@@ -165,16 +165,26 @@ def scale_by_learning_rate(learning_rate: float | Tensor | Schedule, *, flip_sig
     return GradientTransformation(init, update, check)
 
 
-def learning_rate_factor(learning_rate: float | Tensor | Schedule, state: TensorDictBase, flip_sign: bool = True) -> float | Tensor:
-    """This step's factor of :func:`scale_by_learning_rate` (``-lr``, or ``lr`` without ``flip_sign``), advancing a
-    schedule's count in ``state`` (its state)."""
+def learning_rate_factor(
+    learning_rate: float | Tensor | Schedule, state: TensorDictBase, flip_sign: bool = True, *, advance: bool = True
+) -> float | Tensor:
+    """This step's factor of :func:`scale_by_learning_rate` (``-lr``, or ``lr`` without ``flip_sign``) given its
+    ``state``; advances a schedule's count unless ``advance=False`` (then call :func:`advance_schedule` after)."""
     sign = -1.0 if flip_sign else 1.0
-    if callable(learning_rate) and not isinstance(learning_rate, Tensor):
-        lr = learning_rate(state["count"].clone())
-        state["count"].add_(1)
-    else:
-        lr = learning_rate
+    lr = learning_rate(state["count"].clone()) if _is_schedule(learning_rate) else learning_rate
+    if advance:
+        advance_schedule(learning_rate, state)
     return sign * lr if isinstance(lr, Tensor) else sign * float(lr)
+
+
+def advance_schedule(learning_rate: float | Tensor | Schedule, state: TensorDictBase) -> None:
+    """Count one update in :func:`scale_by_learning_rate`'s state (only schedules keep a count)."""
+    if _is_schedule(learning_rate):
+        state["count"].add_(1)
+
+
+def _is_schedule(learning_rate: object) -> bool:
+    return callable(learning_rate) and not isinstance(learning_rate, Tensor)
 
 
 def scaled(u: list[Tensor], factor: float | Tensor) -> list[Tensor]:
