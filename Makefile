@@ -21,6 +21,7 @@ test: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n $(JOBS)
 
 bench: install
+	$(PIP) install -c constraints.txt -e '.[test,bench]'
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/step_speed.py
 
 clean:
