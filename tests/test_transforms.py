@@ -258,6 +258,22 @@ def test_bad_params_and_missing_params_leave_state_unchanged(trained):
     assert same(state, snap)
 
 
+@pytest.mark.parametrize("alias", ["adam", "adamw"])
+def test_failed_fused_step_leaves_schedule_and_state_unchanged(alias):
+    """adam/adamw fuse decay and learning rate into the step: a step that fails validation changes nothing,
+    the schedule's count included."""
+    params = {"layer": {"w": torch.randn(64, 80)}, "b": torch.randn(80)}
+    opt = getattr(lowbit_fn, alias)(lambda count: 1e-3 / (1 + count), state_format="8bit", min_quant_size=0)
+    state = opt.init(params)
+    _, state = opt.update(_grads(), state, params)
+    snap = snapshot(state)
+    with pytest.raises(ValueError, match=r"updates\['b'\] has shape"):
+        opt.update(_grads(b=torch.randn(81)), state, params)
+    assert same(state, snap) and int(state["2", "count"]) == 1
+    _, state = opt.update(_grads(), state, params)
+    assert int(state["2", "count"]) == 2 and int(state["1" if alias == "adam" else "0", "count"]) == 2
+
+
 def test_state_from_another_format_or_setting_is_refused(trained):
     _, params, state = trained
     snap = snapshot(state)
