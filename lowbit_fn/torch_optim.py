@@ -481,9 +481,10 @@ def as_torch_optimizer(
     ``hyperparams`` are the factory's keyword arguments. In the param groups, ``learning_rate`` appears under
     torch's name ``lr`` and ``b1``/``b2`` as ``betas``, so LR schedulers (including ``OneCycleLR``'s momentum
     cycling), per-group settings and ``add_param_group`` work as with ``torch.optim.AdamW``. The step runs the same
-    transforms and compiled kernels as the functional API, one parameter at a time (torch.optim's per-parameter
-    state: transforms that couple parameters, such as ``clip_by_global_norm``, see one parameter here; clip with
-    ``torch.nn.utils.clip_grad_norm_`` before ``step()`` instead).
+    transforms and kernels as the functional API on torch.optim's per-parameter state: for the ``adam``/``adamw``
+    factories on the CPU, one native call per param group updates the parameters in place; other factories run
+    one parameter at a time (transforms that couple parameters, such as ``clip_by_global_norm``, see one
+    parameter here; clip with ``torch.nn.utils.clip_grad_norm_`` before ``step()`` instead).
 
     Args:
       factory: a transform factory, e.g. :func:`lowbit_fn.adamw`.

@@ -144,8 +144,9 @@ def scale_by_adam(
     The returned updates are ``m_hat / (sqrt(v_hat) + eps)`` (torch's placement of the bias corrections).
     The step's math runs in float32 (float64 for float64 params with full-precision state) on this step's
     unquantized moments; the moments are then re-quantized in place. Every group of parameters is one call of a
-    compiled kernel, reused for any model, and ``b1``/``b2``/``eps`` may be 0-d tensors that you change in place
-    without recompiling. The state is donated (see :class:`GradientTransformation`).
+    kernel: the native CPU kernel (``lowbit_fn/kernels/native_adam.c``) on the CPU, a compiled torch graph reused
+    for any model elsewhere; both give the same bits. ``b1``/``b2``/``eps`` may be 0-d tensors that you change in
+    place without recompiling. The state is donated (see :class:`GradientTransformation`).
 
     References:
       Kingma, Ba, "Adam: A Method for Stochastic Optimization", arXiv:1412.6980.
