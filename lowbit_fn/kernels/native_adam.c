@@ -41,6 +41,9 @@ typedef struct {
     const float *fp8_lut;     /* float8_e4m3fn code -> float32 (portable path) */
     float omb1, b2, omb2, bc1, bc2s, eps, wd, neg_lr;
     uint32_t keys[3];
+    /* 8-bit: the four bytes of every entry of the signed map, unsigned map, signed and unsigned thresholds, as
+     * byte planes (planes[t][k][e] = byte k of entry e of table t) for 64-lane byte look-ups */
+    uint8_t planes[4][4][256] __attribute__((aligned(64)));
 } ctx_t;
 
 static inline uint32_t hash32(uint32_t x) {
@@ -280,8 +283,60 @@ static inline __m512 v_from_e4m3(__m512i code) {
     return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r), sign));
 }
 
+#if defined(__AVX512VBMI__)
+#define LOWBIT_VBMI 1
+/* table[c] for 64 byte indices at once, from the table's byte planes: per plane two 128-entry byte permutes and
+ * a blend on bit 7, then the four planes are interleaved into floats. The indices are first permuted so that
+ * the interleave (which works within 128-bit lanes) leaves out[k] = entries 16k .. 16k + 15, in order. */
+static inline void v_lookup64(const uint8_t planes[4][256], __m512i c, __m512 out[4]) {
+    static const uint8_t order[64] __attribute__((aligned(64))) = {
+        0, 1, 2, 3, 16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51, 4, 5, 6, 7, 20, 21, 22, 23, 36, 37, 38, 39, 52, 53, 54, 55,
+        8, 9, 10, 11, 24, 25, 26, 27, 40, 41, 42, 43, 56, 57, 58, 59, 12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
+    c = _mm512_permutexvar_epi8(_mm512_load_si512((const void *)order), c);
+    const __mmask64 high = _mm512_movepi8_mask(c);
+    __m512i p[4];
+    for (int k = 0; k < 4; ++k) {
+        const uint8_t *t = planes[k];
+        __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512((const void *)t), c, _mm512_load_si512((const void *)(t + 64)));
+        __m512i hi = _mm512_permutex2var_epi8(_mm512_load_si512((const void *)(t + 128)), c, _mm512_load_si512((const void *)(t + 192)));
+        p[k] = _mm512_mask_blend_epi8(high, lo, hi);
+    }
+    __m512i w_lo = _mm512_unpacklo_epi8(p[0], p[1]), w_hi = _mm512_unpackhi_epi8(p[0], p[1]);
+    __m512i x_lo = _mm512_unpacklo_epi8(p[2], p[3]), x_hi = _mm512_unpackhi_epi8(p[2], p[3]);
+    out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w_lo, x_lo));
+    out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w_lo, x_lo));
+    out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(w_hi, x_hi));
+    out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(w_hi, x_hi));
+}
+
+/* four vectors of 16 int32 indices (each < 256) as one vector of 64 bytes, in order */
+static inline __m512i v_bytes64(const __m512i idx[4]) {
+    __m512i r = _mm512_castsi128_si512(_mm512_cvtepi32_epi8(idx[0]));
+    r = _mm512_inserti32x4(r, _mm512_cvtepi32_epi8(idx[1]), 1);
+    r = _mm512_inserti32x4(r, _mm512_cvtepi32_epi8(idx[2]), 2);
+    return _mm512_inserti32x4(r, _mm512_cvtepi32_epi8(idx[3]), 3);
+}
+#else
+#define LOWBIT_VBMI 0
+#endif
+
 static void decode_block_avx512(const ctx_t *c, int i, const uint8_t *codes, float scale, float *out) {
     const float *table = c->map[i];
+#if LOWBIT_VBMI
+    if (c->fmt == FMT_CODEBOOK8 && c->bs % 64 == 0) {
+        const __m512 s = _mm512_set1_ps(scale);
+        for (int64_t j = 0; j < c->bs; j += 64) {
+            __m512 x[4];
+            v_lookup64(c->planes[i == 0 ? 0 : 1], _mm512_loadu_si512((const void *)(codes + j)), x);
+            for (int k = 0; k < 4; ++k) {
+                x[k] = _mm512_mul_ps(x[k], s);
+                if (c->stochastic && i > 0) x[k] = _mm512_mul_ps(x[k], x[k]);
+                _mm512_storeu_ps(out + j + 16 * k, x[k]);
+            }
+        }
+        return;
+    }
+#endif
     const __m512 map16 = c->fmt == FMT_CODEBOOK4 ? _mm512_loadu_ps(table) : _mm512_setzero_ps();
     const __m512 s = _mm512_set1_ps(scale);
     const int n = c->fmt == FMT_CODEBOOK4 ? 16 : 256;
@@ -349,6 +404,31 @@ static int encode_block_avx512(const ctx_t *c, int i, const float *x, const absm
     }
     const float *map = c->map[i];
     const int n = c->map_len;
+#if LOWBIT_VBMI
+    if (n == 256 && !c->stochastic && bs % 64 == 0) { /* nearest 8-bit codes, 64 at a time with byte look-ups */
+        const __m512i one = _mm512_set1_epi32(1), last = _mm512_set1_epi32(255);
+        for (int64_t j = 0; j < bs; j += 64) {
+            __m512 y[4], entry[4], thr[4];
+            __m512i idx[4];
+            for (int k = 0; k < 4; ++k) {
+                y[k] = _mm512_div_ps(_mm512_loadu_ps(x + j + 16 * k), vdiv);
+                __m512i prefix = _mm512_srli_epi32(_mm512_castps_si512(y[k]), 16);
+                idx[k] = _mm512_and_si512(_mm512_i32gather_epi32(prefix, (const void *)c->lut[i], 1), _mm512_set1_epi32(0xFF));
+            }
+            v_lookup64(c->planes[i == 0 ? 0 : 1], v_bytes64(idx), entry);
+            for (int k = 0; k < 4; ++k) {
+                __mmask16 below = _mm512_cmp_ps_mask(entry[k], y[k], _CMP_LT_OQ);
+                idx[k] = _mm512_min_epi32(_mm512_mask_add_epi32(idx[k], below, idx[k], one), last);
+            }
+            v_lookup64(c->planes[i == 0 ? 2 : 3], v_bytes64(idx), thr);
+            for (int k = 0; k < 4; ++k) {
+                __mmask16 down = _mm512_cmp_ps_mask(y[k], thr[k], _CMP_LT_OQ);
+                _mm_storeu_si128((__m128i *)(codes + j + 16 * k), _mm512_cvtepi32_epi8(_mm512_mask_sub_epi32(idx[k], down, idx[k], one)));
+            }
+        }
+        return 1;
+    }
+#endif
     const __m512 map16 = n == 16 ? _mm512_loadu_ps(map) : _mm512_setzero_ps();
     const __m512 thr16 = n == 16 ? _mm512_loadu_ps(c->thr[i]) : _mm512_setzero_ps();
     const __m512i one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512(), last = _mm512_set1_epi32(n - 1);
@@ -499,7 +579,15 @@ int lowbit_adam_step(const int64_t *segs, int64_t nseg, int64_t bs, int nmom, in
                {signed_map, unsigned_map, unsigned_map}, {signed_lut, unsigned_lut, unsigned_lut},
                {signed_thr, unsigned_thr, unsigned_thr}, fp8_lut,
                scalars[0], scalars[1], scalars[2], scalars[3], scalars[4], scalars[5], scalars[6], scalars[7],
-               {keys[0], keys[1], keys[2]}};
+               {keys[0], keys[1], keys[2]}, {{{0}}}};
+    if (fmt == FMT_CODEBOOK8) {
+        const float *tables[4] = {signed_map, unsigned_map, signed_thr, unsigned_thr};
+        for (int t = 0; t < 4; ++t)
+            for (int e = 0; e < 256; ++e) {
+                uint32_t bits = f2u(tables[t][e]);
+                for (int k = 0; k < 4; ++k) c.planes[t][k][e] = (uint8_t)(bits >> (8 * k));
+            }
+    }
     int64_t *starts = malloc(sizeof(int64_t) * (nseg + 1)); /* first global block of each segment */
     if (!starts) return 1;
     starts[0] = 0;
