@@ -17,6 +17,7 @@ State layout (one TensorDict, the same for every consumer):
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -400,16 +401,16 @@ class _NativeBatch:
         fmt = group.fmt
         bs = group.block_size if fmt is not None else 256  # full precision: blocks only divide the work
         apply = epilogue is not None and epilogue.apply
-        mode, wd, factor = 0, _ZERO, _ZERO
+        mode, wd, factor = 0, 0.0, 0.0
         if epilogue is not None:
             mode = (EPILOGUE_DECOUPLED if epilogue.decoupled else EPILOGUE_L2) | EPILOGUE_SCALE | (EPILOGUE_APPLY if apply else 0)
             wd, factor = _f32(epilogue.weight_decay), _f32(epilogue.factor)
-        key = (
-            fmt.name if fmt is not None else None, bs, rounding, seed, len(moments), mode, int(step),
-            *(float(x) for x in betas_eps), float(wd), float(factor),
-        )
-        call = self.calls.setdefault(key, {"grads": [], "moments": [], "params": [], "outs": [], "index": [],
-                                          "args": (step, betas_eps, fmt, bs, rounding == "stochastic", seed, mode, wd, factor)})
+        key = (fmt.name if fmt is not None else None, bs, rounding, seed, len(moments), mode, int(step),
+               *(float(x) for x in betas_eps), wd, factor)
+        call = self.calls.get(key)
+        if call is None:
+            args = (step, betas_eps, fmt, bs, rounding == "stochastic", seed, mode, torch.tensor(wd), torch.tensor(factor))
+            call = self.calls[key] = {"grads": [], "moments": [], "params": [], "outs": [], "index": [], "args": args}
         code_bytes = fmt.code_bytes(1, bs) if fmt is not None else 0
         for slot in group.slots:
             call["grads"].append(grads[slot.key].reshape(-1).to(torch.float32).contiguous())
@@ -440,8 +441,13 @@ class _NativeBatch:
             out[key] = flat.view(shape).to(dtype)
 
 
-_ZERO = torch.zeros((), dtype=torch.float32)
 
 
-def _f32(x: float | Tensor) -> Tensor:
-    return x.detach().to(device="cpu", dtype=torch.float32) if isinstance(x, Tensor) else torch.tensor(x, dtype=torch.float32)
+def _f32(x: float | Tensor) -> float:
+    """``x`` rounded to float32 (as torch rounds a scalar factor for float32 tensors), as a Python float."""
+    if isinstance(x, Tensor):
+        return float(x.detach().to(dtype=torch.float32))
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:  # beyond float32's range: torch rounds it to +-inf
+        return float(torch.tensor(x, dtype=torch.float32))

@@ -97,13 +97,11 @@ def _fused(
     chained, core = chain(*members), members[core_index]
 
     def check_others(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase) -> None:
-        """The chain's check, less the core's (its update validates everything before changing anything)."""
+        """The chain's check, less what the core's validation covers (updates and params against its layout)."""
         expected = {str(i) for i in range(len(members))}
         if set(state.keys()) != expected:
             raise ValueError(f"chain: the state has entries {sorted(state.keys())}, expected {sorted(expected)}")
-        for i, t in enumerate(members):
-            if i != core_index:
-                t.check(updates, state[str(i)], params)
+        members[lr_index].check(updates, state[str(lr_index)], params)
 
     def epilogue(state: TensorDictBase, apply: bool) -> Epilogue:  # the schedule's count advances after the step
         return Epilogue(weight_decay, learning_rate_factor(learning_rate, state[str(lr_index)], advance=False), decoupled, apply)
