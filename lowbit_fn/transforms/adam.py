@@ -294,7 +294,6 @@ def scale_by_adam(
         torch._foreach_add_(params, result)
         return None
 
-    @torch.compiler.disable  # inside a user's torch.compile: a graph break, run eagerly on the real tensors
     def run(items: list[tuple[TensorDictBase, TensorDictBase, TensorDictBase | None, Epilogue | None]]) -> list[dict[Key, Tensor]]:
         """Validate every ``(updates, state, params, epilogue)``, then step them all: the groups the native kernel
         serves in one call per distinct (layout, step, scalars), the others on the compiled path."""
@@ -392,6 +391,7 @@ class _NativeBatch:
         self.calls: dict[tuple, dict[str, list]] = {}
         self.results: list[tuple[dict[Key, Tensor], Key, Tensor, torch.Size, torch.dtype]] = []  # made after the run
 
+    @torch.compiler.disable  # inside a user's torch.compile: a graph break, run eagerly on the real tensors
     def add(
         self, group: _Group, st: TensorDictBase, moments: tuple[str, ...], grads: dict[Key, Tensor],
         params: dict[Key, Tensor], step: Tensor, betas_eps: tuple[Tensor, Tensor, Tensor], rounding: str, seed: int,
@@ -430,6 +430,7 @@ class _NativeBatch:
                 call["outs"].append(torch.empty(slot.numel, dtype=torch.float32, device=call["grads"][-1].device))
                 self.results.append((out, slot.key, call["outs"][-1], slot.shape, slot.dtype))
 
+    @torch.compiler.disable
     def run(self) -> None:
         for call in self.calls.values():
             step, betas_eps, fmt, bs, stochastic, seed, mode, wd, factor = call["args"]
