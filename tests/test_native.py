@@ -199,3 +199,39 @@ def test_fused_adam_step_equals_the_chain_bit_for_bit(alias, fmt):
     for key in s1.keys(include_nested=True, leaves_only=True):
         assert torch.equal(s1[key], s2[key]), key
     assert u1[0]["a"].abs().max() > 0
+
+
+CODE_PATHS_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, lowbit_fn
+    sys.path.insert(0, sys.argv[1])
+    from test_native import assert_identical, both, random_state
+    from lowbit_fn.kernels.native import native_available
+    assert native_available(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(3)
+    for fmt in ("8bit", "4bit", "fp8"):
+        bs = lowbit_fn.FORMATS[fmt].default_block_size
+        n = bs * 9 + 64
+        g = torch.randn(n, generator=gen) * torch.logspace(-12, 3, n)
+        g[2 * bs + 1] = float("nan")
+        g = torch.nn.functional.pad(g, (0, bs - 64))
+        for stochastic in (False, True):
+            for nmom in (2, 3):
+                moments = random_state(fmt, g.numel(), nmom, gen)
+                for step in (1, 7):
+                    ref, nat = both(fmt, g, moments, step, stochastic)
+                    assert_identical(ref, nat)
+                    moments = ref[1]
+    print("identical")
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", ["-DLOWBIT_PORTABLE", "-mno-avx512vbmi"])
+def test_other_code_paths_equal_the_reference(tmp_path, flags):
+    """The kernel's other builds (portable C; AVX-512 without VBMI byte permutes) give the reference's bits too."""
+    env = {**os.environ, "LOWBIT_FN_CACHE": str(tmp_path), "LOWBIT_FN_NATIVE_FLAGS": flags}
+    out = subprocess.run([sys.executable, "-c", CODE_PATHS_SCRIPT, os.path.dirname(__file__)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "identical" in out.stdout, out.stderr[-2000:]
