@@ -294,12 +294,15 @@ def scale_by_adam(
         torch._foreach_add_(params, result)
         return None
 
-    def run(items: list[tuple[TensorDictBase, TensorDictBase, TensorDictBase | None, Epilogue | None]]) -> list[dict[Key, Tensor]]:
+    def run(
+        items: list[tuple[TensorDictBase, TensorDictBase, TensorDictBase | None, Epilogue | None]]
+    ) -> list[tuple[list[Key], dict[Key, Tensor]]]:
         """Validate every ``(updates, state, params, epilogue)``, then step them all: the groups the native kernel
-        serves in one call per distinct (layout, step, scalars), the others on the compiled path."""
+        serves in one call per distinct (layout, step, scalars), the others on the compiled path. Returns each
+        item's sorted keys and results (none for parameters updated in place)."""
         checked = [(validate(u, st, p), st, p, ep) for u, st, p, ep in items]
         batch = _NativeBatch()
-        outs: list[dict[Key, Tensor]] = []
+        outs: list[tuple[list[Key], dict[Key, Tensor]]] = []
         with torch.no_grad():
             for (keys, groups, grads), state, params, epilogue in checked:
                 by_key = dict(zip(keys, grads))
@@ -317,7 +320,7 @@ def scale_by_adam(
                     )
                     if result is not None:
                         out.update(zip((s.key for s in group.slots), result))
-                outs.append(out)
+                outs.append((keys, out))
             batch.run()
             for _, state, _, _ in checked:
                 state["count"].add_(1)
@@ -328,10 +331,9 @@ def scale_by_adam(
         params = None if params is None else as_tensordict(params, "params")
         if epilogue is not None and params is None:
             raise ValueError("scale_by_adam: a fused epilogue (weight decay, learning rate) needs params")
-        (out,) = run([(updates, state, params, epilogue)])
+        ((keys, out),) = run([(updates, state, params, epilogue)])
         if epilogue is not None and epilogue.apply:
             return None, state
-        keys = leaves(updates)[0]
         return build(keys, [out[k] for k in keys]), state
 
     def apply_many(items: list[tuple[TensorDictBase, TensorDictBase, TensorDictBase, Epilogue]]) -> None:
