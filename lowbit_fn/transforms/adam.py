@@ -386,8 +386,8 @@ def _native_serves(group: _Group, grads: dict[Key, Tensor], params: dict[Key, Te
 
 class _NativeBatch:
     """Native-kernel work collected from any number of states: :meth:`add` registers one group's parameters as
-    segments (returning their output tensors, filled by :meth:`run`), :meth:`run` makes one call per distinct
-    (format, block size, rounding, step, scalars, epilogue)."""
+    segments, :meth:`run` makes one call per distinct (format, block size, rounding, step, scalars, epilogue) and
+    puts the results into the dicts given to :meth:`add`."""
 
     def __init__(self) -> None:
         self.calls: dict[tuple, dict[str, list]] = {}
@@ -411,16 +411,17 @@ class _NativeBatch:
                *(float(x) for x in betas_eps), wd, factor)
         call = self.calls.get(key)
         if call is None:
-            args = (step, betas_eps, fmt, bs, rounding == "stochastic", seed, mode, torch.tensor(wd), torch.tensor(factor))
+            scalars = (torch.tensor(wd, dtype=torch.float32), torch.tensor(factor, dtype=torch.float32))
+            args = (step, betas_eps, fmt, bs, rounding == "stochastic", seed, mode, *scalars)
             call = self.calls[key] = {"grads": [], "moments": [], "params": [], "outs": [], "index": [], "args": args}
         code_bytes = fmt.code_bytes(1, bs) if fmt is not None else 0
         for slot in group.slots:
             call["grads"].append(grads[slot.key].reshape(-1).to(torch.float32).contiguous())
             call["index"].append(slot.offset)
-            first, nblocks = slot.offset // bs, slot.padded // bs
             if fmt is None:
                 call["moments"].append([st[m][slot.offset : slot.offset + slot.numel] for m in moments])
             else:
+                first, nblocks = slot.offset // bs, slot.padded // bs
                 call["moments"].append([
                     t for m in moments for t in (
                         st[m, "codes"][first * code_bytes : (first + nblocks) * code_bytes], st[m, "scale"][first : first + nblocks]
@@ -442,8 +443,6 @@ class _NativeBatch:
             )
         for out, key, flat, shape, dtype in self.results:  # views taken after the kernel wrote (also when traced)
             out[key] = flat.view(shape).to(dtype)
-
-
 
 
 def _f32(x: float | Tensor) -> float:
