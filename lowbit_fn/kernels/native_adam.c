@@ -507,7 +507,7 @@ static void math_avx512(const ctx_t *c, int64_t n, const float *g, const float *
  * Driver
  * ------------------------------------------------------------------------------------------------------------ */
 
-/* One block: b-th block of segment seg. work: 7 * bs floats of scratch. */
+/* One block: b-th block of segment seg. work: 6 * bs floats of scratch (m, v, vmax, g, p, out). */
 static void step_block(const ctx_t *c, const int64_t *seg, int64_t b, float *work) {
     const int64_t bs = c->bs, numel = seg[SEG_NUMEL], start = b * bs;
     const int64_t count = numel - start < bs ? numel - start : bs;
@@ -596,7 +596,7 @@ int lowbit_adam_step(const int64_t *segs, int64_t nseg, int64_t bs, int nmom, in
     int failed = 0;
 #pragma omp parallel num_threads(total >= 64 ? nthreads : 1) reduction(| : failed)
     {
-        float *work = aligned_alloc(64, ((sizeof(float) * 7 * bs + 63) / 64) * 64);
+        float *work = aligned_alloc(64, ((sizeof(float) * 6 * bs + 63) / 64) * 64);
         int64_t s = -1;
         if (!work) failed = 1;
 #pragma omp for schedule(static)
