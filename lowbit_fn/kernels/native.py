@@ -22,6 +22,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -102,15 +103,23 @@ def _ptr(t: Tensor) -> int:
 
 
 _E4M3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
-_luts: dict[tuple[int, bytes], Tensor] = {}
+_luts: dict[tuple[int, bytes, str], Tensor] = {}
+
+
+def _cached(codebook: Tensor, kind: str, make: Callable[[], Tensor]) -> Tensor:
+    """A table derived from ``codebook``, built once per codebook (keyed by its address and contents)."""
+    key = (codebook.data_ptr(), codebook.numpy().tobytes(), kind)
+    if key not in _luts:
+        _luts[key] = make()
+    return _luts[key]
 
 
 def prefix_table(codebook: Tensor) -> Tensor:
     """uint8[65536]: for each top-16-bit prefix of a float32, ``min(#entries below its interval, n - 1)``.
 
     Raises if an interval holds two entries (then one comparison could not finish the count)."""
-    key = (codebook.data_ptr(), codebook.numpy().tobytes())
-    if key not in _luts:
+
+    def make() -> Tensor:
         n = codebook.numel()
         prefix = torch.arange(1 << 16, dtype=torch.int64)
         bits = prefix << 16
@@ -123,12 +132,12 @@ def prefix_table(codebook: Tensor) -> Tensor:
         if bool((inside[finite] > 1).any()):
             raise ValueError("codebook entries closer than the prefix table resolves")
         # NaN intervals: 0 (NaN inputs are handled apart); the +inf interval counts every entry, the -inf one none
-        _luts[key] = torch.where(torch.isnan(low), 0, below.clamp(max=n - 1)).to(torch.uint8)
-    return _luts[key]
+        return torch.where(torch.isnan(low), 0, below.clamp(max=n - 1)).to(torch.uint8)
+
+    return _cached(codebook, "prefix", make)
 
 
 EPILOGUE_L2, EPILOGUE_DECOUPLED, EPILOGUE_SCALE, EPILOGUE_APPLY = 1, 2, 4, 8
-_SEG_FIELDS = 11  # g, out, p, numel, index, codes[3], scales[3]
 
 
 def nearest_thresholds(codebook: Tensor) -> Tensor:
@@ -136,8 +145,8 @@ def nearest_thresholds(codebook: Tensor) -> Tensor:
     rounding picks ``k`` (``|map[k] - y| < |y - map[k-1]|`` in float32); ``t[0] = -inf``. That comparison is
     monotone in ``y``, so the code is ``k - (y < t[k])`` with ``k`` the search's index: one table look-up
     instead of two. Found by bisection over the float32 bit patterns."""
-    key = (codebook.data_ptr(), codebook.numpy().tobytes(), "thresholds")
-    if key not in _luts:
+
+    def make() -> Tensor:
         below, above = codebook[:-1].float(), codebook[1:].float()
 
         def ordered(x: Tensor) -> Tensor:  # float32 -> int64, order-preserving (both zeros at 0)
@@ -153,56 +162,17 @@ def nearest_thresholds(codebook: Tensor) -> Tensor:
             y = unordered(mid)
             up = (above - y).abs() < (y - below).abs()
             hi, lo = torch.where(up, mid, hi), torch.where(up, lo, mid)
-        _luts[key] = torch.cat([torch.tensor([-math.inf]), unordered(hi)])
-    return _luts[key]
+        return torch.cat([torch.tensor([-math.inf]), unordered(hi)])
+
+    return _cached(codebook, "thresholds", make)
 
 
 def _padded_table(codebook: Tensor) -> Tensor:
     """The prefix table with 4 bytes of padding (the kernel reads it with 32-bit gathers)."""
-    key = (codebook.data_ptr(), codebook.numpy().tobytes(), "padded")
-    if key not in _luts:
-        _luts[key] = torch.cat([prefix_table(codebook), torch.zeros(4, dtype=torch.uint8)])
-    return _luts[key]
+    return _cached(codebook, "padded", lambda: torch.cat([prefix_table(codebook), torch.zeros(4, dtype=torch.uint8)]))
 
 
-def _adam_step(
-    grads: list[Tensor], moments: list[Tensor], params: list[Tensor], outs: list[Tensor], index_bases: list[int],
-    step: Tensor, b1: Tensor, b2: Tensor, eps: Tensor, weight_decay: Tensor, neg_lr: Tensor, signed_map: Tensor,
-    unsigned_map: Tensor, fmt: str, block_size: int, stochastic: bool, seed: int, epilogue: int,
-) -> None:
-    from .adam import adam_scalars
-
-    lib = _library()
-    assert lib is not None, "the native kernel called without the native library"
-    nseg = len(grads)
-    if nseg == 0:
-        return
-    per = 1 if fmt == "fp32" else 2  # tensors per moment: float32 values, or codes and scales
-    nmom = len(moments) // (per * nseg)
-    scalars = torch.stack([x.to(torch.float32) for x in (*adam_scalars(step, b1, b2, eps, torch.float32), weight_decay, neg_lr)])
-    rows = []
-    for s in range(nseg):
-        mom = moments[per * nmom * s : per * nmom * (s + 1)]
-        codes = [_ptr(mom[per * i]) for i in range(nmom)] + [0] * (3 - nmom)
-        scales = [_ptr(mom[per * i + 1]) if per == 2 else 0 for i in range(nmom)] + [0] * (3 - nmom)
-        rows += [_ptr(grads[s]), _ptr(outs[s]) if outs else 0, _ptr(params[s]) if params else 0, grads[s].numel(),
-                 index_bases[s], *codes, *scales]
-    segs = torch.tensor(rows, dtype=torch.int64)
-    codebooks = fmt in ("8bit", "4bit")
-    luts = [_ptr(_padded_table(m)) for m in (signed_map, unsigned_map)] if codebooks else [0, 0]
-    thresholds = [_ptr(nearest_thresholds(m)) for m in (signed_map, unsigned_map)] if codebooks else [0, 0]
-    step_int = int(step)
-    keys = (ctypes.c_uint32 * 3)(*[stream_key_int(seed, i, step_int) if stochastic and i < nmom else 0 for i in range(3)])
-    failed = lib.lowbit_adam_step(
-        _ptr(segs), nseg, block_size, nmom, _FORMAT_CODES[fmt], _ptr(signed_map), _ptr(unsigned_map),
-        signed_map.numel(), _ptr(_E4M3), *luts, *thresholds, _ptr(scalars), int(stochastic), ctypes.cast(keys, ctypes.c_void_p),
-        epilogue, torch.get_num_threads(),
-    )
-    if failed:
-        raise MemoryError("lowbit_fn native kernel: could not allocate its scratch buffers")
-
-
-_NO_MAP = torch.empty(1, dtype=torch.float32)  # FP8 has no maps
+_NO_MAP = torch.empty(1, dtype=torch.float32)  # FP8 and float32 state have no maps
 _ZERO = torch.zeros((), dtype=torch.float32)
 
 
@@ -223,17 +193,41 @@ def native_adam_step(
     parameter in place (no output): exactly the float32 operations of ``add_decayed_weights``,
     ``scale_by_learning_rate`` and ``apply_updates``.
     """
-    name = fmt.name if fmt is not None else "fp32"
-    signed = fmt.codebook(True) if name in ("8bit", "4bit") else _NO_MAP
-    unsigned = fmt.codebook(False) if name in ("8bit", "4bit") else _NO_MAP
+    from .adam import adam_scalars
+
+    if not grads:
+        return
+    lib = _library()
+    assert lib is not None, "the native kernel called without the native library"
     for g in grads:
         assert g.dtype == torch.float32 and g.is_contiguous(), "native kernel needs contiguous float32 gradients"
-    flat = [t for pair in moments for t in pair]
-    assert all(t.is_contiguous() for t in flat), "native kernel needs contiguous state buffers"
-    _adam_step(
-        grads, flat, params or [], outs or [], index_bases, step, b1, b2, eps, weight_decay, neg_lr, signed, unsigned,
-        name, block_size, stochastic and fmt is not None, seed, mode,
+    assert all(t.is_contiguous() for m in moments for t in m), "native kernel needs contiguous state buffers"
+    name = fmt.name if fmt is not None else "fp32"
+    codebooks = name in ("8bit", "4bit")
+    signed = fmt.codebook(True) if codebooks else _NO_MAP
+    unsigned = fmt.codebook(False) if codebooks else _NO_MAP
+    per = 1 if fmt is None else 2  # tensors per moment: float32 values, or codes and scales
+    nmom = len(moments[0]) // per
+    rows = []
+    for s, (g, mom) in enumerate(zip(grads, moments)):
+        codes = [_ptr(mom[per * i]) for i in range(nmom)] + [0] * (3 - nmom)
+        scales = [_ptr(mom[per * i + 1]) if per == 2 else 0 for i in range(nmom)] + [0] * (3 - nmom)
+        rows += [_ptr(g), _ptr(outs[s]) if outs else 0, _ptr(params[s]) if params else 0, g.numel(), index_bases[s],
+                 *codes, *scales]  # the kernel's segment fields, in its order
+    segs = torch.tensor(rows, dtype=torch.int64)
+    scalars = torch.stack([x.to(torch.float32) for x in (*adam_scalars(step, b1, b2, eps, torch.float32), weight_decay, neg_lr)])
+    luts = [_ptr(_padded_table(m)) for m in (signed, unsigned)] if codebooks else [0, 0]
+    thresholds = [_ptr(nearest_thresholds(m)) for m in (signed, unsigned)] if codebooks else [0, 0]
+    stochastic = stochastic and fmt is not None
+    step_int = int(step)
+    keys = (ctypes.c_uint32 * 3)(*[stream_key_int(seed, i, step_int) if stochastic and i < nmom else 0 for i in range(3)])
+    failed = lib.lowbit_adam_step(
+        _ptr(segs), len(grads), block_size, nmom, _FORMAT_CODES[name], _ptr(signed), _ptr(unsigned), signed.numel(),
+        _ptr(_E4M3), *luts, *thresholds, _ptr(scalars), int(stochastic), ctypes.cast(keys, ctypes.c_void_p), mode,
+        torch.get_num_threads(),
     )
+    if failed:
+        raise MemoryError("lowbit_fn native kernel: could not allocate its scratch buffers")
 
 
 def native_quant_step(
