@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import lowbit_fn
 from lowbit_fn.kernels import quant_step
-from lowbit_fn.kernels.native import native_available, native_quant_step, nearest_thresholds, prefix_table
+from lowbit_fn.kernels.native import native_available, native_quant_step, nearest_thresholds, prefix_table, threshold_table
 
 pytestmark = pytest.mark.skipif(not native_available(torch.device("cpu")), reason="no C compiler here")
 
@@ -107,9 +107,11 @@ def test_nearest_thresholds_pick_the_nearest_code(values):
             table = lowbit_fn.FORMATS[fmt].codebook(signed)
             y = torch.tensor(values, dtype=torch.float32)
             y = y if signed else y.abs()
-            idx = torch.searchsorted(table, y, side="left").clamp(max=table.numel() - 1)
-            code = idx - (y < nearest_thresholds(table)[idx]).long()
-            assert torch.equal(code, nearest_code(y, table).long())
+            t = nearest_thresholds(table)
+            want = nearest_code(y, table).long()
+            assert torch.equal((t[1:-1, None] <= y).sum(0), want)  # the code counts the thresholds at or below y
+            a = threshold_table(table)[(y.view(torch.int32).to(torch.int64) >> 16) & 0xFFFF].long()
+            assert torch.equal(a + (t[a + 1] <= y).long(), want)  # the kernel's count: table, then one comparison
 
 
 @pytest.mark.parametrize("fmt", ["4bit", "8bit", "fp8", "fp32"])

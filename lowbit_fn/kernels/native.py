@@ -114,37 +114,43 @@ def _cached(codebook: Tensor, kind: str, make: Callable[[], Tensor]) -> Tensor:
     return _luts[key]
 
 
+def _count_table(points: Tensor) -> Tensor:
+    """uint8[65536]: for each top-16-bit prefix of a float32, ``min(#points below its interval, 255)`` (``points``
+    sorted). Raises if an interval holds two points: one comparison must finish the count."""
+    prefix = torch.arange(1 << 16, dtype=torch.int64)
+    bits = prefix << 16
+    negative = prefix >= 0x8000  # negative prefixes run backwards: their smallest value has all low bits set
+    low = torch.where(negative, bits | 0xFFFF, bits).to(torch.int32).view(torch.float32)
+    high = torch.where(negative, bits, bits | 0xFFFF).to(torch.int32).view(torch.float32)
+    below = torch.searchsorted(points, low.contiguous(), side="left")
+    inside = torch.searchsorted(points, high.contiguous(), side="right") - below
+    finite = torch.isfinite(low) & torch.isfinite(high)
+    if bool((inside[finite] > 1).any()):
+        raise ValueError("codebook entries closer than the prefix table resolves")
+    # NaN intervals: 0 (NaN inputs are handled apart); the +inf interval counts every point, the -inf one none
+    return torch.where(torch.isnan(low), 0, below.clamp(max=255)).to(torch.uint8)
+
+
 def prefix_table(codebook: Tensor) -> Tensor:
-    """uint8[65536]: for each top-16-bit prefix of a float32, ``min(#entries below its interval, n - 1)``.
+    """uint8[65536]: for each top-16-bit prefix of a float32, ``min(#entries below its interval, n - 1)``: with
+    one comparison, ``c + (map[c] < y)`` is the search's index (stochastic rounding needs the entries around y)."""
+    return _cached(codebook, "prefix", lambda: _count_table(codebook).clamp(max=codebook.numel() - 1))
 
-    Raises if an interval holds two entries (then one comparison could not finish the count)."""
 
-    def make() -> Tensor:
-        n = codebook.numel()
-        prefix = torch.arange(1 << 16, dtype=torch.int64)
-        bits = prefix << 16
-        negative = prefix >= 0x8000  # negative prefixes run backwards: their smallest value has all low bits set
-        low = torch.where(negative, bits | 0xFFFF, bits).to(torch.int32).view(torch.float32)
-        high = torch.where(negative, bits, bits | 0xFFFF).to(torch.int32).view(torch.float32)
-        below = torch.searchsorted(codebook, low.contiguous(), side="left")
-        inside = torch.searchsorted(codebook, high.contiguous(), side="right") - below
-        finite = torch.isfinite(low) & torch.isfinite(high)
-        if bool((inside[finite] > 1).any()):
-            raise ValueError("codebook entries closer than the prefix table resolves")
-        # NaN intervals: 0 (NaN inputs are handled apart); the +inf interval counts every entry, the -inf one none
-        return torch.where(torch.isnan(low), 0, below.clamp(max=n - 1)).to(torch.uint8)
-
-    return _cached(codebook, "prefix", make)
+def threshold_table(codebook: Tensor) -> Tensor:
+    """uint8[65536]: for each top-16-bit prefix of a float32, the number of nearest-rounding thresholds below its
+    interval: with one comparison, ``a + (t[a + 1] <= y)`` is the nearest code (``t = nearest_thresholds``)."""
+    return _cached(codebook, "threshold_counts", lambda: _count_table(nearest_thresholds(codebook)[1:-1].contiguous()))
 
 
 EPILOGUE_L2, EPILOGUE_DECOUPLED, EPILOGUE_SCALE, EPILOGUE_APPLY = 1, 2, 4, 8
 
 
 def nearest_thresholds(codebook: Tensor) -> Tensor:
-    """float32[n]: ``t[k]`` is the smallest float32 ``y`` in ``(map[k-1], map[k]]`` for which the reference's nearest
-    rounding picks ``k`` (``|map[k] - y| < |y - map[k-1]|`` in float32); ``t[0] = -inf``. That comparison is
-    monotone in ``y``, so the code is ``k - (y < t[k])`` with ``k`` the search's index: one table look-up
-    instead of two. Found by bisection over the float32 bit patterns."""
+    """float32[n + 1]: ``t[k]`` is the smallest float32 ``y`` in ``(map[k-1], map[k]]`` for which the reference's
+    nearest rounding picks ``k`` (``|map[k] - y| < |y - map[k-1]|`` in float32); ``t[0] = -inf``, ``t[n] = +inf``.
+    That comparison is monotone in ``y``, so the nearest code is the number of ``t[1..n-1]`` at or below ``y``.
+    Found by bisection over the float32 bit patterns."""
 
     def make() -> Tensor:
         below, above = codebook[:-1].float(), codebook[1:].float()
@@ -162,14 +168,16 @@ def nearest_thresholds(codebook: Tensor) -> Tensor:
             y = unordered(mid)
             up = (above - y).abs() < (y - below).abs()
             hi, lo = torch.where(up, mid, hi), torch.where(up, lo, mid)
-        return torch.cat([torch.tensor([-math.inf]), unordered(hi)])
+        return torch.cat([torch.tensor([-math.inf]), unordered(hi), torch.tensor([math.inf])])
 
     return _cached(codebook, "thresholds", make)
 
 
-def _padded_table(codebook: Tensor) -> Tensor:
-    """The prefix table with 4 bytes of padding (the kernel reads it with 32-bit gathers)."""
-    return _cached(codebook, "padded", lambda: torch.cat([prefix_table(codebook), torch.zeros(4, dtype=torch.uint8)]))
+def _padded_table(codebook: Tensor, stochastic: bool) -> Tensor:
+    """The kernel's prefix table (over the map for stochastic rounding, over the thresholds for nearest) with 4
+    bytes of padding (the kernel reads it with 32-bit gathers)."""
+    table = prefix_table if stochastic else threshold_table
+    return _cached(codebook, f"padded{stochastic}", lambda: torch.cat([table(codebook), torch.zeros(4, dtype=torch.uint8)]))
 
 
 _NO_MAP = torch.empty(1, dtype=torch.float32)  # FP8 and float32 state have no maps
@@ -216,9 +224,9 @@ def native_adam_step(
                  *codes, *scales]  # the kernel's segment fields, in its order
     segs = torch.tensor(rows, dtype=torch.int64)
     scalars = torch.stack([x.to(torch.float32) for x in (*adam_scalars(step, b1, b2, eps, torch.float32), weight_decay, neg_lr)])
-    luts = [_ptr(_padded_table(m)) for m in (signed, unsigned)] if codebooks else [0, 0]
-    thresholds = [_ptr(nearest_thresholds(m)) for m in (signed, unsigned)] if codebooks else [0, 0]
     stochastic = stochastic and fmt is not None
+    luts = [_ptr(_padded_table(m, stochastic)) for m in (signed, unsigned)] if codebooks else [0, 0]
+    thresholds = [_ptr(nearest_thresholds(m)) for m in (signed, unsigned)] if codebooks else [0, 0]
     step_int = int(step)
     keys = (ctypes.c_uint32 * 3)(*[stream_key_int(seed, i, step_int) if stochastic and i < nmom else 0 for i in range(3)])
     failed = lib.lowbit_adam_step(

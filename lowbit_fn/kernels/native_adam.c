@@ -36,12 +36,14 @@ typedef struct {
     int fmt, nmom, stochastic, mode, map_len;
     int64_t bs, code_bytes;
     const float *map[3];      /* codebook of moment i (signed for m, unsigned for v and vmax) */
-    const uint8_t *lut[3];    /* its prefix table (65536 entries + 4 bytes of padding) */
-    const float *thr[3];      /* its nearest-rounding thresholds: code k - 1 below thr[k], k from thr[k] on */
+    const uint8_t *lut[3];    /* prefix table (65536 entries + 4 bytes of padding): over the thresholds when
+                                 rounding to nearest, over the map when rounding stochastically */
+    const float *next[3];     /* nearest-rounding thresholds from the first on: next[a] = t[a + 1], where code k
+                                 is picked from t[k] up to t[k + 1] (t[0] = -inf, t[n] = +inf) */
     const float *fp8_lut;     /* float8_e4m3fn code -> float32 (portable path) */
     float omb1, b2, omb2, bc1, bc2s, eps, wd, neg_lr;
     uint32_t keys[3];
-    /* 8-bit: the four bytes of every entry of the signed map, unsigned map, signed and unsigned thresholds, as
+    /* 8-bit: the four bytes of every entry of the signed map, unsigned map, signed and unsigned next[], as
      * byte planes (planes[t][k][e] = byte k of entry e of table t) for 64-lane byte look-ups */
     uint8_t planes[4][4][256] __attribute__((aligned(64)));
 } ctx_t;
@@ -95,10 +97,12 @@ static inline int count_below(float y, const float *map, int n, const uint8_t *l
     return idx * (y == y); /* NaN: 0 */
 }
 
-static inline int nearest_code(float y, const float *map, int n, const uint8_t *lut) {
-    int idx = count_below(y, map, n, lut);
-    int lower = idx - (idx > 0);
-    return lower + (idx - lower) * (fabsf(map[idx] - y) < fabsf(y - map[lower])); /* arithmetic, not a branch */
+/* The nearest code is the number of thresholds t[1..n-1] at or below y; lut[prefix] counts those below the
+ * prefix's interval and no interval holds two of them (checked when the table is built), so one comparison
+ * with the next threshold finishes the count. NaN gives 0, as in the reference. */
+static inline int nearest_code(float y, const float *next, const uint8_t *lut) {
+    int a = lut[f2u(y) >> 16];
+    return a + (next[a] <= y);
 }
 
 static inline int stochastic_code(float y, const float *map, int n, const uint8_t *lut, float u) {
@@ -148,7 +152,7 @@ static void encode_codebook(const ctx_t *c, int i, const float *x, float div, in
     const int packed = c->fmt == FMT_CODEBOOK4, n = c->map_len;
     for (int64_t j = 0; j < c->bs; ++j) {
         float y = x[j] / div;
-        int code = c->stochastic ? stochastic_code(y, map, n, lut, noise_at(first + j, c->keys[i])) : nearest_code(y, map, n, lut);
+        int code = c->stochastic ? stochastic_code(y, map, n, lut, noise_at(first + j, c->keys[i])) : nearest_code(y, c->next[i], lut);
         if (packed) {
             if (j & 1) codes[j / 2] |= (uint8_t)code;
             else codes[j / 2] = (uint8_t)(code << 4);
@@ -247,6 +251,23 @@ static inline __m512 v_lookup256(__m512i idx, const float *map) {
 /* map[idx] for a 16-entry map held in a register, or a 256-entry one in memory */
 static inline __m512 v_lookup(__m512i idx, __m512 map16, const float *map, int n) {
     return n == 16 ? _mm512_permutexvar_ps(idx, map16) : v_lookup256(idx, map);
+}
+
+/* lut[top 16 bits of y] for 16 lanes (a 32-bit gather from the padded byte table, low byte kept) */
+static inline __m512i v_prefix_count(__m512 y, const uint8_t *lut) {
+    __m512i prefix = _mm512_srli_epi32(_mm512_castps_si512(y), 16);
+    return _mm512_and_si512(_mm512_i32gather_epi32(prefix, (const void *)lut, 1), _mm512_set1_epi32(0xFF));
+}
+
+/* #{k < 15 : table[k] < y} (le: <= y) for a sorted 16-entry table held in a register, by binary search */
+static inline __m512i v_count16(__m512 table, __m512 y, int le) {
+    __m512i idx = _mm512_setzero_si512();
+    for (int step = 8; step >= 1; step /= 2) {
+        __m512i cand = _mm512_add_epi32(idx, _mm512_set1_epi32(step));
+        __m512 entry = _mm512_permutexvar_ps(_mm512_sub_epi32(cand, _mm512_set1_epi32(1)), table);
+        idx = _mm512_mask_mov_epi32(idx, _mm512_cmp_ps_mask(entry, y, le ? _CMP_LE_OQ : _CMP_LT_OQ), cand);
+    }
+    return idx;
 }
 
 /* 16 codes (as int32 lanes) of elements j..j+15 */
@@ -404,62 +425,52 @@ static int encode_block_avx512(const ctx_t *c, int i, const float *x, const absm
     }
     const float *map = c->map[i];
     const int n = c->map_len;
+    const __m512i one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512(), last = _mm512_set1_epi32(n - 1);
 #if LOWBIT_VBMI
     if (n == 256 && !c->stochastic && bs % 64 == 0) { /* nearest 8-bit codes, 64 at a time with byte look-ups */
-        const __m512i one = _mm512_set1_epi32(1), last = _mm512_set1_epi32(255);
         for (int64_t j = 0; j < bs; j += 64) {
-            __m512 y[4], entry[4], thr[4];
-            __m512i idx[4];
+            __m512 y[4], next[4];
+            __m512i below[4];
             for (int k = 0; k < 4; ++k) {
                 y[k] = _mm512_div_ps(_mm512_loadu_ps(x + j + 16 * k), vdiv);
-                __m512i prefix = _mm512_srli_epi32(_mm512_castps_si512(y[k]), 16);
-                idx[k] = _mm512_and_si512(_mm512_i32gather_epi32(prefix, (const void *)c->lut[i], 1), _mm512_set1_epi32(0xFF));
+                below[k] = v_prefix_count(y[k], c->lut[i]);
             }
-            v_lookup64(c->planes[i == 0 ? 0 : 1], v_bytes64(idx), entry);
-            for (int k = 0; k < 4; ++k) {
-                __mmask16 below = _mm512_cmp_ps_mask(entry[k], y[k], _CMP_LT_OQ);
-                idx[k] = _mm512_min_epi32(_mm512_mask_add_epi32(idx[k], below, idx[k], one), last);
-            }
-            v_lookup64(c->planes[i == 0 ? 2 : 3], v_bytes64(idx), thr);
-            for (int k = 0; k < 4; ++k) {
-                __mmask16 down = _mm512_cmp_ps_mask(y[k], thr[k], _CMP_LT_OQ);
-                _mm_storeu_si128((__m128i *)(codes + j + 16 * k), _mm512_cvtepi32_epi8(_mm512_mask_sub_epi32(idx[k], down, idx[k], one)));
-            }
+            const __m512i count = v_bytes64(below);
+            v_lookup64(c->planes[i == 0 ? 2 : 3], count, next);
+            __mmask64 up = 0;
+            for (int k = 0; k < 4; ++k) up |= (__mmask64)_mm512_cmp_ps_mask(next[k], y[k], _CMP_LE_OQ) << (16 * k);
+            _mm512_storeu_si512((void *)(codes + j), _mm512_mask_add_epi8(count, up, count, _mm512_set1_epi8(1)));
         }
         return 1;
     }
 #endif
     const __m512 map16 = n == 16 ? _mm512_loadu_ps(map) : _mm512_setzero_ps();
-    const __m512 thr16 = n == 16 ? _mm512_loadu_ps(c->thr[i]) : _mm512_setzero_ps();
-    const __m512i one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512(), last = _mm512_set1_epi32(n - 1);
+    const __m512 next16 = n == 16 ? _mm512_loadu_ps(c->next[i]) : _mm512_setzero_ps();
     for (int64_t j = 0; j < bs; j += 16) {
         __m512 y = _mm512_div_ps(_mm512_loadu_ps(x + j), vdiv);
-        __m512i idx;
-        if (n == 16) { /* #entries < y by binary search over the map held in a register (no table, no gather) */
-            idx = zero;
-            for (int step = 8; step >= 1; step /= 2) {
-                __m512i cand = _mm512_add_epi32(idx, _mm512_set1_epi32(step));
-                __m512 entry = _mm512_permutexvar_ps(_mm512_sub_epi32(cand, one), map16);
-                idx = _mm512_mask_mov_epi32(idx, _mm512_cmp_ps_mask(entry, y, _CMP_LT_OQ), cand);
-            }
-        } else {
-            __m512i prefix = _mm512_srli_epi32(_mm512_castps_si512(y), 16);
-            idx = _mm512_and_si512(_mm512_i32gather_epi32(prefix, (const void *)c->lut[i], 1), _mm512_set1_epi32(0xFF));
-            __mmask16 below = _mm512_cmp_ps_mask(v_lookup(idx, map16, map, n), y, _CMP_LT_OQ);
-            idx = _mm512_mask_add_epi32(idx, below, idx, one);
-        }
-        idx = _mm512_min_epi32(idx, last);
         __m512i code;
-        if (c->stochastic) {
+        if (!c->stochastic) { /* the number of thresholds at or below y */
+            if (n == 16) {
+                code = v_count16(next16, y, 1);
+            } else {
+                __m512i a = v_prefix_count(y, c->lut[i]);
+                code = _mm512_mask_add_epi32(a, _mm512_cmp_ps_mask(v_lookup256(a, c->next[i]), y, _CMP_LE_OQ), a, one);
+            }
+        } else { /* between the entries around y: the upper one with probability (y - lo) / (hi - lo) */
+            __m512i idx;
+            if (n == 16) {
+                idx = v_count16(map16, y, 0);
+            } else {
+                idx = v_prefix_count(y, c->lut[i]);
+                idx = _mm512_mask_add_epi32(idx, _mm512_cmp_ps_mask(v_lookup256(idx, map), y, _CMP_LT_OQ), idx, one);
+            }
+            idx = _mm512_min_epi32(idx, last);
             __m512i lower = _mm512_max_epi32(_mm512_sub_epi32(idx, one), zero);
             __m512 hi = v_lookup(idx, map16, map, n), lo = v_lookup(lower, map16, map, n);
             __m512 u = v_noise(first + j, c->keys[i]);
             __mmask16 up = _mm512_cmp_ps_mask(_mm512_mul_ps(u, _mm512_sub_ps(hi, lo)), _mm512_sub_ps(y, lo), _CMP_LT_OQ) |
                            _mm512_cmp_ps_mask(y, hi, _CMP_GE_OQ);
             code = _mm512_mask_blend_epi32(up, lower, idx);
-        } else { /* |map[idx] - y| < |y - map[idx - 1]| exactly when y >= thr[idx] (thr[0] = -inf) */
-            __mmask16 down = _mm512_cmp_ps_mask(y, v_lookup(idx, thr16, c->thr[i], n), _CMP_LT_OQ);
-            code = _mm512_mask_sub_epi32(idx, down, idx, one);
         }
         v_store_codes(c->fmt, codes, j, code);
     }
@@ -568,20 +579,24 @@ static void step_block(const ctx_t *c, const int64_t *seg, int64_t b, float *wor
     }
 }
 
+static const float *after(const float *t) { return t ? t + 1 : NULL; }
+
 /* One Adam step over `nseg` segments (`segs`: nseg * SEG_FIELDS int64).
  *   scalars: 1 - b1, b2, 1 - b2, 1 - b1**t, sqrt(1 - b2**t), eps, weight decay, -lr (float32, computed by the
- *   caller exactly as the reference computes them); keys[i]: stochastic-rounding stream key of moment i. */
+ *   caller exactly as the reference computes them); keys[i]: stochastic-rounding stream key of moment i.
+ *   Codebook formats: *_lut are the prefix tables over the thresholds (nearest rounding) or over the maps
+ *   (stochastic rounding); *_thr hold n + 1 floats: -inf, the n - 1 nearest-rounding thresholds, +inf. */
 int lowbit_adam_step(const int64_t *segs, int64_t nseg, int64_t bs, int nmom, int fmt, const float *signed_map,
                      const float *unsigned_map, int map_len, const float *fp8_lut, const uint8_t *signed_lut,
                      const uint8_t *unsigned_lut, const float *signed_thr, const float *unsigned_thr, const float *scalars, int stochastic, const uint32_t *keys, int mode,
                      int nthreads) {
     ctx_t c = {fmt, nmom, stochastic, mode, map_len, bs, fmt == FMT_CODEBOOK4 ? bs / 2 : bs,
                {signed_map, unsigned_map, unsigned_map}, {signed_lut, unsigned_lut, unsigned_lut},
-               {signed_thr, unsigned_thr, unsigned_thr}, fp8_lut,
+               {after(signed_thr), after(unsigned_thr), after(unsigned_thr)}, fp8_lut,
                scalars[0], scalars[1], scalars[2], scalars[3], scalars[4], scalars[5], scalars[6], scalars[7],
                {keys[0], keys[1], keys[2]}, {{{0}}}};
     if (fmt == FMT_CODEBOOK8) {
-        const float *tables[4] = {signed_map, unsigned_map, signed_thr, unsigned_thr};
+        const float *tables[4] = {signed_map, unsigned_map, after(signed_thr), after(unsigned_thr)};
         for (int t = 0; t < 4; ++t)
             for (int e = 0; e < 256; ++e) {
                 uint32_t bits = f2u(tables[t][e]);
