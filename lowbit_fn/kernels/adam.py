@@ -20,27 +20,28 @@ def adam_math(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """One Adam moment update with torch.optim semantics; returns ``(direction, m, v, vmax)``.
 
-    ``direction = m_hat / (sqrt(v_hat) + eps)`` with torch's placement of the bias corrections:
-    ``(m / (1 - b1**t)) / (sqrt(v) / sqrt(1 - b2**t) + eps)``. Scalars are float64 0-d tensors; the math runs in
-    the dtype of ``g`` (float32, or float64 for float64 parameters).
+    ``direction = m_hat / (sqrt(v_hat) + eps)`` with torch's placement of the bias corrections, as multiplications
+    by their reciprocals (one division per element instead of three): ``(m * (1 / (1 - b1**t))) / (sqrt(v) *
+    (1 / sqrt(1 - b2**t)) + eps)``. Scalars are float64 0-d tensors; the math runs in the dtype of ``g``
+    (float32, or float64 for float64 parameters).
     """
-    one_minus_b1, b2_, one_minus_b2, bc1, bc2_sqrt, eps_ = adam_scalars(step, b1, b2, eps, g.dtype)
+    one_minus_b1, b2_, one_minus_b2, inv_bc1, inv_bc2_sqrt, eps_ = adam_scalars(step, b1, b2, eps, g.dtype)
     m = m + one_minus_b1 * (g - m)  # torch's lerp for weights < 0.5, spelled out so eager == compiled
     v = v * b2_ + (g * g) * one_minus_b2
     if vmax is not None:
         vmax = torch.maximum(vmax, v)
-    denom = _sqrt(v if vmax is None else vmax) / bc2_sqrt + eps_
-    return (m / bc1) / denom, m, v, vmax
+    denom = _sqrt(v if vmax is None else vmax) * inv_bc2_sqrt + eps_
+    return (m * inv_bc1) / denom, m, v, vmax
 
 
 def adam_scalars(step: Tensor, b1: Tensor, b2: Tensor, eps: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
-    """The step's scalars in the math dtype: ``1 - b1, b2, 1 - b2, 1 - b1**t, sqrt(1 - b2**t), eps``
-    (powers and square root in float64, then rounded once). The native kernel receives exactly these."""
+    """The step's scalars in the math dtype: ``1 - b1, b2, 1 - b2, 1 / (1 - b1**t), 1 / sqrt(1 - b2**t), eps``
+    (computed in float64, then rounded once). The native kernel receives exactly these."""
     b1 = b1.to(torch.float64)
     b2 = b2.to(torch.float64)
-    bc1 = (1 - b1**step).to(dtype)
-    bc2_sqrt = torch.sqrt(1 - b2**step).to(dtype)
-    return (1 - b1).to(dtype), b2.to(dtype), (1 - b2).to(dtype), bc1, bc2_sqrt, eps.to(dtype)
+    inv_bc1 = (1 / (1 - b1**step)).to(dtype)
+    inv_bc2_sqrt = (1 / torch.sqrt(1 - b2**step)).to(dtype)
+    return (1 - b1).to(dtype), b2.to(dtype), (1 - b2).to(dtype), inv_bc1, inv_bc2_sqrt, eps.to(dtype)
 
 
 def _sqrt(x: Tensor) -> Tensor:

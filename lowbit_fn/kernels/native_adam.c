@@ -41,7 +41,7 @@ typedef struct {
     const float *next[3];     /* nearest-rounding thresholds from the first on: next[a] = t[a + 1], where code k
                                  is picked from t[k] up to t[k + 1] (t[0] = -inf, t[n] = +inf) */
     const float *fp8_lut;     /* float8_e4m3fn code -> float32 (portable path) */
-    float omb1, b2, omb2, bc1, bc2s, eps, wd, neg_lr;
+    float omb1, b2, omb2, inv_bc1, inv_bc2s, eps, wd, neg_lr;
     uint32_t keys[3];
     /* 8-bit: the four bytes of every entry of the signed map, unsigned map, signed and unsigned next[], as
      * byte planes (planes[t][k][e] = byte k of entry e of table t) for 64-lane byte look-ups */
@@ -206,7 +206,7 @@ static void math_scalar(const ctx_t *c, int64_t n, const float *g, const float *
             vmax[j] = c->stochastic ? sqrtf(x) : x;
             d = x;
         }
-        float u = (mj / c->bc1) / (sqrtf(d) / c->bc2s + c->eps);
+        float u = (mj * c->inv_bc1) / (sqrtf(d) * c->inv_bc2s + c->eps);
         if (c->mode & EPI_DECOUPLED) u = u + p[j] * c->wd;
         if (c->mode & EPI_SCALE) u = u * c->neg_lr;
         dst[j] = (c->mode & EPI_APPLY) ? p[j] + u : u;
@@ -480,7 +480,7 @@ static int encode_block_avx512(const ctx_t *c, int i, const float *x, const absm
 static void math_avx512(const ctx_t *c, int64_t n, const float *g, const float *p, float *m, float *v, float *vmax,
                         float *dst, absmax_t track[3]) {
     const __m512 omb1 = _mm512_set1_ps(c->omb1), b2 = _mm512_set1_ps(c->b2), omb2 = _mm512_set1_ps(c->omb2);
-    const __m512 bc1 = _mm512_set1_ps(c->bc1), bc2s = _mm512_set1_ps(c->bc2s), eps = _mm512_set1_ps(c->eps);
+    const __m512 inv_bc1 = _mm512_set1_ps(c->inv_bc1), inv_bc2s = _mm512_set1_ps(c->inv_bc2s), eps = _mm512_set1_ps(c->eps);
     const __m512 wd = _mm512_set1_ps(c->wd), neg_lr = _mm512_set1_ps(c->neg_lr);
     const int mode = c->mode;
     for (int64_t j = 0; j < n; j += 16) {
@@ -501,7 +501,7 @@ static void math_avx512(const ctx_t *c, int64_t n, const float *g, const float *
             _mm512_storeu_ps(vmax + j, stored);
             v_track(&track[2], stored);
         }
-        __m512 u = _mm512_div_ps(_mm512_div_ps(mj, bc1), _mm512_add_ps(_mm512_div_ps(root, bc2s), eps));
+        __m512 u = _mm512_div_ps(_mm512_mul_ps(mj, inv_bc1), _mm512_add_ps(_mm512_mul_ps(root, inv_bc2s), eps));
         if (mode & EPI_DECOUPLED) u = _mm512_add_ps(u, _mm512_mul_ps(pj, wd));
         if (mode & EPI_SCALE) u = _mm512_mul_ps(u, neg_lr);
         _mm512_storeu_ps(dst + j, mode & EPI_APPLY ? _mm512_add_ps(pj, u) : u);
@@ -582,7 +582,7 @@ static void step_block(const ctx_t *c, const int64_t *seg, int64_t b, float *wor
 static const float *after(const float *t) { return t ? t + 1 : NULL; }
 
 /* One Adam step over `nseg` segments (`segs`: nseg * SEG_FIELDS int64).
- *   scalars: 1 - b1, b2, 1 - b2, 1 - b1**t, sqrt(1 - b2**t), eps, weight decay, -lr (float32, computed by the
+ *   scalars: 1 - b1, b2, 1 - b2, 1 / (1 - b1**t), 1 / sqrt(1 - b2**t), eps, weight decay, -lr (float32, computed by the
  *   caller exactly as the reference computes them); keys[i]: stochastic-rounding stream key of moment i.
  *   Codebook formats: *_lut are the prefix tables over the thresholds (nearest rounding) or over the maps
  *   (stochastic rounding); *_thr hold n + 1 floats: -inf, the n - 1 nearest-rounding thresholds, +inf. */
