@@ -36,6 +36,10 @@ How it is timed
     and the timings of that run are suspect.
 
 Memory columns
+    "step peak extra": the most memory that one step's own allocations hold at the same time (torch profiler
+    memory events; the native kernel's few KiB of scratch are outside torch's allocator and not counted), in bytes
+    per element of the model's largest tensor: 8 B/elem is the budget of issue 6, and a step that allocates an
+    update for every parameter (the functional API, by its contract) needs 8 B per element of *all* of them.
     "state B/elem (all)": bytes of every optimizer-state tensor divided by the number of parameter elements.
     "state B/elem (quantized tensors)": for lowbit_fn, bytes of the quantized group(s) of the state (entries
     named ``<format>_block<N>``) divided by the elements of the parameters in them (those with at least 4096
@@ -128,6 +132,7 @@ class Runner:
     step: Callable[[], None]
     memory: Callable[[], tuple[float | None, float]]  # (quantized B/elem or None, all B/elem)
     first_s: float = float("nan")
+    peak_bytes: int | None = None  # extra memory allocated during one step, at its peak
 
 
 def lowbit_runner(fmt: str, params: dict[str, Tensor], grads: dict[str, Tensor]) -> Runner:
@@ -220,6 +225,25 @@ def optional_runners(params: dict[str, Tensor], grads: dict[str, Tensor]) -> tup
             continue
         runners.append(runner)
     return runners, notes
+
+
+def peak_step_bytes(step: Callable[[], None]) -> int | None:
+    """Peak bytes of the torch allocations made during one ``step()`` and live at the same time (from the torch
+    profiler's memory events), or ``None`` where the profiler gives none. Memory outside torch's allocator (the
+    native kernel's scratch: six blocks of float32 per thread) is not included."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    try:
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except AttributeError:  # a torch without these (private) results
+        return None
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def _timed(fn: Callable[[], None]) -> float:
@@ -362,7 +386,10 @@ def measure_model(
         runner.step()  # one untimed warm-up step
     extra, notes = optional_runners(params, grads)
     runners += extra
+    largest = max(p.numel() for p in params.values())
     del params
+    for runner in runners:
+        runner.peak_bytes = peak_step_bytes(runner.step)
 
     per_step: dict[str, list[float]] = {r.name: [] for r in runners}
     for i in range(rounds):
@@ -386,6 +413,7 @@ def measure_model(
             "bytes": nbytes,
             "first_s": runner.first_s,
             "cold_s": cold.get(runner.name),
+            "peak": None if runner.peak_bytes is None else runner.peak_bytes / largest,
         })
     return rows, notes
 
@@ -404,13 +432,13 @@ def _ms(value: float) -> str:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| model | optimizer | ms/step | × fused fp32 | state B/elem (quantized tensors) | state B/elem (all) "
-        "| first step s (warm) | first step s (cold) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| first step s (warm) | first step s (cold) | step peak extra, B/elem of largest tensor |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['optimizer']} | {_ms(r['ms'])} | {_num(r['ratio'], 2)} | {_num(r['qbytes'], 3)} "
-            f"| {_num(r['bytes'], 3)} | {_num(r['first_s'], 2)} | {_num(r.get('cold_s'), 2)} |"
+            f"| {_num(r['bytes'], 3)} | {_num(r['first_s'], 2)} | {_num(r.get('cold_s'), 2)} | {_num(r.get('peak'), 2)} |"
         )
     return "\n".join(lines)
 
