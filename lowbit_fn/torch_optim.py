@@ -354,7 +354,7 @@ class TransformOptimizer(torch.optim.Optimizer):
             built = self._built[index] = _Built(self._spec, self._factory, group)
         return built
 
-    def _core(self, param: Tensor, transform: GradientTransformation, label: str) -> tuple[tuple, bool]:
+    def _core(self, param: Tensor, transform: GradientTransformation, gi: int, i: int, group: dict[str, Any]) -> tuple[tuple, bool]:
         """The parameter's cache record ``(entry, entry tensors, transform, core state)`` and whether it is new:
         rebuilt (converting the state) when its entry or its group's transform changed. Nothing is installed."""
         entry = self.state.get(param)
@@ -363,7 +363,7 @@ class TransformOptimizer(torch.optim.Optimizer):
             entry.get(k) is v for k, v in cached[1]
         ):
             return cached, False
-        return _record(param, transform, entry, label), True
+        return _record(param, transform, entry, _label(gi, i, group, param)), True
 
     def _install(self, param: Tensor, record: tuple) -> None:
         self.state[param] = record[0]
@@ -382,16 +382,19 @@ class TransformOptimizer(torch.optim.Optimizer):
                 position += 1
                 if p.grad is None:
                     continue
-                label = _label(gi, i, group, p)
                 g = p.grad
                 if g.layout != torch.strided:
-                    raise TypeError(f"{label}: sparse gradients are not supported")
+                    raise TypeError(f"{_label(gi, i, group, p)}: sparse gradients are not supported")
                 if g.shape != p.shape or g.dtype != p.dtype:
-                    raise ValueError(f"{label}: gradient is {g.dtype}{list(g.shape)}, the parameter {p.dtype}{list(p.shape)}")
-                record, new = self._core(p, built.transform, label)
+                    raise ValueError(
+                        f"{_label(gi, i, group, p)}: gradient is {g.dtype}{list(g.shape)}, the parameter {p.dtype}{list(p.shape)}"
+                    )
+                record, new = self._core(p, built.transform, gi, i, group)
                 rounding = group["bf16_stochastic_round"] and p.dtype == torch.bfloat16
                 if rounding and "step" not in record[0]:
-                    raise ValueError(f"{label}: bf16_stochastic_round needs a transform with a step count (scale_by_adam)")
+                    raise ValueError(
+                        f"{_label(gi, i, group, p)}: bf16_stochastic_round needs a transform with a step count (scale_by_adam)"
+                    )
                 jobs.append((p, g, built.transform, record, new, rounding, position))
         for p, _, _, record, new, _, _ in jobs:  # everything checked: from here on nothing raises for bad input
             if new:

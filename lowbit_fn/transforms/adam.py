@@ -232,14 +232,14 @@ def scale_by_adam(
 
     def validate(
         updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None
-    ) -> tuple[list[Key], tuple[_Group, ...], list[Tensor]]:
-        """Raise for bad input; return the sorted keys, the groups and the updates' leaves in key order."""
+    ) -> tuple[list[Key], tuple[_Group, ...], list[Tensor], list[Tensor]]:
+        """Raise for bad input; return the sorted keys, the groups, and the updates' and params' leaves in key
+        order (no params: an empty list)."""
         if not isinstance(state, TensorDictBase) or "layout" not in state.keys() or "count" not in state.keys():
             raise ValueError("scale_by_adam: the state is not a scale_by_adam state (no 'layout'/'count' entries)")
         sig, groups = plan_of(state["layout"])
         keys, grads = check_like(updates, sig, "updates", "params the state was built for")
-        if params is not None:
-            check_like(params, sig, "params", "params the state was built for")
+        param_leaves = [] if params is None else check_like(params, sig, "params", "params the state was built for")[1]
         expected = {"count", "layout"} | {g.name for g in groups}
         if set(state.keys()) != expected:
             raise ValueError(
@@ -262,7 +262,7 @@ def scale_by_adam(
                             f"scale_by_adam: state[{group.name!r}][{m!r}] has {tensor.dtype}{list(tensor.shape)}, the "
                             f"layout needs {dtype}[{size}] (corrupt or foreign state)"
                         )
-        return keys, groups, grads
+        return keys, groups, grads, param_leaves
 
     def check(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None) -> None:
         validate(updates, state, params)
@@ -304,9 +304,9 @@ def scale_by_adam(
         batch = _NativeBatch()
         outs: list[tuple[list[Key], dict[Key, Tensor]]] = []
         with torch.no_grad():
-            for (keys, groups, grads), state, params, epilogue in checked:
+            for (keys, groups, grads, param_leaves), state, params, epilogue in checked:
                 by_key = dict(zip(keys, grads))
-                by_param = dict(zip(*leaves(params))) if params is not None else {}
+                by_param = dict(zip(keys, param_leaves))
                 step = state["count"] + 1
                 out: dict[Key, Tensor] = {}
                 for group in groups:
