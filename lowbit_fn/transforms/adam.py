@@ -302,6 +302,7 @@ def scale_by_adam(
         item's sorted keys and results (none for parameters updated in place)."""
         checked = [(validate(u, st, p), st, p, ep) for u, st, p, ep in items]
         batch = _NativeBatch()
+        native_on: dict[torch.device, bool] = {}  # native_available, asked once per device and call
         outs: list[tuple[list[Key], dict[Key, Tensor]]] = []
         with torch.no_grad():
             for (keys, groups, grads, param_leaves), state, params, epilogue in checked:
@@ -311,7 +312,10 @@ def scale_by_adam(
                 out: dict[Key, Tensor] = {}
                 for group in groups:
                     st = state[group.name]
-                    if _native_serves(group, by_key, by_param, epilogue):
+                    device = by_key[group.slots[0].key].device
+                    if device not in native_on:
+                        native_on[device] = native_available(device)
+                    if native_on[device] and _native_serves(group, by_key, by_param, epilogue):
                         batch.add(group, st, moments, by_key, by_param, step, betas_eps, rounding, seed, epilogue, out)
                         continue
                     result = reference_group(
@@ -371,9 +375,9 @@ class Epilogue:
 
 
 def _native_serves(group: _Group, grads: dict[Key, Tensor], params: dict[Key, Tensor], epilogue: Epilogue | None) -> bool:
-    """Whether the native kernel runs this group: quantized or float32 state, on the CPU, and float32 throughout
-    when fused."""
-    if group.dtype != torch.float32 or not native_available(grads[group.slots[0].key].device):
+    """Whether the native kernel (available on the group's device) runs this group: quantized or float32 state,
+    and float32 throughout when fused."""
+    if group.dtype != torch.float32:
         return False
     if epilogue is None:
         return True
@@ -392,6 +396,7 @@ class _NativeBatch:
     def __init__(self) -> None:
         self.calls: dict[tuple, dict[str, list]] = {}
         self.results: list[tuple[dict[Key, Tensor], Key, Tensor, torch.Size, torch.dtype]] = []  # made after the run
+        self.floats: dict[tuple[int, bool], float] = {}  # scalar tensors seen (alive until the run: ids are stable)
 
     @torch.compiler.disable  # inside a user's torch.compile: a graph break, run eagerly on the real tensors
     def add(
@@ -406,9 +411,9 @@ class _NativeBatch:
         mode, wd, factor = 0, 0.0, 0.0
         if epilogue is not None:
             mode = (EPILOGUE_DECOUPLED if epilogue.decoupled else EPILOGUE_L2) | EPILOGUE_SCALE | (EPILOGUE_APPLY if apply else 0)
-            wd, factor = _f32(epilogue.weight_decay), _f32(epilogue.factor)
+            wd, factor = self.f32(epilogue.weight_decay), self.f32(epilogue.factor)
         key = (fmt.name if fmt is not None else None, bs, rounding, seed, len(moments), mode, int(step),
-               *(float(x) for x in betas_eps), wd, factor)
+               *(self.exact(x) for x in betas_eps), wd, factor)
         call = self.calls.get(key)
         if call is None:
             scalars = (torch.tensor(wd, dtype=torch.float32), torch.tensor(factor, dtype=torch.float32))
@@ -433,6 +438,20 @@ class _NativeBatch:
                 call["outs"].append(torch.empty(slot.numel, dtype=torch.float32, device=call["grads"][-1].device))
                 self.results.append((out, slot.key, call["outs"][-1], slot.shape, slot.dtype))
 
+    def f32(self, x: float | Tensor) -> float:
+        """``_f32(x)``, once per tensor."""
+        if not isinstance(x, Tensor):
+            return _f32(x)
+        if (id(x), True) not in self.floats:
+            self.floats[id(x), True] = _f32(x)
+        return self.floats[id(x), True]
+
+    def exact(self, x: Tensor) -> float:
+        """``float(x)``, once per tensor."""
+        if (id(x), False) not in self.floats:
+            self.floats[id(x), False] = float(x)
+        return self.floats[id(x), False]
+
     @torch.compiler.disable
     def run(self) -> None:
         for call in self.calls.values():
@@ -448,7 +467,7 @@ class _NativeBatch:
 def _f32(x: float | Tensor) -> float:
     """``x`` rounded to float32 (as torch rounds a scalar factor for float32 tensors), as a Python float."""
     if isinstance(x, Tensor):
-        return float(x.detach().to(dtype=torch.float32))
+        return x.item() if x.dtype == torch.float32 else float(x.detach().to(dtype=torch.float32))
     try:
         return struct.unpack("f", struct.pack("f", x))[0]
     except OverflowError:  # beyond float32's range: torch rounds it to +-inf

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tensordict import TensorDictBase
 
-from ._tree import Tree, as_tensordict
+from ._tree import Tree, as_tensordict, flat_or_tensordict
 from .adam import Epilogue, Scalar, scale_by_adam
 from .base import GradientTransformation, chain
 from .basic import Schedule, add_decayed_weights, advance_schedule, learning_rate_factor, scale_by_learning_rate
@@ -121,7 +121,7 @@ def _fused(
         """``params += update(updates, state, params)`` (the float32 sum ``apply_updates`` computes) in place, for
         many ``(updates, state, params)`` at once: the torch.optim front end's per-parameter states. Everything is
         checked before anything changes; one native call serves all the states that share a step and scalars."""
-        prepared = [(as_tensordict(u), st, as_tensordict(p, "params")) for u, st, p in items]
+        prepared = [(flat_or_tensordict(u), st, flat_or_tensordict(p, "params")) for u, st, p in items]
         for u, st, p in prepared:
             check_others(u, st, p)
         core.update.apply_many([(u, st[str(core_index)], p, epilogue(st, True)) for u, st, p in prepared])  # type: ignore[attr-defined]
