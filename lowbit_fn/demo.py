@@ -32,6 +32,7 @@ import gc
 import json
 import math
 import platform
+import subprocess
 import sys
 import sysconfig
 import time
@@ -196,17 +197,8 @@ def _tensor_bytes(tensors: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
 
 
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak resident memory (Linux ``clear_refs``); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far (Linux), in MiB."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -287,7 +279,6 @@ def train(name: str, corpus: Corpus, cfg: Config, *, progress: bool = True) -> R
         raise ValueError(f"size must be one of {tuple(SIZES)}, got {cfg.size!r}")
     size = SIZES[cfg.size]
     gc.collect()
-    measured = _reset_peak_rss()
     torch.manual_seed(cfg.seed)
     model = CharTransformer(**size)
     stepper = _Stepper(name, model, cfg)
@@ -318,7 +309,7 @@ def train(name: str, corpus: Corpus, cfg: Config, *, progress: bool = True) -> R
         api="torch_optim" if name == "fp32" else cfg.api,
         state_bytes=stepper.state_bytes(),
         params=sum(p.numel() for p in model.parameters()),
-        peak_rss_mb=_peak_rss_mb() if measured else None,
+        peak_rss_mb=_peak_rss_mb(),
         steps_per_s=cfg.steps / seconds,
         train_loss=stepper.evaluate(eval_sets["train"]),
         valid_loss=valid_curve[-1][1],
@@ -404,7 +395,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _train_in_child(name: str, cfg: Config, progress: bool) -> RunResult:
+    """:func:`train` in a fresh Python process, so that each run's peak process memory is its own."""
+    job = json.dumps({"name": name, "config": asdict(cfg), "progress": progress})
+    child = subprocess.run([sys.executable, "-m", "lowbit_fn.demo", "--run-one", job], stdout=subprocess.PIPE, text=True)
+    if child.returncode != 0:
+        raise RuntimeError(f"the {name} run failed (exit status {child.returncode}; its error is printed above)")
+    return RunResult(**json.loads(child.stdout.strip().splitlines()[-1]))
+
+
+def _run_one(job: str) -> None:
+    spec = json.loads(job)
+    cfg = Config(**spec["config"])
+    result = train(spec["name"], Corpus.from_bytes(stdlib_text(cfg.corpus_bytes)), cfg, progress=spec["progress"])
+    print(json.dumps(asdict(result)))
+
+
 def main(argv: list[str] | None = None) -> list[RunResult]:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--run-one"]:  # internal: one run in a child process (see _train_in_child)
+        _run_one(argv[1])
+        return []
     args = parse_args(argv)
     cfg = Config(size=args.size, steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                  eval_every=args.eval_every, corpus_bytes=args.corpus_bytes, seed=args.seed, api=args.api,
@@ -415,13 +426,13 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
           f"source ({sysconfig.get_paths()['stdlib']})")
     print(f"model: {cfg.size} {size}, {sum(p.numel() for p in CharTransformer(**size).parameters()):,} parameters; "
           f"{cfg.steps} steps of {cfg.batch_size} x {size['context']} bytes; API: {cfg.api}")
-    results = [train(name, corpus, cfg, progress=not args.no_progress) for name in args.optimizers]
+    results = [_train_in_child(name, cfg, progress=not args.no_progress) for name in args.optimizers]
     table = markdown_table(results)
-    command = "python -m lowbit_fn.demo " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m lowbit_fn.demo " + " ".join(argv)
     notes = [
         f"- command: `{command.strip()}`; {datetime.datetime.now().isoformat(timespec='seconds')}; {_machine()}",
-        "- state: bytes of every optimizer-state tensor; peak RSS: the process's peak resident memory during the run "
-        "(reset before each run; it includes Python, torch and the data, so state savings show as differences)",
+        "- state: bytes of every optimizer-state tensor; peak RSS: peak resident memory of the run's own process (each run "
+        "is a fresh process: Python, torch, the data, the model, its activations and the optimizer)",
         "- steps/s: optimizer and model step together (forward, backward, update), evaluation excluded",
         "- losses: mean cross-entropy (nats per byte) over the same fixed batches for every optimizer",
     ]
