@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import math
 import platform
@@ -181,6 +180,9 @@ class Config:
 
 @dataclass
 class RunResult:
+    """One training run. ``peak_rss_mb``: the peak resident memory of the process that ran it (the demo's CLI runs
+    each optimizer in a fresh process, so there it is the run's own)."""
+
     optimizer: str
     api: str
     state_bytes: int
@@ -278,7 +280,6 @@ def train(name: str, corpus: Corpus, cfg: Config, *, progress: bool = True) -> R
     if cfg.size not in SIZES:
         raise ValueError(f"size must be one of {tuple(SIZES)}, got {cfg.size!r}")
     size = SIZES[cfg.size]
-    gc.collect()
     torch.manual_seed(cfg.seed)
     model = CharTransformer(**size)
     stepper = _Stepper(name, model, cfg)
