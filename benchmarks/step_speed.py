@@ -1,32 +1,52 @@
-"""Optimizer step speed and state memory: lowbit_fn's AdamW against ``torch.optim.AdamW``.
+"""Optimizer step speed and memory: lowbit_fn's AdamW against ``torch.optim.AdamW``.
 
 What is measured
-    One *step* of every optimizer on the same model-shaped set of float32 parameters, with the same fixed random
-    gradients reused at every step:
+    One *step* of every optimizer on the same model-shaped set of parameters, all of one dtype (``--dtype``:
+    float32, the default, bfloat16 or float16; the gradients have the params' dtype), with the same fixed random
+    gradients reused at every step (the in-place rows feed their own buffers instead, see below):
 
-    * ``lowbit_fn <format>``: ``opt.update(grads, state, params)`` followed by ``lowbit_fn.apply_updates(params,
-      updates)`` for ``opt = lowbit_fn.adamw(learning_rate=1e-3, weight_decay=1e-2, state_format=<format>)``,
-      i.e. a full step through the functional API (the state is donated, so it is updated in place).
-    * ``lowbit_fn <Class>``: the same step through the torch.optim front end (``lowbit_fn.AdamW8bit``, ...,
-      ``lowbit_fn.AdamW`` for fp32 state) with ``.grad`` set, timing ``opt.step()`` (``--apis torch_optim``).
-    * ``torch fused fp32`` / ``torch foreach fp32``: ``torch.optim.AdamW(..., fused=True)`` (resp.
-      ``foreach=True``) with ``.grad`` set to the same gradients, timing ``opt.step()``.
-    * torchao / bitsandbytes low-bit AdamW, only when those packages are importable.
+    * ``lowbit_fn <format>`` (``--apis functional``): ``opt.update(grads, state, params)`` followed by
+      ``lowbit_fn.apply_updates(params, updates)``, both pure (``inplace=False``), for ``opt =
+      lowbit_fn.adamw(learning_rate=1e-3, weight_decay=1e-2, state_format=<format>)``: a full step through the
+      functional API that returns new updates and new params (the state is donated, so it is updated in place).
+    * ``lowbit_fn <format> (functional, inplace)`` (``--apis functional_inplace``): the same two calls with
+      ``inplace=True``: ``update`` writes the updates into the gradients' buffers and ``apply_updates`` adds them
+      into the params' own tensors. The runner has its own copy of the gradients; every step overwrites it with
+      that step's updates, and the same buffers are fed again, as they are, as the next step's gradients (no copy
+      in the timed region). The updates are about as large as the gradients (``learning_rate`` = 1e-3 times a
+      direction of magnitude about 1, against gradients of standard deviation 1e-3), so the kernel sees
+      representative values and the timing is that of a real step.
+    * ``lowbit_fn <Class>`` (``--apis torch_optim``): the torch.optim front end (``lowbit_fn.AdamW8bit``, ...,
+      ``lowbit_fn.AdamW`` for fp32 state) with ``.grad`` set, timing ``opt.step()``.
+    * ``torch fused <dtype>`` / ``torch foreach <dtype>``: ``torch.optim.AdamW(..., fused=True)`` (resp.
+      ``foreach=True``) with ``.grad`` set to the same gradients, timing ``opt.step()``; torch keeps its moments in
+      the params' dtype (``fp32``, ``bf16``, ``fp16``). A baseline that raises for the dtype is skipped, with a note.
+    * torchao / bitsandbytes low-bit AdamW, only when those packages are importable and run here (else a note).
+
+    lowbit_fn's rows run the native C kernel (``--paths native``, the default). ``--paths compiled`` adds the same
+    rows on the compiled torch path, named with a ``(compiled)`` suffix: ``LOWBIT_FN_NATIVE=0`` is set around
+    those runners' step calls only (and restored after), so every other row keeps the native kernel.
 
     Model shapes (``REFERENCE_MODELS``): ``tlike100``, 100 tensors and 25.3 M elements shaped like a small
-    transformer (12 x [1024, 1024], 3 x [4096, 1024], 3 x [4096], 82 x [1024]); ``flat16M``, one tensor of
-    16 x 2**20 elements. ``--scale`` multiplies every tensor's first dimension (at least 1) for quick runs.
+    transformer (12 x [1024, 1024], 3 x [4096, 1024], 3 x [4096], 82 x [1024]); ``sq16M``, one [4096, 4096]
+    tensor (16.8 M elements; lowbit_fn quantizes the state of tensors of two or more dimensions with at least 4096
+    elements, 1-D ones keep fp32 state); ``m64x1M``, 64 x [1024, 1024] (67.1 M elements: the step-memory case, run
+    with ``--dtype bfloat16``; not in the default ``--models``). ``--scale`` multiplies every tensor's first
+    dimension (at least 1) for quick runs.
 
 How it is timed
     Every optimizer first takes one step timed on its own ("first step s (warm)": it includes any compilation
     and the native kernel's loading, with whatever the on-disk caches already hold) and one more untimed warm-up
-    step. "first step s (cold)" (functional rows; ``--no-cold`` skips it) is the first step of a fresh process
-    whose caches (``TORCHINDUCTOR_CACHE_DIR``, ``LOWBIT_FN_CACHE``) start empty: a new user's first step,
-    including the build of the native kernel. Then, for
+    step. "first step s (cold)" (the native pure functional rows ``lowbit_fn <format>``; ``--no-cold`` skips it)
+    is the first step of a fresh process whose caches (``TORCHINDUCTOR_CACHE_DIR``, ``LOWBIT_FN_CACHE``) start
+    empty: a new user's first step, including the build of the native kernel. Then, for
     ``--rounds`` rounds, every optimizer runs ``--steps`` steps back to back, timed as a whole; optimizers are
     interleaved within a round and the order is reversed every other round, so slow drifts of the machine hit
-    all of them alike. The table gives the median over rounds of the per-step milliseconds, and the ratio of
-    that median to the fused torch AdamW's median from the same run.
+    all of them alike. The table gives the median over rounds of the per-step milliseconds, the ratio of that
+    median to the fused torch AdamW's median (same dtype) from the same run, and for lowbit_fn's functional rows
+    (pure and in place) the ratio to the torch.optim front end's row of the same format and path ("× torch_optim").
+    Summary lines repeat the "functional inplace / torch_optim" ratio per model, format and path (the target is
+    at most 1.15x), both measured side by side in the same run.
 
     ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP threads sleep instead of spinning) and ``THP_MEM_ALLOC_ENABLE=1``
     (transparent huge pages for large CPU allocations) are set before torch is imported, unless already set.
@@ -37,18 +57,33 @@ How it is timed
 
 Memory columns
     "step peak extra": the most memory that one step's own allocations hold at the same time (torch profiler
-    memory events; the native kernel's few KiB of scratch are outside torch's allocator and not counted), in bytes
-    per element of the model's largest tensor: 8 B/elem is the budget of issue 6, and a step that allocates an
-    update for every parameter (the functional API, by its contract) needs 8 B per element of *all* of them.
+    memory events, measured on one step after the warm-up; the native kernel's few KiB of scratch are outside
+    torch's allocator and not counted), in bytes per element of the model's largest tensor: 8 B/elem is the budget
+    of issue 6, and a step that allocates an update for every parameter (the pure functional API, by its
+    contract) needs 2 x the params' element size per element of *all* of them. For ``m64x1M`` summary lines also
+    give it in MB, beside torch's fused AdamW of the same dtype.
     "state B/elem (all)": bytes of every optimizer-state tensor divided by the number of parameter elements.
-    "state B/elem (quantized tensors)": for lowbit_fn, bytes of the quantized group(s) of the state (entries
-    named ``<format>_block<N>``) divided by the elements of the parameters in them (those with at least 4096
-    elements); for other low-bit optimizers, the same over their quantized per-parameter states.
+    "state B/elem (quantized tensors)": for lowbit_fn, bytes of every tensor in the quantized group(s) of the
+    state (the entries of ``state["0"]`` whose name ends with ``_block<N>``: codes and scales) divided by the
+    elements of the quantized parameters (two or more dimensions and at least 4096 elements); for other low-bit
+    optimizers, the same over their quantized per-parameter states.
+    "RSS step growth MB" / "RSS 1st step MB" (``--rss``): how much the peak resident memory of the process grows
+    during one step, measured for each optimizer in a fresh child process (so that each peak is its own) that
+    builds the params, grads and optimizer alone: the first step, then (after it, a warm-up) one more step. Before
+    each measured step the kernel's peak-RSS mark (``VmHWM``, the counter behind ``getrusage(RUSAGE_SELF)
+    .ru_maxrss``) is reset to the current RSS (``/proc/self/clear_refs``), and the growth is ``VmHWM`` after the
+    step minus RSS before it. (``ru_maxrss`` itself cannot be reset, and a child process inherits its parent's
+    value at ``exec``, so its plain before/after difference reads 0 whenever the parent was bigger; where
+    ``clear_refs`` cannot be written that difference is what is reported.) Before each measured step the C heap's
+    free memory is also handed back to the OS (glibc's ``malloc_trim(0)``), so that a step's temporaries count
+    even where the allocator kept the warm-up step's ones. The first step also counts state that an optimizer
+    allocates lazily (torch.optim-style ones) and any compilation.
 
 Usage:
-    python benchmarks/step_speed.py [--models tlike100 flat16M] [--formats fp32 8bit 4bit fp8]
-                                    [--apis functional torch_optim] [--rounds 5] [--steps 5] [--scale 1.0]
-                                    [--markdown PATH]
+    python benchmarks/step_speed.py [--models tlike100 sq16M m64x1M] [--formats fp32 8bit 4bit fp8]
+                                    [--apis functional functional_inplace torch_optim] [--paths native compiled]
+                                    [--dtype float32|bfloat16|float16] [--rounds 5] [--steps 5] [--scale 1.0]
+                                    [--rss] [--no-cold] [--markdown PATH]
 """
 
 from __future__ import annotations
@@ -59,9 +94,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import argparse  # noqa: E402
+import ctypes  # noqa: E402
 import datetime  # noqa: E402
 import gc  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
+import resource  # noqa: E402
 import shlex  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -83,17 +121,32 @@ Shape = tuple[int, ...]
 
 REFERENCE_MODELS: dict[str, list[Shape]] = {
     "tlike100": [(1024, 1024)] * 12 + [(4096, 1024)] * 3 + [(4096,)] * 3 + [(1024,)] * 82,
-    "flat16M": [(16 * 2**20,)],
+    "sq16M": [(4096, 4096)],
+    "m64x1M": [(1024, 1024)] * 64,
 }
+DEFAULT_MODELS = ("tlike100", "sq16M")
 FORMATS = ("fp32", "8bit", "4bit", "fp8")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 1e-2
 MIN_QUANT_SIZE = 4096
-APIS = ("functional", "torch_optim")
-TORCH_OPTIM_CLASSES = {"fp32": "AdamW", "8bit": "AdamW8bit", "4bit": "AdamW4bit", "fp8": "AdamWFp8"}  # lowbit_fn's default: smaller tensors keep fp32 state
-FUSED = "torch fused fp32"
+APIS = ("functional", "functional_inplace", "torch_optim")
+PATHS = ("native", "compiled")
+# lowbit_fn's default: smaller tensors keep fp32 state
+TORCH_OPTIM_CLASSES = {"fp32": "AdamW", "8bit": "AdamW8bit", "4bit": "AdamW4bit", "fp8": "AdamWFp8"}
+FUSED = "torch fused fp32"  # the float32 names of the torch baselines (see baseline_names)
 FOREACH = "torch foreach fp32"
+MEMORY_MODEL = "m64x1M"  # the model whose step peak is also summarized in MB
+INPLACE_TARGET = 1.15  # the issue's target for functional inplace / torch_optim
 _QUANT_GROUP = re.compile(r"_block\d+$")
+_SUFFIX = {"functional": "", "functional_inplace": " (functional, inplace)", "torch_optim": ""}
+
+
+def baseline_names(dtype: str = "float32") -> tuple[str, str]:
+    """The rows of torch's fused and foreach AdamW for params of ``dtype``: ``("torch fused bf16", ...)``."""
+    label = DTYPE_LABELS[dtype]
+    return f"torch fused {label}", f"torch foreach {label}"
 
 
 # ----------------------------------------------------------------------------------------------- the models
@@ -104,12 +157,23 @@ def scaled_shapes(shapes: Iterable[Shape], scale: float) -> list[Shape]:
     return [(max(1, round(s[0] * scale)), *s[1:]) for s in shapes]
 
 
-def make_tensors(shapes: list[Shape], seed: int = 0) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Random float32 params and grads for ``shapes``, keyed ``p000``, ``p001``, ... (fixed by ``seed``)."""
+def make_tensors(
+    shapes: list[Shape], seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Random params and grads of ``dtype`` for ``shapes``, keyed ``p000``, ``p001``, ... (fixed by ``seed``: drawn
+    in float32, then rounded to ``dtype``)."""
     gen = torch.Generator().manual_seed(seed)
     params = {f"p{i:03d}": torch.randn(s, generator=gen) * 0.02 for i, s in enumerate(shapes)}
     grads = {k: torch.randn(v.shape, generator=gen) * 1e-3 for k, v in params.items()}
+    if dtype != torch.float32:
+        params = {k: v.to(dtype) for k, v in params.items()}
+        grads = {k: v.to(dtype) for k, v in grads.items()}
     return params, grads
+
+
+def is_quantized_shape(shape: torch.Size | Shape) -> bool:
+    """Whether lowbit_fn's default (``min_quant_size=4096``) quantizes the state of a parameter of ``shape``."""
+    return len(shape) >= 2 and torch.Size(shape).numel() >= MIN_QUANT_SIZE
 
 
 def tensor_bytes(t: Tensor) -> int:
@@ -124,6 +188,29 @@ def tensor_bytes(t: Tensor) -> int:
 # ----------------------------------------------------------------------------------------------- the runners
 
 
+@dataclass(frozen=True)
+class Spec:
+    """What a runner is: ``kind`` (``functional``, ``functional_inplace``, ``torch_optim``: lowbit_fn's; ``fused``,
+    ``foreach``: torch's AdamW; ``peer``: an optional low-bit AdamW of another package), ``fmt`` (lowbit_fn's
+    state format, or the peer's row name) and ``path`` (``native`` or ``compiled``, lowbit_fn's rows only)."""
+
+    kind: str
+    fmt: str = ""
+    path: str = "native"
+
+    @property
+    def ours(self) -> bool:
+        return self.kind in APIS
+
+    def name(self, dtype: str = "float32") -> str:
+        if self.kind in ("fused", "foreach"):
+            return baseline_names(dtype)[self.kind == "foreach"]
+        if self.kind == "peer":
+            return self.fmt
+        base = f"lowbit_fn {TORCH_OPTIM_CLASSES[self.fmt]}" if self.kind == "torch_optim" else f"lowbit_fn {self.fmt}"
+        return base + _SUFFIX[self.kind] + (" (compiled)" if self.path == "compiled" else "")
+
+
 @dataclass
 class Runner:
     """One optimizer on its own copy of the params: ``step()`` does one full step."""
@@ -133,19 +220,60 @@ class Runner:
     memory: Callable[[], tuple[float | None, float]]  # (quantized B/elem or None, all B/elem)
     first_s: float = float("nan")
     peak_bytes: int | None = None  # extra memory allocated during one step, at its peak
+    spec: Spec | None = None
 
 
-def lowbit_runner(fmt: str, params: dict[str, Tensor], grads: dict[str, Tensor]) -> Runner:
+def on_path(step: Callable[[], None], path: str) -> Callable[[], None]:
+    """``step`` as is (``native``), or run with ``LOWBIT_FN_NATIVE=0`` (``compiled``: the compiled torch path; the
+    variable is read at every step) and the variable restored after."""
+    if path == "native":
+        return step
+    if path != "compiled":
+        raise ValueError(f"path must be one of {list(PATHS)}, got {path!r}")
+
+    def compiled_step() -> None:
+        old = os.environ.get("LOWBIT_FN_NATIVE")
+        os.environ["LOWBIT_FN_NATIVE"] = "0"
+        try:
+            step()
+        finally:
+            if old is None:
+                del os.environ["LOWBIT_FN_NATIVE"]
+            else:
+                os.environ["LOWBIT_FN_NATIVE"] = old
+
+    return compiled_step
+
+
+def lowbit_runner(
+    fmt: str, params: dict[str, Tensor], grads: dict[str, Tensor], inplace: bool = False, path: str = "native"
+) -> Runner:
+    """lowbit_fn's functional step on a copy of ``params``: pure, or with ``inplace=True`` on a copy of ``grads``
+    that every step overwrites with its updates and that the next step takes as its gradients."""
     opt = lowbit_fn.adamw(learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, state_format=fmt)
-    grads_td = TensorDict(grads, batch_size=[])
+    grads_td = TensorDict({k: v.clone() for k, v in grads.items()} if inplace else dict(grads), batch_size=[])
     holder: dict[str, TensorDictBase] = {"params": TensorDict({k: v.clone() for k, v in params.items()}, batch_size=[])}
     holder["state"] = opt.init(holder["params"])
     numel = sum(p.numel() for p in params.values())
-    qnumel = sum(p.numel() for p in params.values() if p.numel() >= MIN_QUANT_SIZE)
+    qnumel = sum(p.numel() for p in params.values() if is_quantized_shape(p.shape))
 
     def step() -> None:
         updates, holder["state"] = opt.update(grads_td, holder["state"], holder["params"])
         holder["params"] = lowbit_fn.apply_updates(holder["params"], updates)
+
+    checked = [False]
+
+    def step_inplace() -> None:
+        updates, holder["state"] = opt.update(grads_td, holder["state"], holder["params"], inplace=True)
+        new = lowbit_fn.apply_updates(holder["params"], updates, inplace=True)
+        if not checked[0]:  # the contract the timing relies on; once, outside the steady state
+            checked[0] = True
+            moved = [k for k in grads_td.keys() if updates[k].data_ptr() != grads_td[k].data_ptr()]
+            if moved or new is not holder["params"]:
+                raise RuntimeError(
+                    f"lowbit_fn {fmt}: update(..., inplace=True) did not write into the gradients' buffers ({moved[:3]}) "
+                    f"or apply_updates(..., inplace=True) returned other params ({new is not holder['params']})"
+                )
 
     def memory() -> tuple[float | None, float]:
         state = holder["state"]
@@ -160,7 +288,8 @@ def lowbit_runner(fmt: str, params: dict[str, Tensor], grads: dict[str, Tensor])
         qbytes = sum(quant) / qnumel if quant and qnumel else None
         return qbytes, total / numel
 
-    return Runner(f"lowbit_fn {fmt}", step, memory)
+    spec = Spec("functional_inplace" if inplace else "functional", fmt, path)
+    return Runner(spec.name(), on_path(step_inplace if inplace else step, path), memory, spec=spec)
 
 
 def _is_quantized(t: Tensor) -> bool:
@@ -169,7 +298,8 @@ def _is_quantized(t: Tensor) -> bool:
 
 
 def torch_optim_runner(
-    name: str, factory: Callable[[list[Tensor]], torch.optim.Optimizer], params: dict[str, Tensor], grads: dict[str, Tensor]
+    name: str, factory: Callable[[list[Tensor]], torch.optim.Optimizer], params: dict[str, Tensor], grads: dict[str, Tensor],
+    path: str = "native",
 ) -> Runner:
     """A ``torch.optim``-style optimizer (also torchao's / bitsandbytes') on leaf copies of ``params``."""
     leaves = [torch.nn.Parameter(p.clone()) for p in params.values()]
@@ -188,12 +318,11 @@ def torch_optim_runner(
                 qbytes, qnumel = qbytes + nbytes, qnumel + p.numel()
         return (qbytes / qnumel if qnumel else None), total / numel
 
-    return Runner(name, opt.step, memory)
+    return Runner(name, on_path(opt.step, path), memory)
 
 
-def optional_runners(params: dict[str, Tensor], grads: dict[str, Tensor]) -> tuple[list[Runner], list[str]]:
-    """torchao / bitsandbytes low-bit AdamW runners where those packages are importable, and notes about them."""
-    runners: list[Runner] = []
+def peer_factories() -> tuple[list[tuple[str, Callable[[list[Tensor]], torch.optim.Optimizer]]], list[str]]:
+    """torchao / bitsandbytes low-bit AdamW factories where those packages are importable, and notes about them."""
     notes: list[str] = []
     kwargs: dict[str, Any] = {"lr": LEARNING_RATE, "weight_decay": WEIGHT_DECAY}
     factories: list[tuple[str, Callable[[list[Tensor]], torch.optim.Optimizer]]] = []
@@ -215,13 +344,52 @@ def optional_runners(params: dict[str, Tensor], grads: dict[str, Tensor]) -> tup
         factories.append(("bitsandbytes 8bit", lambda ps: bnb.optim.AdamW8bit(ps, **kwargs)))
     except ImportError:
         notes.append("bitsandbytes: not installed, no rows")
-    for name, factory in factories:
+    return factories, notes
+
+
+def make_runner(spec: Spec, params: dict[str, Tensor], grads: dict[str, Tensor], dtype: str = "float32") -> Runner:
+    """The runner of ``spec`` on copies of ``params`` (and, where it changes them, of ``grads``)."""
+    hyper: dict[str, Any] = {"lr": LEARNING_RATE, "weight_decay": WEIGHT_DECAY}
+    name = spec.name(dtype)
+    if spec.kind in ("functional", "functional_inplace"):
+        runner = lowbit_runner(spec.fmt, params, grads, inplace=spec.kind == "functional_inplace", path=spec.path)
+    elif spec.kind == "torch_optim":
+        cls = getattr(lowbit_fn, TORCH_OPTIM_CLASSES[spec.fmt])
+        runner = torch_optim_runner(name, lambda ps: cls(ps, **hyper), params, grads, spec.path)
+    elif spec.kind in ("fused", "foreach"):
+        flag = {spec.kind: True}
+        runner = torch_optim_runner(name, lambda ps: torch.optim.AdamW(ps, **hyper, **flag), params, grads)
+    elif spec.kind == "peer":
+        factory = dict(peer_factories()[0]).get(spec.fmt)
+        if factory is None:
+            raise ValueError(f"no optional optimizer {spec.fmt!r} here")
+        runner = torch_optim_runner(name, factory, params, grads)
+    else:
+        raise ValueError(f"unknown runner kind {spec.kind!r}")
+    runner.name, runner.spec = name, spec
+    return runner
+
+
+def _skip_note(name: str, err: Exception) -> str:
+    return f"{name}: skipped ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
+
+
+def start_runners(
+    specs: list[Spec], params: dict[str, Tensor], grads: dict[str, Tensor], dtype: str
+) -> tuple[list[Runner], list[str]]:
+    """Build every runner, time its first step and take one untimed warm-up step. A baseline or optional optimizer
+    that raises (e.g. no support for the dtype on this machine) is skipped with a note; lowbit_fn's rows never are."""
+    runners: list[Runner] = []
+    notes: list[str] = []
+    for spec in specs:
         try:
-            runner = torch_optim_runner(name, factory, params, grads)
+            runner = make_runner(spec, params, grads, dtype)
             runner.first_s = _timed(runner.step)
-            runner.step()
-        except Exception as err:  # an optional baseline that does not run here (e.g. no CPU support) is skipped
-            notes.append(f"{name}: skipped ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})")
+            runner.step()  # one untimed warm-up step
+        except Exception as err:
+            if spec.ours:
+                raise
+            notes.append(_skip_note(spec.name(dtype), err))
             continue
         runners.append(runner)
     return runners, notes
@@ -256,7 +424,8 @@ _COLD_CHILD = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import step_speed, torch
-params, grads = step_speed.make_tensors(step_speed.scaled_shapes(step_speed.REFERENCE_MODELS[sys.argv[2]], float(sys.argv[4])))
+shapes = step_speed.scaled_shapes(step_speed.REFERENCE_MODELS[sys.argv[2]], float(sys.argv[4]))
+params, grads = step_speed.make_tensors(shapes, dtype=step_speed.DTYPES[sys.argv[5]])
 runner = step_speed.lowbit_runner(sys.argv[3], params, grads)
 t0 = time.perf_counter()
 runner.step()
@@ -264,16 +433,102 @@ print(json.dumps(time.perf_counter() - t0))
 """
 
 
-def cold_first_step(model: str, fmt: str, scale: float) -> float:
+def cold_first_step(model: str, fmt: str, scale: float, dtype: str = "float32") -> float:
     """Seconds of the first functional step in a fresh process with empty caches (torch.compile's and the native
     kernel's build): what a new user's first step costs."""
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(tmp, "inductor"), LOWBIT_FN_CACHE=os.path.join(tmp, "native"))
         here = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run(
-            [sys.executable, "-c", _COLD_CHILD, here, model, fmt, str(scale)], env=env, capture_output=True, text=True, check=True
+            [sys.executable, "-c", _COLD_CHILD, here, model, fmt, str(scale), dtype], env=env, capture_output=True, text=True,
+            check=True,
         )
     return float(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------- peak RSS
+
+
+def _status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes; ``None`` where there is none."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark (``VmHWM``) to its current RSS (Linux >= 4.0); whether it could."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return _status_bytes("VmHWM") is not None and _status_bytes("VmRSS") is not None
+    except OSError:
+        return False
+
+
+def _maxrss_bytes() -> int:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib if sys.platform == "darwin" else kib * 1024  # bytes on macOS, KiB on Linux
+
+
+def _trim_heap() -> None:
+    """Hand the C heap's free memory back to the OS (glibc's ``malloc_trim``; elsewhere nothing), so that memory
+    freed earlier and kept by the allocator is not counted as resident before a step and reused unseen."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
+def rss_step_growth(step: Callable[[], None]) -> int:
+    """Bytes by which the process's peak RSS grows during one ``step()``: ``VmHWM`` after it minus the RSS before
+    it, the mark reset just before (and the heap's free memory returned to the OS); without
+    ``/proc/self/clear_refs``, the growth of ``ru_maxrss`` (which only shows growth beyond the process's earlier
+    peak, or an inherited one)."""
+    gc.collect()
+    _trim_heap()
+    if _reset_peak_rss():
+        before = _status_bytes("VmRSS")
+        step()
+        return max(0, _status_bytes("VmHWM") - before)
+    before = _maxrss_bytes()
+    step()
+    return _maxrss_bytes() - before
+
+
+def rss_growth(model: str, scale: float, dtype: str, spec: Spec) -> dict[str, int]:
+    """In this process (a fresh child of :func:`measure_rss`): the params, grads and the optimizer of ``spec``
+    alone, then the peak-RSS growth of its first step and of the step after it (``first``, ``step``, bytes)."""
+    shapes = scaled_shapes(REFERENCE_MODELS[model], scale)
+    params, grads = make_tensors(shapes, dtype=DTYPES[dtype])
+    runner = make_runner(spec, params, grads, dtype)
+    del params  # the runner has its own copy; the grads stay (the runners that do not change them share them)
+    first = rss_step_growth(runner.step)
+    return {"first": first, "step": rss_step_growth(runner.step)}
+
+
+_RSS_CHILD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import step_speed
+spec = step_speed.Spec(*json.loads(sys.argv[5]))
+print(json.dumps(step_speed.rss_growth(sys.argv[2], float(sys.argv[3]), sys.argv[4], spec)))
+"""
+
+
+def measure_rss(model: str, scale: float, dtype: str, spec: Spec) -> dict[str, int]:
+    """:func:`rss_growth` of one optimizer in a fresh Python process, so that its peak is its own."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD, here, model, str(scale), dtype, json.dumps([spec.kind, spec.fmt, spec.path])],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------------------------- contention
@@ -364,28 +619,28 @@ def contention_check() -> Contention:
 # ----------------------------------------------------------------------------------------------- measuring
 
 
+def runner_specs(formats: Iterable[str], apis: Iterable[str], paths: Iterable[str]) -> list[Spec]:
+    """The rows of one model, in table order: torch's baselines, then per path lowbit_fn's rows per API and format."""
+    specs = [Spec("fused"), Spec("foreach")]
+    for path in PATHS:
+        if path in paths:
+            specs += [Spec(api, fmt, path) for api in APIS if api in apis for fmt in formats]
+    return specs
+
+
 def measure_model(
     model: str, shapes: list[Shape], formats: list[str], rounds: int, steps: int, apis: Iterable[str] = APIS,
-    scale: float = 1.0, cold_start: bool = True,
+    scale: float = 1.0, cold_start: bool = True, dtype: str = "float32", paths: Iterable[str] = ("native",),
+    rss: bool = False,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows for every optimizer on one model, and notes (skipped optional baselines)."""
-    params, grads = make_tensors(shapes)
-    hyper: dict[str, Any] = {"lr": LEARNING_RATE, "weight_decay": WEIGHT_DECAY}
-    runners = [
-        torch_optim_runner(FUSED, lambda ps: torch.optim.AdamW(ps, **hyper, fused=True), params, grads),
-        torch_optim_runner(FOREACH, lambda ps: torch.optim.AdamW(ps, **hyper, foreach=True), params, grads),
-    ]
-    if "functional" in apis:
-        runners += [lowbit_runner(fmt, params, grads) for fmt in formats]
-    if "torch_optim" in apis:
-        for fmt in formats:
-            cls = getattr(lowbit_fn, TORCH_OPTIM_CLASSES[fmt])
-            runners.append(torch_optim_runner(f"lowbit_fn {cls.__name__}", lambda ps, c=cls: c(ps, **hyper), params, grads))
-    for runner in runners:
-        runner.first_s = _timed(runner.step)
-        runner.step()  # one untimed warm-up step
-    extra, notes = optional_runners(params, grads)
-    runners += extra
+    """Rows for every optimizer on one model, and notes (skipped baselines and optional optimizers)."""
+    apis, paths = list(apis), list(paths)
+    params, grads = make_tensors(shapes, dtype=DTYPES[dtype])
+    runners, notes = start_runners(runner_specs(formats, apis, paths), params, grads, dtype)
+    factories, peer_notes = peer_factories()
+    peers, skipped = start_runners([Spec("peer", name) for name, _ in factories], params, grads, dtype)
+    runners += peers
+    notes += peer_notes + skipped
     largest = max(p.numel() for p in params.values())
     del params
     for runner in runners:
@@ -400,20 +655,40 @@ def measure_model(
             per_step[runner.name].append((time.perf_counter() - t0) / steps * 1e3)
 
     medians = {name: statistics.median(ms) for name, ms in per_step.items()}
-    cold = {f"lowbit_fn {fmt}": cold_first_step(model, fmt, scale) for fmt in formats} if cold_start else {}
+    fused = baseline_names(dtype)[0]
+    cold = {}
+    if cold_start and "functional" in apis and "native" in paths:
+        cold = {Spec("functional", fmt).name(): cold_first_step(model, fmt, scale, dtype) for fmt in formats}
+    rss_of = {}
+    if rss:
+        for runner in runners:
+            rss_of[runner.name] = measure_rss(model, scale, dtype, runner.spec)
+    by_spec = {(r.spec.kind, r.spec.fmt, r.spec.path): r.name for r in runners}
     rows = []
     for runner in runners:
+        spec = runner.spec
         qbytes, nbytes = runner.memory()
+        functional = spec.kind in ("functional", "functional_inplace")
+        reference = by_spec.get(("torch_optim", spec.fmt, spec.path)) if functional else None
+        grown = rss_of.get(runner.name)
         rows.append({
             "model": model,
+            "dtype": dtype,
             "optimizer": runner.name,
+            "api": spec.kind if spec.ours else ("torch" if spec.kind in ("fused", "foreach") else "peer"),
+            "format": spec.fmt if spec.ours else None,
+            "path": spec.path if spec.ours else None,
             "ms": medians[runner.name],
-            "ratio": medians[runner.name] / medians[FUSED],
+            "ratio": medians[runner.name] / medians[fused] if fused in medians else None,
+            "vs_torch_optim": medians[runner.name] / medians[reference] if reference else None,
             "qbytes": qbytes,
             "bytes": nbytes,
             "first_s": runner.first_s,
             "cold_s": cold.get(runner.name),
             "peak": None if runner.peak_bytes is None else runner.peak_bytes / largest,
+            "peak_mb": None if runner.peak_bytes is None else runner.peak_bytes / 2**20,
+            "rss_mb": None if grown is None else grown["step"] / 2**20,
+            "rss_first_mb": None if grown is None else grown["first"] / 2**20,
         })
     return rows, notes
 
@@ -430,29 +705,78 @@ def _ms(value: float) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    rss = any(r.get("rss_mb") is not None for r in rows)
     lines = [
-        "| model | optimizer | ms/step | × fused fp32 | state B/elem (quantized tensors) | state B/elem (all) "
-        "| first step s (warm) | first step s (cold) | step peak extra, B/elem of largest tensor |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | optimizer | ms/step | × torch fused | × torch_optim | state B/elem (quantized tensors) | state B/elem (all) "
+        "| first step s (warm) | first step s (cold) | step peak extra, B/elem of largest tensor |"
+        + (" RSS step growth MB | RSS 1st step MB |" if rss else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if rss else ""),
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['optimizer']} | {_ms(r['ms'])} | {_num(r['ratio'], 2)} | {_num(r['qbytes'], 3)} "
-            f"| {_num(r['bytes'], 3)} | {_num(r['first_s'], 2)} | {_num(r.get('cold_s'), 2)} | {_num(r.get('peak'), 2)} |"
+            f"| {r['model']} | {r['optimizer']} | {_ms(r['ms'])} | {_num(r['ratio'], 2)} | {_num(r.get('vs_torch_optim'), 2)} "
+            f"| {_num(r['qbytes'], 3)} | {_num(r['bytes'], 3)} | {_num(r['first_s'], 2)} | {_num(r.get('cold_s'), 2)} "
+            f"| {_num(r.get('peak'), 2)} |"
+            + (f" {_num(r.get('rss_mb'), 1)} | {_num(r.get('rss_first_mb'), 1)} |" if rss else "")
         )
     return "\n".join(lines)
 
 
+def summary_lines(rows: list[dict[str, Any]], scale: float = 1.0) -> list[str]:
+    """"functional inplace / torch_optim" per model, format and path; step peak memory in MB on ``m64x1M``."""
+    lines = []
+    for r in rows:
+        if r.get("api") == "functional_inplace" and r.get("vs_torch_optim") is not None:
+            path = " (compiled)" if r["path"] == "compiled" else ""
+            reference = r["ms"] / r["vs_torch_optim"]
+            verdict = "meets" if r["vs_torch_optim"] <= INPLACE_TARGET else "misses"
+            lines.append(
+                f"{r['model']} {r['dtype']} {r['format']}{path}: functional inplace / torch_optim = {r['vs_torch_optim']:.2f}x "
+                f"({_ms(r['ms'])} / {_ms(reference)} ms per step; {verdict} the target <= {INPLACE_TARGET:.2f}x)"
+            )
+    for model in dict.fromkeys(r["model"] for r in rows):
+        if model != MEMORY_MODEL:
+            continue
+        mine = [r for r in rows if r["model"] == model]
+        dtype = mine[0]["dtype"]
+        fused = next((r for r in mine if r["optimizer"] == baseline_names(dtype)[0]), None)
+
+        def mb(r: dict[str, Any] | None) -> str:
+            if r is None:
+                return "not measured"
+            text = f"{_num(r.get('peak_mb'), 1)} MB"
+            return text + (f" (RSS +{r['rss_mb']:.1f} MB)" if r.get("rss_mb") is not None else "")
+
+        shapes = scaled_shapes(REFERENCE_MODELS[model], scale)
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        lines.append(
+            f"step peak extra on {model} ({len(shapes)} x {'x'.join(map(str, shapes[0]))}, {numel / 1e6:.1f} M elements), "
+            f"{dtype} params, torch profiler, MB; beside {baseline_names(dtype)[0]}: {mb(fused)}"
+        )
+        for r in mine:
+            if r is not fused:
+                lines.append(f"  {r['optimizer']}: {mb(r)}  ({baseline_names(dtype)[0]}: {mb(fused)})")
+    return lines
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", choices=list(REFERENCE_MODELS), default=list(REFERENCE_MODELS))
+    parser.add_argument("--models", nargs="+", choices=list(REFERENCE_MODELS), default=list(DEFAULT_MODELS),
+                        help=f"model shapes (default: {' '.join(DEFAULT_MODELS)})")
     parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS), help="lowbit_fn state formats")
-    parser.add_argument("--apis", nargs="+", choices=list(APIS), default=list(APIS), help="lowbit_fn front ends to time")
+    parser.add_argument("--apis", nargs="+", choices=list(APIS), default=list(APIS),
+                        help="lowbit_fn front ends to time (default: all)")
+    parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=["native"],
+                        help="lowbit_fn step paths: the native C kernel, the compiled torch path (default: native)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                        help="dtype of all params and grads (default float32)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds; the table gives the median (default 5)")
     parser.add_argument("--steps", type=int, default=5, help="steps per optimizer per round (default 5)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies every tensor's first dimension (default 1.0)")
     parser.add_argument("--markdown", metavar="PATH", help="also write the report to this file")
     parser.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold first-step measurements")
+    parser.add_argument("--rss", action="store_true",
+                        help="also measure each optimizer's peak-RSS growth during a step, in a fresh process each")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
         parser.error("--rounds and --steps must be >= 1")
@@ -464,11 +788,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the benchmark, print the Markdown report, and return the table's rows.
 
-    Each row is a dict with ``model``, ``optimizer``, ``ms`` (median ms per step), ``ratio`` (to the fused torch
-    AdamW), ``qbytes`` (state bytes per element of the quantized tensors, ``None`` without any), ``bytes`` (all
-    state bytes per parameter element), ``first_s`` (seconds of the first step in this process, with whatever the
-    on-disk caches hold: warm after any earlier run) and ``cold_s`` (functional rows: the first step in a fresh
-    process with empty caches; ``None`` elsewhere or with ``--no-cold``).
+    Each row is a dict with ``model``, ``dtype`` (of the params and grads), ``optimizer`` (the row's name), ``api``
+    (lowbit_fn's ``functional``, ``functional_inplace`` or ``torch_optim``; ``torch``; ``peer``), ``format`` and
+    ``path`` (lowbit_fn's rows; ``None`` elsewhere), ``ms`` (median ms per step), ``ratio`` (to the fused torch
+    AdamW of the same dtype; ``None`` if that did not run), ``vs_torch_optim`` (lowbit_fn's functional rows: to the
+    torch.optim front end's row of the same format and path; ``None`` elsewhere), ``qbytes`` (state bytes per
+    element of the quantized tensors, ``None`` without any), ``bytes`` (all state bytes per parameter element),
+    ``first_s`` (seconds of the first step in this process, with whatever the on-disk caches hold: warm after any
+    earlier run), ``cold_s`` (native pure functional rows: the first step in a fresh process with empty caches;
+    ``None`` elsewhere or with ``--no-cold``), ``peak`` / ``peak_mb`` (a step's peak extra allocations, in bytes per
+    element of the largest tensor / in MB) and ``rss_mb`` / ``rss_first_mb`` (``--rss``: peak-RSS growth of a
+    step / of the first step, MB; ``None`` without it).
     """
     if argv is None:
         command = shlex.join(sys.orig_argv)
@@ -490,22 +820,27 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for model in args.models:
         shapes = scaled_shapes(REFERENCE_MODELS[model], args.scale)
         numel = sum(torch.Size(s).numel() for s in shapes)
-        print(f"measuring {model}: {len(shapes)} tensors, {numel / 1e6:.2f} M elements ...", flush=True)
+        print(f"measuring {model}: {len(shapes)} tensors, {numel / 1e6:.2f} M elements, {args.dtype} ...", flush=True)
         model_rows, model_notes = measure_model(
-            model, shapes, args.formats, args.rounds, args.steps, args.apis, args.scale, args.cold
+            model, shapes, args.formats, args.rounds, args.steps, args.apis, args.scale, args.cold, args.dtype, args.paths,
+            args.rss,
         )
         rows += model_rows
         notes += [n for n in model_notes if n not in notes]
         gc.collect()
 
     after = contention_check()
+    summary = summary_lines(rows, args.scale)
     report = "\n".join([
         header,
         "",
-        f"median of {args.rounds} rounds x {args.steps} steps, interleaved; scale {args.scale:g}",
+        f"median of {args.rounds} rounds x {args.steps} steps, interleaved; params and grads {args.dtype}; "
+        f"paths {' '.join(args.paths)}; scale {args.scale:g}",
         "",
         markdown_table(rows),
         "",
+        *summary,
+        *([""] if summary else []),
         before.describe("before"),
         after.describe("after"),
         *notes,
@@ -514,6 +849,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print()
     print(markdown_table(rows))
     print()
+    for line in summary:
+        print(line)
+    if summary:
+        print()
     for note in notes:
         print(note)
     if args.markdown:

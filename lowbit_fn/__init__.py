@@ -26,7 +26,10 @@ from .torch_optim import (
 )
 from .transforms import (
     STATE_FORMATS,
+    CheckedTransformation,
+    FusedAdam,
     GradientTransformation,
+    ScaleByAdam,
     Schedule,
     adam,
     adamw,
@@ -34,6 +37,7 @@ from .transforms import (
     apply_updates,
     chain,
     clip_by_global_norm,
+    convert_state,
     identity,
     offload,
     params_from_module,
@@ -44,7 +48,7 @@ from .transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "GradientTransformation", "chain", "identity", "apply_updates", "params_from_module",
+    "GradientTransformation", "CheckedTransformation", "ScaleByAdam", "FusedAdam", "convert_state", "chain", "identity", "apply_updates", "params_from_module",
     "scale_by_adam", "add_decayed_weights", "scale_by_learning_rate", "clip_by_global_norm", "Schedule",
     "adam", "adamw", "STATE_FORMATS", "offload",
     "quantize", "dequantize", "codebook", "FORMATS",

@@ -1,7 +1,8 @@
 """Compile-or-eager wrapper used by every compiled primitive.
 
-Each hot function is compiled once with ``torch.compile(dynamic=True, fullgraph=True)``, so its graph is reused
-for every tensor length (one graph per format, not per parameter or shape). When compilation is unavailable
+Each hot function is compiled once with ``torch.compile(dynamic=True, fullgraph=True)`` and without duck sizing,
+so its graph is reused for every tensor shape (one graph per format, not per parameter or shape; only a size of 0
+or 1, which dynamo specializes, can add one). When compilation is unavailable
 (no C++ compiler, an unsupported platform) the same Python function runs eagerly after one warning; nothing
 falls back silently. ``LOWBIT_FN_COMPILE=0`` in the environment forces the eager path.
 """
@@ -17,7 +18,10 @@ import torch
 
 __all__ = ["compiled", "compile_enabled"]
 
-_broken: list[BaseException] = []  # the first compile failure; afterwards every primitive runs eagerly
+_broken: list[BaseException] = []
+# graphs one variant may hold: sizes dynamo specializes (a size of 1, one block per row, rows of whole blocks, odd
+# 4-bit rows) each add one; a few per format, never one per tensor
+_LIMIT = 64  # the first compile failure; afterwards every primitive runs eagerly
 
 
 def compile_enabled() -> bool:
@@ -92,7 +96,10 @@ class compiled:  # noqa: N801 - used as a decorator
             return self.fn(*args)
         args = tuple(_unview(a) for a in args)
         try:
-            return self._variant(args)(*args)
+            # no duck sizing: two sizes that happen to be equal (a square matrix, one block per row) must not
+            # become one symbol, or other shapes would recompile
+            with torch.fx.experimental._config.patch(use_duck_shape=False), torch._dynamo.config.patch(recompile_limit=_LIMIT):
+                return self._variant(args)(*args)
         except Exception as err:  # compilation happens before the graph runs: inputs are untouched on failure
             if not _is_compile_failure(err):
                 raise

@@ -1,4 +1,4 @@
-"""Counter-based random numbers: a hash of ``(seed, stream, step, element index)``.
+"""Counter-based random numbers: a hash of ``(seed, stream, step, tensor identity, element index)``.
 
 Fresh every step, no generator state to save in a checkpoint, the same bits whatever the threading, chunking or
 sharding, and a resumed run stays bit-exact. The mixer is Chris Wellons' "lowbias32" integer hash, computed in
@@ -12,10 +12,12 @@ References:
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 from torch import Tensor
 
-__all__ = ["hash32", "stream_key", "stream_key_int", "uniform"]
+__all__ = ["hash32", "stream_key", "stream_key_int", "tensor_key", "tensor_key_int", "tensor_id", "mix", "uniform"]
 
 _M32 = 0xFFFFFFFF
 
@@ -55,6 +57,28 @@ def stream_key_int(seed: int, salt: int, step: int) -> int:
     return _hash32_int((step ^ base) & _M32)
 
 
+def tensor_key(key: Tensor, ident: int | Tensor) -> Tensor:
+    """The key of one tensor's stream: ``key`` (:func:`stream_key`) mixed with the tensor's 32-bit identity."""
+    return hash32((key ^ ident) & _M32)
+
+
+def tensor_key_int(key: int, ident: int) -> int:
+    """:func:`tensor_key` with Python ints."""
+    return _hash32_int((key ^ ident) & _M32)
+
+
+def tensor_id(name: str) -> int:
+    """A tensor's 32-bit identity from its name (a parameter's key path): stable across processes and runs."""
+    return zlib.crc32(name.encode())
+
+
+def mix(index: Tensor, key: Tensor) -> Tensor:
+    """32 random bits for each int64 element ``index`` (any value below 2**63: no wrap at 2**32) of stream ``key``:
+    ``hash32(low32(index) ^ hash32(high32(index) ^ key))``."""
+    high = hash32(((index >> 32) ^ key) & _M32)
+    return hash32((index & _M32) ^ high)
+
+
 def uniform(index: Tensor, key: Tensor) -> Tensor:
     """float32 noise in [0, 1) (24 random bits) for each int64 ``index`` of the stream ``key``."""
-    return (hash32((index ^ key) & _M32) >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    return (mix(index, key) >> 8).to(torch.float32) * (1.0 / (1 << 24))

@@ -23,16 +23,20 @@ import inspect
 import math
 from collections import defaultdict
 from copy import deepcopy
+from dataclasses import replace
 from typing import Any, Callable, Iterable
 
 import torch
 from tensordict import TensorDictBase
 from torch import Tensor
 
+from ._random import stream_key, tensor_key
 from .formats import FORMATS, ROUNDINGS, dequantize, quantize
-from .kernels.rounding import BF16_SR_SEED, stochastic_round_bf16, stream_key
+from .kernels import Epilogue, Item, adam_step
+from .kernels.adam import PARAM_STREAM, round_to
 from .transforms import GradientTransformation, adam, adamw
 from .transforms.adam import parse_group_name
+from .transforms.alias import FusedAdam
 
 __all__ = [
     "TransformOptimizer", "as_torch_optimizer", "to_torch_state_dict",
@@ -166,12 +170,12 @@ def _entries(core: TensorDictBase, shape: torch.Size) -> dict[str, Any]:
             if rest == ("count",):
                 out["step"] = value
                 continue
-            quant = parse_group_name(rest[0])
-            moment = _MOMENTS[rest[1]]
+            group, moment, part = rest[0], _MOMENTS[rest[1]], rest[3:]  # rest[2] is the parameter's key
+            quant = parse_group_name(group)
             if quant is None:
-                out[moment] = value.view(shape)
+                out[moment] = value
             else:
-                out[f"{moment}_{rest[2]}"] = value
+                out[f"{moment}_{part[0]}"] = value
                 out["state_format"], out["block_size"], out["rounding"] = quant
             continue
         out[".".join(path)] = value
@@ -217,13 +221,35 @@ def _moment(entry: dict[str, Any], name: str, shape: torch.Size, label: str) -> 
         if rounding not in ROUNDINGS:
             raise ValueError(f"{label}: unknown rounding {rounding!r} in the checkpoint (expected one of {list(ROUNDINGS)})")
         try:
-            value = dequantize(codes, scale, fmt, signed=_SIGNED[name], shape=shape, block_size=block)
+            if isinstance(codes, Tensor) and _is_flat_v010(codes, scale, fmt, block, shape):
+                per = FORMATS[fmt].codes_per_byte  # 0.1.0: one padded row of every element (blocks over the flat tensor)
+                flat = dequantize(codes[: -(-shape.numel() // per)], scale, fmt, signed=_SIGNED[name], shape=(shape.numel(),), block_size=block)
+                value = flat.view(shape)
+            else:
+                value = dequantize(codes, scale, fmt, signed=_SIGNED[name], shape=shape, block_size=block)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{label}: corrupt {name} in the checkpoint: {err}") from None
         return value * value if rounding == "stochastic" and name != "exp_avg" else value  # v stored as sqrt(v)
     if name == "max_exp_avg_sq":  # saved without amsgrad: the running max starts at the current second moment
         return _moment(entry, "exp_avg_sq", shape, label)
     raise ValueError(f"{label}: the checkpoint has no {name!r} (keys: {sorted(entry)})")
+
+
+def _is_flat_v010(codes: Tensor, scale: Any, fmt: str, block: int, shape: torch.Size) -> bool:
+    """Whether quantized codes are in lowbit_fn 0.1.0's layout (flat, blocks over the flattened tensor, the last
+    one padded) for a parameter of ``shape`` whose row layout differs."""
+    f = FORMATS[fmt]
+    nb = f.num_blocks(shape.numel(), block)
+    return (codes.dim() == 1 and isinstance(scale, Tensor) and scale.shape == (nb,)
+            and codes.numel() == f.code_bytes(nb, block) and codes.shape != f.code_shape(shape))
+
+
+def _aligned_v010(entry: dict[str, Any], moment: str, shape: torch.Size) -> bool:
+    """Whether a moment's 0.1.0 flat codes have exactly today's blocks: rows of a whole number of blocks (then the
+    flat codes and scales are today's, reshaped)."""
+    fmt, block = entry.get("state_format"), entry.get("block_size")
+    return (len(shape) >= 2 and fmt in FORMATS and isinstance(block, int) and (shape.numel() // shape[0]) % block == 0
+            and _is_flat_v010(entry[f"{moment}_codes"], entry.get(f"{moment}_scale"), fmt, block, shape))
 
 
 def _restore(core: TensorDictBase, entry: dict[str, Any], shape: torch.Size, label: str) -> None:
@@ -240,8 +266,12 @@ def _restore(core: TensorDictBase, entry: dict[str, Any], shape: torch.Size, lab
         elif name.endswith("_codes"):
             moment = name[: -len("_codes")]
             codes, scale = target[name], target[f"{moment}_scale"]
-            same = all(entry.get(k) == target[k] for k in _META)
-            if same and f"{moment}_codes" in entry:
+            same = all(entry.get(k) == target[k] for k in _META) and f"{moment}_codes" in entry
+            src = entry.get(name)
+            if same and isinstance(src, Tensor) and src.shape != codes.shape and _aligned_v010(entry, moment, shape):
+                entry = {**entry, name: src.view(codes.shape), f"{moment}_scale": entry[f"{moment}_scale"].view(scale.shape)}
+            same = same and isinstance(entry[name], Tensor) and entry[name].shape == codes.shape
+            if same:
                 src_c, src_s = entry[name], entry.get(f"{moment}_scale")
                 _moment(entry, moment, shape, label)  # validates sizes, dtypes and scales
                 codes.copy_(src_c)
@@ -295,6 +325,30 @@ def _record(param: Tensor, transform: GradientTransformation, entry: dict | None
         _restore(core, entry, param.shape, label)
     fresh = _entries(core, param.shape)
     return fresh, tuple((k, v) for k, v in fresh.items() if isinstance(v, Tensor)), transform, core
+
+
+_QUANT_PARTS = ("codes", "scale")
+
+
+def _fused_adam_step(transform: FusedAdam, jobs: list[tuple[Tensor, Tensor, dict[str, Any], bool, int]]) -> None:
+    """``p += adamw_update(p.grad)`` in place for ``(param, grad, state entry, stochastic rounding, identity)``
+    jobs: one :func:`lowbit_fn.kernels.adam_step` call per state kind (quantized or not) and rounding, on the
+    tensors of ``optimizer.state``; the step counts advance after it."""
+    core = transform.core
+    lr = transform.learning_rate
+    factor = -lr if isinstance(lr, Tensor) else -float(lr)
+    calls: dict[tuple[bool, bool], list[Item]] = {}
+    for p, g, entry, rounding, ident in jobs:
+        quantized = "state_format" in entry
+        names = [f"{_MOMENTS[m]}_{part}" for m in core.moments for part in _QUANT_PARTS] if quantized else [_MOMENTS[m] for m in core.moments]
+        calls.setdefault((quantized, rounding), []).append(Item(g, [entry[n] for n in names], entry["step"] + 1, ident, p))
+    for (quantized, rounding), items in calls.items():
+        config = core.config if quantized else replace(core.config, fmt=None, block_size=0, stochastic=False)
+        epilogue = Epilogue(transform.weight_decay, l2=not transform.decoupled, decoupled=transform.decoupled,
+                            factor=factor, apply=True, param_sr=rounding)
+        adam_step(config, items, core.b1, core.b2, core.eps, epilogue)
+    for _, _, entry, _, _ in jobs:
+        entry["step"].add_(1)
 
 
 class TransformOptimizer(torch.optim.Optimizer):
@@ -374,7 +428,7 @@ class TransformOptimizer(torch.optim.Optimizer):
         """One update of every parameter that has a gradient; returns the closure's loss (if given)."""
         loss = evaluate_closure(closure)
         jobs = []
-        position = -1  # the parameter's index in state_dict(): it salts its stochastic rounding
+        position = -1  # the parameter's index in state_dict(): its identity for stochastic rounding
         for gi, group in enumerate(self.param_groups):
             built = self._built_for(gi, group)
             built.refresh(group)
@@ -389,31 +443,33 @@ class TransformOptimizer(torch.optim.Optimizer):
                     raise ValueError(
                         f"{_label(gi, i, group, p)}: gradient is {g.dtype}{list(g.shape)}, the parameter {p.dtype}{list(p.shape)}"
                     )
+                if g.device != p.device:
+                    raise ValueError(f"{_label(gi, i, group, p)}: gradient on {g.device}, the parameter on {p.device}")
                 record, new = self._core(p, built.transform, gi, i, group)
                 rounding = group["bf16_stochastic_round"] and p.dtype == torch.bfloat16
                 if rounding and "step" not in record[0]:
                     raise ValueError(
                         f"{_label(gi, i, group, p)}: bf16_stochastic_round needs a transform with a step count (scale_by_adam)"
                     )
+                state_device = record[0]["step"].device if "step" in record[0] else p.device
+                if state_device != p.device:
+                    raise ValueError(f"{_label(gi, i, group, p)}: its state is on {state_device}, the parameter on {p.device}")
                 jobs.append((p, g, built.transform, record, new, rounding, position))
         for p, _, _, record, new, _, _ in jobs:  # everything checked: from here on nothing raises for bad input
             if new:
                 self._install(p, record)
-        works = [p if _work_dtype(p) == p.dtype else p.to(_work_dtype(p)) for p, *_ in jobs]
-        for transform in dict.fromkeys(job[2] for job in jobs):  # adam/adamw: one fused in-place native pass
-            apply_many = getattr(transform.update, "apply_many", None)
-            if apply_many is not None:
-                apply_many([({_KEY: g.to(w.dtype)}, record[3], {_KEY: w}) for (_, g, t, record, *_), w in zip(jobs, works) if t is transform])
-        for (p, g, transform, record, _, rounding, position), work in zip(jobs, works):
-            if getattr(transform.update, "apply_many", None) is None:
-                updates, _ = transform.update({_KEY: g.to(work.dtype)}, record[3], {_KEY: work})
-                work.add_(updates[_KEY])
-            if work is p:
+        for transform in dict.fromkeys(job[2] for job in jobs):
+            mine = [job for job in jobs if job[2] is transform]
+            if isinstance(transform, FusedAdam):  # adam/adamw: the kernel entry point, in place, per-parameter state
+                _fused_adam_step(transform, [(p, g, record[0], rounding, position) for p, g, _, record, _, rounding, position in mine])
                 continue
-            if rounding:
-                p.copy_(stochastic_round_bf16(work, stream_key(BF16_SR_SEED, position, record[0]["step"])))
-            else:
-                p.copy_(work)
+            for p, g, _, record, _, rounding, position in mine:  # any other transform, one parameter at a time
+                work = p if _work_dtype(p) == p.dtype else p.to(_work_dtype(p))
+                updates, _ = transform.update({_KEY: g.to(work.dtype)}, record[3], {_KEY: work}, inplace=True)
+                work.add_(updates[_KEY])
+                if work is not p:
+                    key = tensor_key(stream_key(0, PARAM_STREAM, record[0]["step"]), position) if rounding else None
+                    p.copy_(round_to(work.reshape(-1), p.dtype, key, torch.zeros((), dtype=torch.int64)).view(p.shape))
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -552,42 +608,33 @@ def to_torch_state_dict(optimizer: TransformOptimizer) -> dict[str, Any]:
     return {"state": state, "param_groups": groups}
 
 
-class _AdamBase(TransformOptimizer):
-    """Shared constructor of the drop-in classes; subclasses set the factory, the format and the decay default."""
+class _LowBitAdam(TransformOptimizer):
+    """What the drop-in classes share: the factory and state format are class attributes, the signature is each
+    class's own (written out so that it shows the defaults)."""
 
     _factory_fn: Callable[..., GradientTransformation] = staticmethod(adamw)
     _state_format = "8bit"
-    _weight_decay = 1e-2
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float | None = None,
-        amsgrad: bool = False,
-        *,
-        block_size: int | None = None,
-        min_quant_size: int = 4096,
-        bf16_stochastic_round: bool = False,
-    ):
+    def _setup(
+        self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float | Tensor, betas: tuple[float, float],
+        eps: float, weight_decay: float, amsgrad: bool, block_size: int | None, min_quant_size: int,
+        bf16_stochastic_round: bool,
+    ) -> None:
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        super().__init__(
-            type(self)._factory_fn, params, learning_rate=lr, b1=betas[0], b2=betas[1], eps=eps,
-            weight_decay=self._weight_decay if weight_decay is None else weight_decay, amsgrad=amsgrad,
-            state_format=self._state_format, block_size=block_size, min_quant_size=min_quant_size,
-            bf16_stochastic_round=bf16_stochastic_round,
+        TransformOptimizer.__init__(
+            self, type(self)._factory_fn, params, learning_rate=lr, b1=betas[0], b2=betas[1], eps=eps,
+            weight_decay=weight_decay, amsgrad=amsgrad, state_format=self._state_format, block_size=block_size,
+            min_quant_size=min_quant_size, bf16_stochastic_round=bf16_stochastic_round,
         )
 
 
 _DOC = """{title} with {what}, a drop-in for ``torch.optim.{torch}`` ({decay}).
 
-    Same signature as torchao's ``{name}``: ``(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay={wd},
-    amsgrad=False, *, block_size=None, min_quant_size=4096, bf16_stochastic_round=False)``. Tensors with fewer than
-    ``min_quant_size`` elements keep float32 state. See :func:`as_torch_optimizer` for the behaviour and
-    :func:`lowbit_fn.scale_by_adam` for the formats.
+    Same signature as torchao's ``{name}``. Parameters of two or more dimensions with at least
+    ``min_quant_size`` elements get quantized state (blocks of ``block_size`` inside each row); the others keep
+    float32 state. See :func:`as_torch_optimizer` for the behaviour and :func:`lowbit_fn.scale_by_adam` for the
+    formats.
 
     Example:
         >>> import torch, lowbit_fn
@@ -601,25 +648,83 @@ _DOC = """{title} with {what}, a drop-in for ``torch.optim.{torch}`` ({decay}).
 _WHAT = {"8bit": "8-bit (dynamic-tree map) moments", "4bit": "4-bit moments", "fp8": "FP8 (e4m3) moments"}
 
 
-def _dropin(name: str, factory: Callable[..., GradientTransformation], state_format: str) -> type:
-    decoupled = factory is adamw
-    wd = 1e-2 if decoupled else 0.0
-    doc = _DOC.format(
+def _doc(name: str, state_format: str, decoupled: bool) -> str:
+    return _DOC.format(
         title="AdamW" if decoupled else "Adam", what=_WHAT[state_format], torch="AdamW" if decoupled else "Adam",
-        decay="decoupled weight decay" if decoupled else "L2 weight decay added to the gradient",
-        name=name, wd=wd, fmt=state_format,
+        decay="decoupled weight decay" if decoupled else "L2 weight decay added to the gradient", name=name, fmt=state_format,
     )
-    attrs = {"__doc__": doc, "__module__": __name__, "_factory_fn": staticmethod(factory),
-             "_state_format": state_format, "_weight_decay": wd, "__qualname__": name}
-    return type(name, (_AdamBase,), attrs)
 
 
-Adam8bit = _dropin("Adam8bit", adam, "8bit")
-AdamW8bit = _dropin("AdamW8bit", adamw, "8bit")
-Adam4bit = _dropin("Adam4bit", adam, "4bit")
-AdamW4bit = _dropin("AdamW4bit", adamw, "4bit")
-AdamFp8 = _dropin("AdamFp8", adam, "fp8")
-AdamWFp8 = _dropin("AdamWFp8", adamw, "fp8")
+class Adam8bit(_LowBitAdam):
+    __doc__ = _doc("Adam8bit", "8bit", False)
+    _factory_fn = staticmethod(adam)
+    _state_format = "8bit"
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float | Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
+                 bf16_stochastic_round: bool = False):
+        self._setup(params, lr, betas, eps, weight_decay, amsgrad, block_size, min_quant_size, bf16_stochastic_round)
+
+
+class AdamW8bit(_LowBitAdam):
+    __doc__ = _doc("AdamW8bit", "8bit", True)
+    _factory_fn = staticmethod(adamw)
+    _state_format = "8bit"
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float | Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
+                 bf16_stochastic_round: bool = False):
+        self._setup(params, lr, betas, eps, weight_decay, amsgrad, block_size, min_quant_size, bf16_stochastic_round)
+
+
+class Adam4bit(_LowBitAdam):
+    __doc__ = _doc("Adam4bit", "4bit", False)
+    _factory_fn = staticmethod(adam)
+    _state_format = "4bit"
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float | Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
+                 bf16_stochastic_round: bool = False):
+        self._setup(params, lr, betas, eps, weight_decay, amsgrad, block_size, min_quant_size, bf16_stochastic_round)
+
+
+class AdamW4bit(_LowBitAdam):
+    __doc__ = _doc("AdamW4bit", "4bit", True)
+    _factory_fn = staticmethod(adamw)
+    _state_format = "4bit"
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float | Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
+                 bf16_stochastic_round: bool = False):
+        self._setup(params, lr, betas, eps, weight_decay, amsgrad, block_size, min_quant_size, bf16_stochastic_round)
+
+
+class AdamFp8(_LowBitAdam):
+    __doc__ = _doc("AdamFp8", "fp8", False)
+    _factory_fn = staticmethod(adam)
+    _state_format = "fp8"
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float | Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
+                 bf16_stochastic_round: bool = False):
+        self._setup(params, lr, betas, eps, weight_decay, amsgrad, block_size, min_quant_size, bf16_stochastic_round)
+
+
+class AdamWFp8(_LowBitAdam):
+    __doc__ = _doc("AdamWFp8", "fp8", True)
+    _factory_fn = staticmethod(adamw)
+    _state_format = "fp8"
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float | Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
+                 bf16_stochastic_round: bool = False):
+        self._setup(params, lr, betas, eps, weight_decay, amsgrad, block_size, min_quant_size, bf16_stochastic_round)
 
 
 class AdamW(TransformOptimizer):

@@ -1,16 +1,25 @@
-"""Smoke test of ``benchmarks/step_speed.py`` on tiny models: it runs and reports sane rows (never timings)."""
+"""Smoke tests of the benchmark scripts on tiny models: they run and report sane rows (never timings)."""
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_speed.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCHMARKS / "step_speed.py"
+ROW_KEYS = {
+    "model", "dtype", "optimizer", "api", "format", "path", "ms", "ratio", "vs_torch_optim", "qbytes", "bytes", "first_s",
+    "cold_s", "peak", "peak_mb", "rss_mb", "rss_first_mb",
+}
+EIGHT_BIT = 2 + 8 / 256  # 1 code byte per moment + one fp32 scale per moment per 256-element block
 
 
 def _load_script() -> ModuleType:
@@ -29,40 +38,130 @@ def test_step_speed_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         ["--scale", "0.01", "--rounds", "1", "--steps", "1", "--formats", "fp32", "8bit", "--markdown", str(report)]
     )
 
-    models = {"tlike100", "flat16M"}
-    optimizers = {"torch fused fp32", "torch foreach fp32", "lowbit_fn fp32", "lowbit_fn 8bit", "lowbit_fn AdamW", "lowbit_fn AdamW8bit"}
+    models = {"tlike100", "sq16M"}  # the default models (m64x1M is opt-in)
+    functional = {"lowbit_fn fp32", "lowbit_fn 8bit"}
+    inplace = {"lowbit_fn fp32 (functional, inplace)", "lowbit_fn 8bit (functional, inplace)"}
+    optimizers = {"torch fused fp32", "torch foreach fp32", "lowbit_fn AdamW", "lowbit_fn AdamW8bit"} | functional | inplace
     assert {r["model"] for r in rows} == models
     assert {r["optimizer"] for r in rows} >= optimizers
+    assert not any("(compiled)" in r["optimizer"] for r in rows)  # --paths defaults to native only
     for row in rows:
-        assert set(row) == {"model", "optimizer", "ms", "ratio", "qbytes", "bytes", "first_s", "cold_s", "peak"}
-        functional = row["optimizer"] in ("lowbit_fn fp32", "lowbit_fn 8bit")
-        assert (row["cold_s"] is not None) == functional, row
-        assert not functional or (math.isfinite(row["cold_s"]) and row["cold_s"] > 0), row
+        assert set(row) == ROW_KEYS, row
+        assert row["dtype"] == "float32"
+        assert (row["cold_s"] is not None) == (row["optimizer"] in functional), row
+        assert row["optimizer"] not in functional or (math.isfinite(row["cold_s"]) and row["cold_s"] > 0), row
         assert math.isfinite(row["ms"]) and row["ms"] > 0, row
         assert math.isfinite(row["ratio"]) and row["ratio"] > 0, row
         assert math.isfinite(row["first_s"]) and row["first_s"] >= 0, row
+        assert (row["vs_torch_optim"] is not None) == (row["optimizer"] in functional | inplace), row
+        assert row["rss_mb"] is None and row["rss_first_mb"] is None  # no --rss
 
     by_key = {(r["model"], r["optimizer"]): r for r in rows}
     for model in models:
         assert by_key[model, "torch fused fp32"]["ratio"] == 1.0
-        for name in ("lowbit_fn 8bit", "lowbit_fn AdamW8bit"):  # functional and torch.optim front ends
-            eight = by_key[model, name]
-            assert 2.0 <= eight["qbytes"] <= 2.1  # 1 code byte per moment + one fp32 scale per 256-element block
-            assert eight["bytes"] < 2.2
-        # a step's extra memory: the torch.optim front end updates in place (issue 6: <= 8 B per element of the
-        # largest tensor); the functional API returns an update and new parameters, 8 B per element of all tensors
+        for name in ("lowbit_fn 8bit", "lowbit_fn 8bit (functional, inplace)"):  # every row of these shapes is 256-aligned
+            assert by_key[model, name]["qbytes"] == EIGHT_BIT
+            assert by_key[model, name]["format"] == "8bit" and by_key[model, name]["path"] == "native"
+        eight = by_key[model, "lowbit_fn AdamW8bit"]
+        assert 2.0 <= eight["qbytes"] <= 2.1  # the torch.optim front end also counts each parameter's step counter
+        assert eight["bytes"] < 2.2
+        # a step's extra memory: the torch.optim front end and the in-place functional step update in place (issue 6:
+        # <= 8 B per element of the largest tensor); the pure functional API returns an update and new parameters,
+        # 8 B per float32 element of all tensors
         assert by_key[model, "lowbit_fn AdamW8bit"]["peak"] <= 8.0
+        assert by_key[model, "lowbit_fn 8bit (functional, inplace)"]["peak"] <= 8.0
         assert by_key[model, "lowbit_fn 8bit"]["peak"] >= 8.0
-        for name in ("torch fused fp32", "torch foreach fp32", "lowbit_fn fp32", "lowbit_fn AdamW"):
+        full = ("torch fused fp32", "torch foreach fp32", "lowbit_fn fp32", "lowbit_fn fp32 (functional, inplace)", "lowbit_fn AdamW")
+        for name in full:
             row = by_key[model, name]
             assert row["qbytes"] is None
             assert row["bytes"] == pytest.approx(8.0, abs=0.01)  # fp32 m and v (+ a few step counters)
 
     out = capsys.readouterr().out
-    assert "| model | optimizer | ms/step | × fused fp32 |" in out
+    assert "| model | optimizer | ms/step | × torch fused | × torch_optim |" in out
     assert "contention check (before)" in out and "contention check (after)" in out
+    for model in models:
+        for fmt in ("fp32", "8bit"):
+            assert re.search(rf"^{model} float32 {fmt}: functional inplace / torch_optim = \d+\.\d\dx", out, re.M), out
     text = report.read_text(encoding="utf-8")
-    assert "lowbit_fn 8bit" in text and "torch" in text
+    assert "lowbit_fn 8bit" in text and "torch" in text and "functional inplace / torch_optim" in text
+
+
+def test_step_speed_bf16_compiled_inplace(capsys: pytest.CaptureFixture[str]) -> None:
+    step_speed = _load_script()
+    before = os.environ.get("LOWBIT_FN_NATIVE")
+    rows = step_speed.main([
+        "--apis", "functional_inplace", "torch_optim", "--paths", "native", "compiled", "--dtype", "bfloat16",
+        "--scale", "0.01", "--models", "sq16M", "m64x1M", "--formats", "8bit", "--rounds", "1", "--steps", "1", "--no-cold",
+    ])
+    assert os.environ.get("LOWBIT_FN_NATIVE") == before  # set around the compiled rows' steps only
+
+    names = {
+        "torch fused bf16", "torch foreach bf16", "lowbit_fn 8bit (functional, inplace)", "lowbit_fn AdamW8bit",
+        "lowbit_fn 8bit (functional, inplace) (compiled)", "lowbit_fn AdamW8bit (compiled)",
+    }
+    for model in ("sq16M", "m64x1M"):
+        mine = {r["optimizer"]: r for r in rows if r["model"] == model}
+        assert set(mine) == names  # no pure functional rows: not in --apis
+        for row in mine.values():
+            assert row["dtype"] == "bfloat16" and math.isfinite(row["ms"]) and row["ms"] > 0, row
+            assert row["peak"] is not None and row["peak_mb"] is not None, row
+        assert mine["torch fused bf16"]["ratio"] == 1.0
+        assert mine["torch fused bf16"]["bytes"] == pytest.approx(4.0, abs=0.01)  # torch keeps bf16 moments
+        for name in ("lowbit_fn 8bit (functional, inplace)", "lowbit_fn 8bit (functional, inplace) (compiled)"):
+            assert mine[name]["qbytes"] == EIGHT_BIT  # float32 scales and uint8 codes whatever the params' dtype
+            assert mine[name]["path"] == ("compiled" if "(compiled)" in name else "native")
+            assert mine[name]["vs_torch_optim"] is not None and mine[name]["vs_torch_optim"] > 0
+
+    out = capsys.readouterr().out
+    assert re.search(r"^sq16M bfloat16 8bit: functional inplace / torch_optim = \d+\.\d\dx", out, re.M), out
+    assert re.search(r"^sq16M bfloat16 8bit \(compiled\): functional inplace / torch_optim = \d+\.\d\dx", out, re.M), out
+    assert re.search(r"^step peak extra on m64x1M .*bfloat16 params.*beside torch fused bf16: \d+\.\d MB", out, re.M), out
+    assert re.search(r"^  lowbit_fn 8bit \(functional, inplace\): \d+\.\d MB", out, re.M), out
+
+
+def test_step_speed_paths_and_rss() -> None:
+    step_speed = _load_script()
+    seen: list[str | None] = []
+    before = os.environ.get("LOWBIT_FN_NATIVE")
+    step_speed.on_path(lambda: seen.append(os.environ.get("LOWBIT_FN_NATIVE")), "compiled")()
+    step_speed.on_path(lambda: seen.append(os.environ.get("LOWBIT_FN_NATIVE")), "native")()
+    assert seen == ["0", before] and os.environ.get("LOWBIT_FN_NATIVE") == before
+
+    # peak-RSS growth of one optimizer's step, in a fresh process (what --rss runs for every row)
+    spec = step_speed.Spec("functional_inplace", "8bit")
+    grown = step_speed.measure_rss("sq16M", 0.01, "bfloat16", spec)
+    assert set(grown) == {"first", "step"} and all(isinstance(v, int) and v >= 0 for v in grown.values()), grown
+
+
+def test_state_bytes_smoke(tmp_path: Path) -> None:
+    report = tmp_path / "state.md"
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "state_bytes.py"), "--markdown", str(report)],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout
+    table: dict[tuple[str, str], list[str]] = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and cells[3] in ("fp32", "8bit", "4bit", "fp8"):
+            table[cells[0], cells[3]] = cells
+    assert set(table) == {(m, f) for m in ("tlike100", "demo", "mlp") for f in ("fp32", "8bit", "4bit", "fp8")}
+
+    def value(model: str, fmt: str, column: int) -> float | None:
+        cell = table[model, fmt][column]
+        return None if cell == "—" else float(cell)
+
+    # tlike100 and the MLP: every quantized row is a multiple of 256 (and 128) elements, so the ratios are exact
+    for model in ("tlike100", "mlp"):
+        assert value(model, "8bit", 5) == EIGHT_BIT and value(model, "fp8", 5) == EIGHT_BIT
+        assert value(model, "8bit", 6) == 8 / 256
+        assert value(model, "4bit", 5) == 1 + 8 / 128 and value(model, "4bit", 6) == 8 / 128
+    for model in ("tlike100", "demo", "mlp"):
+        assert value(model, "fp32", 4) == pytest.approx(8.0, abs=1e-4)  # two fp32 moments (+ the step count)
+        assert value(model, "fp32", 5) is None and value(model, "fp32", 6) is None
+        assert value(model, "8bit", 4) >= value(model, "8bit", 5) * 0.99  # the small tensors keep fp32 state
+        assert value(model, "8bit", 5) >= EIGHT_BIT  # narrower rows than 256 only add scales
+    assert report.read_text(encoding="utf-8").count("\n| ") >= 13
 
 
 def test_offload_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:

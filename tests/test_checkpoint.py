@@ -29,7 +29,7 @@ def test_state_roundtrip_and_resume_bit_exact(fmt, how, tmp_path):
     dtypes = {k: v.dtype for k, v in state.items(include_nested=True, leaves_only=True)}
     assert dtypes == {k: v.dtype for k, v in loaded.items(include_nested=True, leaves_only=True)}
     if fmt != "fp32":
-        assert loaded["0", group_key(fmt), "mu", "codes"].dtype == torch.uint8
+        assert loaded["0", group_key(fmt), "mu", "2", "weight", "codes"].dtype == torch.uint8
     # continue both: the original and the restored one
     a, _ = run_functional(model, opt, data[3:], params=params, state=state)
     b, _ = run_functional(model, opt, data[3:], params=saved_params, state=loaded.clone() if how == "memmap" else loaded)

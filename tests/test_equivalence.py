@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import lowbit_fn
+from lowbit_fn._random import tensor_id
 from lowbit_fn.kernels import adam_math
 from lowbit_fn.kernels.adam import _sqrt
 from helpers import batches, group_key, loss_fn, mlp, run_functional
@@ -111,5 +112,6 @@ def test_one_step_moments_within_round_trip_bound(state_format):
         if stochastic and not signed:
             value = _sqrt(value)  # the kernel's correctly rounded sqrt
         rounding = "stochastic" if stochastic else "nearest"
-        codes, scale = lowbit_fn.quantize(value, state_format, signed=signed, rounding=rounding, step=1)
-        assert torch.equal(group[moment, "codes"], codes) and torch.equal(group[moment, "scale"], scale)
+        codes, scale = lowbit_fn.quantize(value, state_format, signed=signed, rounding=rounding, step=1,
+                                          tensor_id=tensor_id("w"))
+        assert torch.equal(group[moment, "w", "codes"], codes) and torch.equal(group[moment, "w", "scale"], scale)

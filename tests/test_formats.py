@@ -1,14 +1,16 @@
-"""Quantization formats: golden maps, nearest-code equality, property tests, non-finite input, bad input."""
+"""Quantization formats: golden maps, nearest-code equality, the row layout, property tests, non-finite input, bad
+input."""
 
 import math
+import re
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 import lowbit_fn
-from lowbit_fn.formats import FORMATS
+from lowbit_fn.formats import FORMATS, ROUNDINGS, row_split
 
 FORMAT_NAMES = ["8bit", "4bit", "fp8"]
 # Round-trip relative L2 bounds (REFERENCE §1 measured 0.0108 / 0.00642, 0.148 / 0.181, 0.0261 / 0.0248 on 4.2M values)
@@ -18,6 +20,59 @@ BOUNDS = {("8bit", True): 0.012, ("8bit", False): 0.0075, ("4bit", True): 0.16, 
 
 def rel_l2(a, b):
     return float((a - b).norm() / b.norm())
+
+
+# --- the row layout, written out here independently of the library ---------------------------------------------
+
+def rows_of(shape):
+    """``(rows, R)``: ``shape[0]`` rows of ``prod(shape[1:])`` elements; fewer than two dimensions, one row."""
+    shape = tuple(shape)
+    return (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (1, math.prod(shape))
+
+
+def layout(shape, name, block_size=None):
+    """``(code shape, scale shape)`` of a tensor of ``shape``: codes of the tensor's shape (4-bit: ``(rows, ceil(R /
+    2))``), scales ``(rows, ceil(R / block_size))``; below two dimensions both are 1-D."""
+    fmt = FORMATS[name]
+    bs = fmt.check_block_size(block_size)
+    rows, length = rows_of(shape)
+    nb, per_row = -(-length // bs), -(-length // fmt.codes_per_byte)
+    if len(shape) < 2:
+        return (per_row,), (nb,)
+    return (tuple(shape) if fmt.codes_per_byte == 1 else (rows, per_row)), (rows, nb)
+
+
+def row_blocks(x, bs):
+    """``x`` as float32 ``[rows, blocks per row, bs]``: each row cut into blocks, its last block zero-padded."""
+    rows, length = rows_of(x.shape)
+    nb = -(-length // bs)
+    return torch.nn.functional.pad(x.reshape(rows, length).float(), (0, nb * bs - length)).view(rows, nb, bs)
+
+
+def per_element(values, length, bs):
+    """``[rows, blocks per row]`` -> ``[rows, length]``: element ``(r, c)`` gets the value of its block ``(r, c // bs)``."""
+    return values.repeat_interleave(bs, dim=1)[:, :length]
+
+
+def unpack_4bit(codes, length):
+    """4-bit codes ``[rows, ceil(length / 2)]`` -> ``[rows, length]`` (even element in the high nibble; a row's
+    padding nibble dropped)."""
+    return torch.stack((codes >> 4, codes & 15), dim=-1).reshape(codes.shape[0], -1)[:, :length]
+
+
+@pytest.mark.parametrize("name", FORMAT_NAMES)
+def test_layout_shapes(name):
+    fmt = FORMATS[name]
+    for shape in [(), (1,), (5,), (300,), (4, 300), (2, 3, 100), (7, 1), (1, 1000), (0, 5), (5, 0), (0,), (3, 2, 0)]:
+        assert row_split(shape) == rows_of(shape)
+        for block in (None, 2, 64, 100, 1000):
+            code_shape, scale_shape = layout(shape, name, block)
+            assert fmt.code_shape(shape) == code_shape
+            assert fmt.scale_shape(shape, fmt.check_block_size(block)) == scale_shape
+        for block in (None, 64):
+            codes, scale = lowbit_fn.quantize(torch.randn(shape), name, signed=True, block_size=block)
+            assert codes.dtype == torch.uint8 and scale.dtype == torch.float32
+            assert (codes.shape, scale.shape) == layout(shape, name, block), shape
 
 
 # --- golden values -----------------------------------------------------------------------------------------------
@@ -68,16 +123,23 @@ def test_codebook_is_a_copy_and_fp8_has_none():
 @pytest.mark.parametrize("name", ["8bit", "4bit"])
 @pytest.mark.parametrize("signed", [True, False])
 def test_codes_are_nearest_codebook_entries(name, signed):
-    x = torch.randn(64 * 256) * torch.logspace(-3, 0, 64).repeat_interleave(256)
+    # 64 rows of 301 elements, magnitudes 1e-3 .. 1: no block size divides 301, so every row ends in a short block
+    rows, length = 64, 301
+    x = torch.randn(rows, length) * torch.logspace(-3, 0, rows)[:, None]
     if not signed:
         x = x.abs()
-    fmt = FORMATS[name]
-    bs = fmt.default_block_size
+    bs = FORMATS[name].default_block_size
     codes, scale = lowbit_fn.quantize(x, name, signed=signed)
+    blocks = row_blocks(x, bs)
+    assert scale.shape == (rows, -(-length // bs))
+    assert torch.equal(scale, blocks.abs().amax(-1)), "one scale per block of a row: its absmax"
     table = lowbit_fn.codebook(name, signed=signed)
     if name == "4bit":
-        codes = torch.stack((codes >> 4, codes & 15), dim=-1).reshape(-1)
-    y = (x.view(-1, bs) / scale[:, None]).reshape(-1)
+        assert codes.shape == (rows, (length + 1) // 2)
+        codes = unpack_4bit(codes, length)
+    assert codes.shape == (rows, length)
+    codes = codes.reshape(-1)
+    y = (blocks / scale[:, :, None]).reshape(rows, -1)[:, :length].reshape(-1)  # normalized by its own block's scale
     dist = (y[:, None] - table[None, :]).abs()
     chosen = dist.gather(1, codes.long()[:, None]).squeeze(1)
     assert torch.equal(chosen, dist.min(dim=1).values), "every code is an argmin (ties either way)"
@@ -85,10 +147,12 @@ def test_codes_are_nearest_codebook_entries(name, signed):
 
 
 def test_fp8_codes_are_e4m3_round_to_nearest():
-    x = torch.randn(4 * 256)
+    x = torch.randn(4, 600)  # each row: two blocks of 256 and a short one of 88
     codes, scale = lowbit_fn.quantize(x, "fp8", signed=True)
-    assert torch.allclose(scale, x.view(4, 256).abs().amax(1) / 448)
-    expected = (x.view(4, 256) / scale[:, None]).to(torch.float8_e4m3fn).view(torch.uint8).reshape(-1)
+    assert codes.shape == (4, 600) and scale.shape == (4, 3)
+    blocks = row_blocks(x, 256)
+    assert torch.allclose(scale, blocks.abs().amax(-1) / 448)
+    expected = (blocks / scale[:, :, None]).to(torch.float8_e4m3fn).view(torch.uint8).reshape(4, -1)[:, :600]
     assert torch.equal(codes, expected)
 
 
@@ -98,6 +162,13 @@ def test_4bit_packs_even_element_in_high_nibble():
     codes, _ = lowbit_fn.quantize(x, "4bit", signed=True)
     assert codes.shape == (64,) and codes[0].item() == (15 << 4) | 0
     assert codes[1].item() == (7 << 4) | 7, "zeros map to code 7 (0.0)"
+    # pairs are packed within a row: a row of odd length ends in half a byte (its padding, a zero: code 7), and
+    # the next row starts a new byte
+    x = torch.tensor([[1.0, -0.8875, 0.0], [0.0, 1.0, -0.8875]])
+    codes, scale = lowbit_fn.quantize(x, "4bit", signed=True)
+    assert codes.shape == (2, 2) and scale.shape == (2, 1)
+    assert codes.tolist() == [[(15 << 4) | 0, (7 << 4) | 7], [(7 << 4) | 15, (0 << 4) | 7]]
+    assert torch.equal(lowbit_fn.dequantize(codes, scale, "4bit", signed=True, shape=x.shape), x)
 
 
 # --- properties --------------------------------------------------------------------------------------------------
@@ -105,7 +176,7 @@ def test_4bit_packs_even_element_in_high_nibble():
 shapes = st.one_of(
     st.just(()),
     st.lists(st.sampled_from([1, 2, 3, 7, 31, 127, 128, 129, 255, 256, 257, 1000]), min_size=1, max_size=3)
-    .filter(lambda dims: math.prod(dims) <= 2**20),  # 1000 x 1000 x 1000 would need tens of GB
+    .filter(lambda dims: math.prod(dims) <= 100_000),  # small: memory and time
 )
 
 
@@ -125,20 +196,24 @@ def test_round_trip_property(name, signed, shape, dtype, log_mag, block, seed):
     x = (x32 * 10.0**log_mag).to(dtype)
     assert finite_in_dtype is None or bool(torch.isfinite(x).all())
     codes, scale = lowbit_fn.quantize(x, name, signed=signed, block_size=block)
-    nb = math.ceil(x.numel() / bs)
-    assert codes.dtype == torch.uint8 and codes.shape == (nb * bs // fmt.codes_per_byte,)
-    assert scale.dtype == torch.float32 and scale.shape == (nb,)
+    code_shape, scale_shape = layout(x.shape, name, block)
+    assert codes.dtype == torch.uint8 and codes.shape == code_shape
+    assert scale.dtype == torch.float32 and scale.shape == scale_shape
     y = lowbit_fn.dequantize(codes, scale, name, signed=signed, shape=x.shape, block_size=block)
     assert y.dtype == torch.float32 and y.shape == x.shape
-    xf = x.float()
+    rows, length = rows_of(x.shape)
+    xf = x.float().reshape(rows, length)
     assert bool(torch.isfinite(y).all())
-    # element-wise: codebook formats err by at most half the widest gap of the map times the block's absmax;
-    # e4m3 by half an ulp (2^-4 relative) or half its smallest subnormal step (2^-10 of absmax / 448)
-    absmax = torch.nn.functional.pad(xf.reshape(-1).abs(), (0, nb * bs - xf.numel())).view(nb, bs).amax(1)
-    per_elem_max = absmax.repeat_interleave(bs)[: xf.numel()]
-    err = (y.reshape(-1) - xf.reshape(-1)).abs()
+    # every block of every row has its own scale: its absmax (FP8: absmax / 448)
+    absmax = row_blocks(xf, bs).abs().amax(-1)
+    assert torch.equal(scale.reshape(rows, -1), absmax / 448 if name == "fp8" else absmax)
+    # element-wise: codebook formats err by at most half the widest gap of the map times the absmax of the element's
+    # own block (row r, block c // bs of the row); e4m3 by half an ulp (2^-4 relative) or half its smallest
+    # subnormal step (2^-10 of absmax / 448)
+    per_elem_max = per_element(absmax, length, bs)
+    err = (y.reshape(rows, length) - xf).abs()
     if name == "fp8":
-        bound = xf.reshape(-1).abs() * 2.0**-4 + per_elem_max / 448 * 2.0**-10
+        bound = xf.abs() * 2.0**-4 + per_elem_max / 448 * 2.0**-10
     else:
         worst_gap = {("8bit", True): 0.1 / 2, ("8bit", False): 0.1 / 2, ("4bit", True): 0.225 / 2,
                      ("4bit", False): 1 / 16}[(name, signed)]  # 4-bit v map: zeros read absmax / 16
@@ -156,8 +231,9 @@ def test_round_trip_property(name, signed, shape, dtype, log_mag, block, seed):
 
 @pytest.mark.parametrize("name", FORMAT_NAMES)
 @pytest.mark.parametrize("signed", [True, False])
-def test_round_trip_error_bound(name, signed):
-    x = torch.randn(1 << 20)
+@pytest.mark.parametrize("shape", [(1 << 20,), (1024, 1000)], ids=["one-row", "rows"])
+def test_round_trip_error_bound(name, signed, shape):
+    x = torch.randn(shape)
     if not signed:
         x = x * x
     codes, scale = lowbit_fn.quantize(x, name, signed=signed)
@@ -168,7 +244,7 @@ def test_round_trip_error_bound(name, signed):
 @given(name=st.sampled_from(FORMAT_NAMES), signed=st.booleans(), exponent=st.integers(-30, 30), seed=st.integers(0, 999))
 def test_scale_invariance(name, signed, exponent, seed):
     """Multiplying by a power of two leaves the codes unchanged over the float32 normal range (no scale floor)."""
-    x = torch.randn(3 * 256 + 5, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(3, 256 + 5, generator=torch.Generator().manual_seed(seed))
     if not signed:
         x = x * x
     c1, s1 = lowbit_fn.quantize(x, name, signed=signed)
@@ -179,27 +255,37 @@ def test_scale_invariance(name, signed, exponent, seed):
 
 
 @pytest.mark.parametrize("name", FORMAT_NAMES)
-def test_all_zero_blocks(name):
-    x = torch.zeros(1000)
-    x[600] = 3.0  # one nonzero block among zero ones
+@pytest.mark.parametrize("shape", [(1000,), (3, 1000), (3, 10, 100)])
+def test_all_zero_blocks(name, shape):
+    rows, length = rows_of(shape)
+    x = torch.zeros(shape)
+    x.view(rows, length)[rows - 1, 600] = 3.0  # one nonzero block (in the last row) among zero ones
+    bs = FORMATS[name].default_block_size
+    nonzero_block = torch.zeros(rows, -(-length // bs), dtype=torch.bool)
+    nonzero_block[rows - 1, 600 // bs] = True
+    outside = ~per_element(nonzero_block, length, bs)
     for signed in (True, False):
         codes, scale = lowbit_fn.quantize(x, name, signed=signed)
-        y = lowbit_fn.dequantize(codes, scale, name, signed=signed, shape=x.shape)
+        y = lowbit_fn.dequantize(codes, scale, name, signed=signed, shape=x.shape).reshape(rows, length)
         assert bool(torch.isfinite(y).all())
-        bs = FORMATS[name].default_block_size
-        zero_blocks = [b for b in range(len(scale)) if not (b * bs <= 600 < (b + 1) * bs)]
-        assert bool((scale[zero_blocks] == 0).all())
-        assert torch.equal(y[:600].nonzero().flatten()[: 0], torch.zeros(0, dtype=torch.long))
-        assert bool((y.reshape(-1)[[i for i in range(1000) if i // bs != 600 // bs]] == 0).all())
-        assert y[600].item() == pytest.approx(3.0, rel=1e-6)
+        scale = scale.reshape(rows, -1)
+        assert bool((scale[~nonzero_block] == 0).all()) and bool((scale[nonzero_block] > 0).all())
+        assert bool((y[outside] == 0).all()), "every element outside the nonzero block reads 0"
+        assert y[rows - 1, 600].item() == pytest.approx(3.0, rel=1e-6)
 
 
 @pytest.mark.parametrize("name", FORMAT_NAMES)
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_input_poisons_only_its_block(name, bad):
     bs = FORMATS[name].default_block_size
-    x = torch.randn(3 * bs)
+    x = torch.randn(3 * bs)  # one row of three blocks
     x[bs + 5] = bad
+    length = 2 * bs + 7  # rows of two full blocks and a short one
+    x2 = torch.randn(3, length)
+    x2[1, bs + 5] = bad  # row 1, block 1
+    x2[2, 2 * bs + 3] = bad  # row 2, its short last block
+    poisoned = torch.zeros(3, 3, dtype=torch.bool)
+    poisoned[1, 1] = poisoned[2, 2] = True
     for signed in (True, False):
         codes, scale = lowbit_fn.quantize(x, name, signed=signed)
         assert math.isnan(scale[1].item()) and bool(torch.isfinite(scale[[0, 2]]).all())
@@ -207,13 +293,21 @@ def test_non_finite_input_poisons_only_its_block(name, bad):
         assert bool(torch.isnan(y[bs: 2 * bs]).all()), "the whole block reads NaN"
         assert bool(torch.isfinite(y[:bs]).all() and torch.isfinite(y[2 * bs:]).all())
 
+        codes, scale = lowbit_fn.quantize(x2, name, signed=signed)
+        assert bool(torch.isnan(scale[poisoned]).all()) and bool(torch.isfinite(scale[~poisoned]).all())
+        y = lowbit_fn.dequantize(codes, scale, name, signed=signed, shape=x2.shape)
+        assert bool(torch.isnan(y[1, bs: 2 * bs]).all() and torch.isnan(y[2, 2 * bs:]).all()), "whole blocks read NaN"
+        assert bool(torch.isfinite(y[~per_element(poisoned, length, bs)]).all()), "and nothing else"
+
 
 def test_empty_and_scalar_inputs():
     for name in FORMAT_NAMES:
-        c, s = lowbit_fn.quantize(torch.zeros(0, 5), name, signed=True)
-        assert c.numel() == 0 and s.numel() == 0
-        assert lowbit_fn.dequantize(c, s, name, signed=True, shape=(0, 5)).shape == (0, 5)
+        for shape in [(0, 5), (5, 0), (0,), (2, 0, 3)]:
+            c, s = lowbit_fn.quantize(torch.zeros(shape), name, signed=True)
+            assert c.numel() == 0 and s.numel() == 0 and (c.shape, s.shape) == layout(shape, name)
+            assert lowbit_fn.dequantize(c, s, name, signed=True, shape=shape).shape == shape
         c, s = lowbit_fn.quantize(torch.tensor(-2.5), name, signed=True)
+        assert c.shape == (1,) and s.shape == (1,)
         y = lowbit_fn.dequantize(c, s, name, signed=True, shape=())
         most_negative = {"8bit": -0.99296875, "4bit": -0.8875, "fp8": -1.0}[name]  # signed maps lack -1.0
         assert y.shape == () and y.item() == pytest.approx(2.5 * most_negative, rel=1e-6)
@@ -238,23 +332,47 @@ def test_bad_dtypes_and_sizes():
     with pytest.raises(TypeError, match="dense"):
         lowbit_fn.quantize(torch.randn(4, 4).to_sparse(), "8bit", signed=True)
     codes, scale = lowbit_fn.quantize(torch.randn(300), "8bit", signed=True)
-    with pytest.raises(ValueError, match="needs 768 code bytes and 3 scales, got 512 and 2"):
+    with pytest.raises(ValueError, match=re.escape("needs codes of shape (600,) and scales of shape (3,), got (300,) and (2,)")):
         lowbit_fn.dequantize(codes, scale, "8bit", signed=True, shape=(600,))
     with pytest.raises(TypeError, match="uint8"):
         lowbit_fn.dequantize(codes.float(), scale, "8bit", signed=True, shape=(300,))
-    with pytest.raises(ValueError, match="code bytes"):
+    with pytest.raises(TypeError, match="float32"):
+        lowbit_fn.dequantize(codes, scale.double(), "8bit", signed=True, shape=(300,))
+    with pytest.raises(ValueError, match=re.escape("needs codes of shape (150,) and scales of shape (3,)")):
         lowbit_fn.dequantize(codes, scale, "4bit", signed=True, shape=(300,))
+    # the row layout: the state of a (4, 300) tensor reads back as (4, 300) only, not transposed nor flattened
+    codes, scale = lowbit_fn.quantize(torch.randn(4, 300), "8bit", signed=True)
+    assert lowbit_fn.dequantize(codes, scale, "8bit", signed=True, shape=(4, 300)).shape == (4, 300)
+    with pytest.raises(ValueError, match=re.escape("needs codes of shape (300, 4) and scales of shape (300, 1), got (4, 300) and (4, 2)")):
+        lowbit_fn.dequantize(codes, scale, "8bit", signed=True, shape=(300, 4))
+    with pytest.raises(ValueError, match=re.escape("needs codes of shape (1200,) and scales of shape (5,)")):
+        lowbit_fn.dequantize(codes, scale, "8bit", signed=True, shape=(1200,))
+    with pytest.raises(ValueError, match=re.escape("scales of shape (4, 2), got (1200,) and (8,)")):
+        lowbit_fn.dequantize(codes.reshape(-1), scale.reshape(-1), "8bit", signed=True, shape=(4, 300))
+    codes, scale = lowbit_fn.quantize(torch.randn(4, 301), "4bit", signed=True)
+    assert codes.shape == (4, 151) and scale.shape == (4, 3)
+    with pytest.raises(ValueError, match=re.escape("needs codes of shape (4, 151) and scales of shape (4, 5)")):
+        lowbit_fn.dequantize(codes, scale, "4bit", signed=True, shape=(4, 301), block_size=64)
 
 
-def test_views_of_differently_shaped_tensors_share_one_graph():
-    """quantize flattens its input into a view; dynamo would guard on the view's base shape without _unview."""
+def test_views_of_differently_shaped_tensors_share_one_graph(monkeypatch):
+    """quantize views its input as [rows, R]; dynamo would guard on the view's base shape without _unview. A fresh
+    compiled wrapper, so that graphs other tests compiled cannot hide a recompile."""
     from torch._dynamo.utils import counters
 
-    lowbit_fn.quantize(torch.randn(3, 5000), "fp8", signed=True)
+    import lowbit_fn.formats as formats
+    from lowbit_fn._compile import compiled
+
+    monkeypatch.setattr(formats, "_encode", compiled(formats._encode.fn))
+    # warm the shape classes dynamo specializes (sizes of 1: one row, rows of one element or of one block;
+    # rows of a whole number of blocks); then other shapes, and views of them, reuse those graphs
+    for warm in [(3, 5000), (1, 5000), (5000, 1), (4, 100), (2, 512)]:
+        lowbit_fn.quantize(torch.randn(warm), "fp8", signed=True)
     before = counters["stats"]["unique_graphs"]
-    for shape in [(1, 5000), (5000, 1), (2, 3000), (7, 1, 900), (1, 1, 4000), (3, 3, 3, 300), (1, 2, 3, 4, 500), (9, 999)]:
+    for shape in [(1, 3000), (3000, 1), (2, 3000), (7, 1, 900), (1, 1, 4000), (3, 3, 3, 300), (1, 2, 3, 4, 500), (9, 999), (5, 7)]:
         codes, scale = lowbit_fn.quantize(torch.randn(shape), "fp8", signed=True)
-        assert scale.numel() == -(-torch.Size(shape).numel() // 256)
+        rows, length = rows_of(shape)
+        assert scale.numel() == rows * -(-length // 256)
     assert counters["stats"]["unique_graphs"] == before
 
 
@@ -264,26 +382,28 @@ def test_views_of_differently_shaped_tensors_share_one_graph():
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
 @given(
     data=st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=1, max_size=700),
+    rows=st.integers(1, 4),
     step=st.integers(0, 2**31),
     signed=st.booleans(),
 )
-def test_stochastic_codes_are_one_of_the_two_neighbours(fmt, data, step, signed):
-    x = torch.tensor(data)
+def test_stochastic_codes_are_one_of_the_two_neighbours(fmt, data, rows, step, signed):
+    rows = min(rows, len(data))
+    x = torch.tensor(data[: len(data) // rows * rows])
+    x = x.view(rows, -1) if rows > 1 else x  # one row (1-D) or several
     x = x if signed else x.abs()
+    rows, length = rows_of(x.shape)
     kw = {"signed": signed, "shape": x.shape}
     c_sr, s_sr = lowbit_fn.quantize(x, fmt, signed=signed, rounding="stochastic", step=step)
     c_nn, s_nn = lowbit_fn.quantize(x, fmt, signed=signed)
     assert torch.equal(s_sr, s_nn)  # same block scales
-    got = lowbit_fn.dequantize(c_sr, s_sr, fmt, **kw)
+    got = lowbit_fn.dequantize(c_sr, s_sr, fmt, **kw).reshape(rows, length)
+    x = x.reshape(rows, length)
+    scale = per_element(s_sr.reshape(rows, -1), length, FORMATS[fmt].default_block_size)  # each element's block
+    y = torch.where(scale > 0, x / torch.where(scale > 0, scale, 1), x)
     if fmt == "fp8":  # codes are e4m3 values: the neighbours of y = x / scale on the e4m3 grid
-        scale = s_sr.repeat_interleave(256)[: x.numel()]
-        y = torch.where(scale > 0, x / torch.where(scale > 0, scale, 1), x)
         grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
         grid = grid[torch.isfinite(grid)].unique()
     else:
-        bs = 256 if fmt == "8bit" else 128
-        scale = s_sr.repeat_interleave(bs)[: x.numel()]
-        y = torch.where(scale > 0, x / torch.where(scale > 0, scale, 1), x)
         grid = lowbit_fn.codebook(fmt, signed=signed)
     code_y = torch.where(scale > 0, got / torch.where(scale > 0, scale, 1), got)
     below = grid[(torch.searchsorted(grid, y, right=True) - 1).clamp(0, grid.numel() - 1)]
@@ -299,10 +419,11 @@ def test_stochastic_codes_are_one_of_the_two_neighbours(fmt, data, step, signed)
 def test_stochastic_rounding_is_unbiased(fmt, signed):
     """Mean of dequantized SR codes over many steps converges to x (within 5 standard errors of a level gap)."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2048, generator=gen) * torch.logspace(-3, 0, 2048)
+    rows, length = 8, 260  # rows of whole blocks and a short one (4 elements)
+    x = (torch.randn(rows * length, generator=gen) * torch.logspace(-3, 0, rows * length)).view(rows, length)
     x = x if signed else x.abs()
     n = 600
-    total = torch.zeros(2048, dtype=torch.float64)
+    total = torch.zeros(rows, length, dtype=torch.float64)
     for step in range(n):
         codes, scale = lowbit_fn.quantize(x, fmt, signed=signed, rounding="stochastic", step=step, seed=3)
         total += lowbit_fn.dequantize(codes, scale, fmt, signed=signed, shape=x.shape).double()
@@ -310,7 +431,7 @@ def test_stochastic_rounding_is_unbiased(fmt, signed):
     codes, scale = lowbit_fn.quantize(x, fmt, signed=signed)
     nearest = lowbit_fn.dequantize(codes, scale, fmt, signed=signed, shape=x.shape).double()
     bs = {"8bit": 256, "4bit": 128, "fp8": 256}[fmt]
-    blockmax = x.abs().view(-1, bs).amax(1).repeat_interleave(bs).double()
+    blockmax = per_element(row_blocks(x, bs).abs().amax(-1), length, bs).double()
     lowest = 1 / 16 if fmt == "4bit" and not signed else 0.0  # the 4-bit v map starts at 1/16: below it, clamped
     # the signed maps have no -1: the most negative entries are -0.8875 (4-bit) and -0.99296875 (8-bit)
     highest = {"4bit": 0.8875, "8bit": 0.99296875}.get(fmt, 1.0) if signed else 1.0
@@ -325,29 +446,84 @@ def test_stochastic_rounding_is_unbiased(fmt, signed):
 
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
 def test_stochastic_codes_are_deterministic_fresh_per_step_and_split_independent(fmt):
-    x = torch.randn(5 * 256 + 17)
+    x = torch.randn(7, 5 * 64 + 17)  # R = 337: no block size divides it, and odd (4-bit rows end in half a byte)
+    length = x.shape[1]
     kw = {"signed": True, "rounding": "stochastic"}
     a = lowbit_fn.quantize(x, fmt, step=7, seed=1, **kw)
     assert all(torch.equal(u, v) for u, v in zip(a, lowbit_fn.quantize(x.clone(), fmt, step=torch.tensor(7), seed=1, **kw)))
     assert not torch.equal(a[0], lowbit_fn.quantize(x, fmt, step=8, seed=1, **kw)[0])  # fresh every step
     assert not torch.equal(a[0], lowbit_fn.quantize(x, fmt, step=7, seed=2, **kw)[0])  # and per seed
+    assert not torch.equal(a[0], lowbit_fn.quantize(x, fmt, step=7, seed=1, tensor_id=5, **kw)[0])  # and per tensor
+    # pieces of rows, each quantized with the index of its first element, are the rows of the whole
+    pieces = [lowbit_fn.quantize(x[lo:hi], fmt, step=7, seed=1, offset=lo * length, **kw) for lo, hi in ((0, 2), (2, 3), (3, 7))]
+    assert torch.equal(a[0], torch.cat([p[0] for p in pieces])) and torch.equal(a[1], torch.cat([p[1] for p in pieces]))
+    assert not torch.equal(a[0][3:], lowbit_fn.quantize(x[3:], fmt, step=7, seed=1, **kw)[0]), "the offset selects the noise"
+    # a 1-D tensor is one row: pieces cut at a block boundary are its blocks
+    flat = x.reshape(-1)
+    whole = lowbit_fn.quantize(flat, fmt, step=7, seed=1, **kw)
     cut = 2 * 256  # a multiple of every default block size
-    head = lowbit_fn.quantize(x[:cut], fmt, step=7, seed=1, **kw)
-    tail = lowbit_fn.quantize(x[cut:], fmt, step=7, seed=1, offset=cut, **kw)
-    assert torch.equal(a[0], torch.cat([head[0], tail[0]])) and torch.equal(a[1], torch.cat([head[1], tail[1]]))
-    from lowbit_fn.formats import _encode
+    head = lowbit_fn.quantize(flat[:cut], fmt, step=7, seed=1, **kw)
+    tail = lowbit_fn.quantize(flat[cut:], fmt, step=7, seed=1, offset=cut, **kw)
+    assert torch.equal(whole[0], torch.cat([head[0], tail[0]])) and torch.equal(whole[1], torch.cat([head[1], tail[1]]))
+    from lowbit_fn._random import stream_key, tensor_key
+    from lowbit_fn.formats import encode_rows
 
     fmt_obj = lowbit_fn.FORMATS[fmt]
-    args = (x, fmt_obj, fmt_obj.default_block_size, fmt_obj.codebook(True), True, 0, 1, 0, torch.tensor(7))
-    eager = _encode.fn(*args)
-    assert torch.equal(eager[0], a[0]) and torch.equal(eager[1], a[1])  # compiled == eager, bit for bit
+    key = tensor_key(stream_key(1, 0, torch.tensor(7)), 0)  # seed 1, stream 0 (signed), step 7, tensor_id 0
+    eager = encode_rows(x, fmt_obj, fmt_obj.default_block_size, fmt_obj.codebook(True), key, torch.tensor(0))
+    assert torch.equal(eager[0], a[0].reshape(7, -1)) and torch.equal(eager[1], a[1])  # compiled == eager, bit for bit
+
+
+SLICE_DIMS = [1, 2, 3, 5, 64, 100, 127, 128, 129, 256, 257, 300]
+
+
+@given(
+    name=st.sampled_from(FORMAT_NAMES), signed=st.booleans(), rounding=st.sampled_from(ROUNDINGS),
+    rows=st.integers(1, 9), inner=st.lists(st.sampled_from(SLICE_DIMS), min_size=1, max_size=2),
+    start=st.integers(0, 8), count=st.integers(1, 9), block=st.sampled_from([None, 2, 64, 100]),
+    step=st.integers(0, 2**31), seed=st.integers(0, 2**16), tensor_id=st.integers(0, 2**32 - 1),
+)
+# a single row; rows shorter than the block; rows that end in a short block (and 4-bit rows in half a byte); 3-D
+@example(name="4bit", signed=True, rounding="stochastic", rows=1, inner=[257], start=0, count=1, block=None,
+         step=3, seed=1, tensor_id=5)
+@example(name="8bit", signed=True, rounding="stochastic", rows=5, inner=[3, 7], start=1, count=3, block=None,
+         step=11, seed=0, tensor_id=0)
+@example(name="fp8", signed=False, rounding="stochastic", rows=6, inner=[300], start=2, count=9, block=None,
+         step=0, seed=2, tensor_id=1)
+@example(name="4bit", signed=False, rounding="nearest", rows=4, inner=[129], start=3, count=1, block=None,
+         step=0, seed=0, tensor_id=0)
+@example(name="8bit", signed=False, rounding="nearest", rows=3, inner=[5, 64], start=1, count=1, block=100,
+         step=5, seed=4, tensor_id=7)
+def test_rows_of_a_piece_are_the_rows_of_the_whole(name, signed, rounding, rows, inner, start, count, block, step,
+                                                   seed, tensor_id):
+    """Quantizing rows a:b with offset a * R gives rows a:b of the whole tensor's codes and scales."""
+    shape = (rows, *inner)
+    assume(math.prod(shape) <= 100_000)
+    length = math.prod(inner)
+    a = start % rows
+    b = min(rows, a + count)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    x = x if signed else x * x
+    kw = {"signed": signed, "block_size": block, "rounding": rounding, "seed": seed, "step": step, "tensor_id": tensor_id}
+    codes, scale = lowbit_fn.quantize(x, name, **kw)
+    assert (codes.shape, scale.shape) == layout(shape, name, block)
+    piece_codes, piece_scale = lowbit_fn.quantize(x[a:b], name, offset=a * length, **kw)
+    assert (piece_codes.shape, piece_scale.shape) == layout(x[a:b].shape, name, block)
+    assert torch.equal(piece_codes, codes[a:b]) and torch.equal(piece_scale, scale[a:b])
+    dq = {"signed": signed, "block_size": block}
+    whole = lowbit_fn.dequantize(codes, scale, name, shape=shape, **dq)
+    assert torch.equal(lowbit_fn.dequantize(piece_codes, piece_scale, name, shape=x[a:b].shape, **dq), whole[a:b])
 
 
 def test_stochastic_rounding_bad_arguments():
     x = torch.randn(300)
     with pytest.raises(ValueError, match="rounding"):
         lowbit_fn.quantize(x, "8bit", signed=True, rounding="up")
-    with pytest.raises(ValueError, match="offset"):
-        lowbit_fn.quantize(x, "8bit", signed=True, rounding="stochastic", offset=100)
-    with pytest.raises(ValueError, match="seed"):
-        lowbit_fn.quantize(x, "8bit", signed=True, rounding="stochastic", seed=-1)
+    for label, bad in (("offset", {"offset": -1}), ("offset", {"offset": 1.5}), ("seed", {"seed": -1}),
+                       ("tensor_id", {"tensor_id": -1}), ("tensor_id", {"tensor_id": 2**32})):
+        with pytest.raises(ValueError, match=label):
+            lowbit_fn.quantize(x, "8bit", signed=True, rounding="stochastic", **bad)
+    # blocks start at every row, not at global multiples of the block size: any offset >= 0 is a valid one
+    codes, scale = lowbit_fn.quantize(x, "8bit", signed=True, rounding="stochastic", offset=100)
+    assert codes.shape == (300,) and scale.shape == (2,)
+    assert not torch.equal(codes, lowbit_fn.quantize(x, "8bit", signed=True, rounding="stochastic")[0])

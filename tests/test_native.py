@@ -1,5 +1,6 @@
 """The native CPU kernel against the reference path: identical codes, scales and directions; the fallback."""
 
+import math
 import os
 import subprocess
 import sys
@@ -11,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lowbit_fn
-from lowbit_fn.kernels import quant_step
-from lowbit_fn.kernels.native import native_available, native_quant_step, nearest_thresholds, prefix_table, threshold_table
+from lowbit_fn.kernels import AdamConfig, Epilogue, Item, adam_step
+from lowbit_fn.kernels.native import native_available, nearest_thresholds, prefix_table, threshold_table
 
 pytestmark = pytest.mark.skipif(not native_available(torch.device("cpu")), reason="no C compiler here")
 
@@ -21,52 +22,94 @@ def f64(x):
     return torch.tensor(x, dtype=torch.float64)
 
 
-def both(fmt_name, g, moments, step, stochastic, b1=0.9, b2=0.999, eps=1e-8, seed=0):
-    """Run the reference and the native kernel on copies of the same state; returns both (direction, moments)."""
-    fmt = lowbit_fn.FORMATS[fmt_name]
+def both(fmt_name, g, moments, step, stochastic, b1=0.9, b2=0.999, eps=1e-8, seed=0, param=None, epilogue=Epilogue()):
+    """Run the compiled reference and the native kernel (through the one entry point) on copies of the same
+    state and parameter; returns both ``(update or parameter, moments)``."""
+    fmt = lowbit_fn.FORMATS[fmt_name] if fmt_name != "fp32" else None
+    config = AdamConfig(fmt, fmt.default_block_size if fmt else 0, stochastic, seed, len(moments) > 4)
     out = []
-    for kernel in (quant_step, native_quant_step):
-        state = [t.clone() for t in moments]
-        d = kernel(g, state, torch.tensor(step), f64(b1), f64(b2), f64(eps), fmt, fmt.default_block_size,
-                   fmt.codebook(True), fmt.codebook(False), stochastic, seed)
-        out.append((d, state))
+    for native in ("0", "1"):
+        os.environ["LOWBIT_FN_NATIVE"] = native
+        try:
+            state = [t.clone() for t in moments]
+            p = None if param is None else param.clone()
+            (d,) = adam_step(config, [Item(g, state, torch.tensor(step), 1234, p)], f64(b1), f64(b2), f64(eps), epilogue)
+        finally:
+            del os.environ["LOWBIT_FN_NATIVE"]
+        out.append((p if epilogue.apply else d, state))
     return out
 
 
-def random_state(fmt_name, n, nmom, gen):
+def random_state(fmt_name, shape, nmom, gen):
     moments = []
+    n = math.prod(shape)
     for i in range(nmom):
-        x = torch.randn(n, generator=gen) * torch.logspace(-6, 0, n)
+        x = (torch.randn(n, generator=gen) * torch.logspace(-6, 0, n)).view(shape)
         moments += list(lowbit_fn.quantize(x if i == 0 else x.abs(), fmt_name, signed=i == 0))
     return moments
 
 
-def assert_identical(ref, nat):
+def assert_identical(ref, nat, fmt_name):
+    f = lowbit_fn.FORMATS[fmt_name]
     (d1, m1), (d2, m2) = ref, nat
     assert torch.equal(torch.isnan(d1), torch.isnan(d2)) and torch.equal(d1.nan_to_num(), d2.nan_to_num())
     for i in range(0, len(m1), 2):
         s1, s2 = m1[i + 1], m2[i + 1]
         assert torch.equal(torch.isnan(s1), torch.isnan(s2)) and torch.equal(s1.nan_to_num(), s2.nan_to_num())
+        rows, per_row = s1.shape
         ok = ~torch.isnan(s1)  # inside a NaN-poisoned block the codes are unspecified: every one decodes to NaN
-        c1, c2 = m1[i].view(s1.numel(), -1), m2[i].view(s1.numel(), -1)
-        assert torch.equal(c1[ok], c2[ok])
+        c1, c2 = m1[i].reshape(rows, -1), m2[i].reshape(rows, -1)
+        cols = torch.arange(c1.shape[1]) // (f.default_block_size // f.codes_per_byte)  # each code's block
+        keep = ok[:, cols]
+        assert torch.equal(c1[keep], c2[keep])
 
 
 @pytest.mark.parametrize("fmt", ["8bit", "4bit", "fp8"])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_native_equals_reference_bit_for_bit(fmt, rounding, amsgrad):
+@pytest.mark.parametrize("shape", [(41, 256), (37, 33), (3, 5, 301)])
+def test_native_equals_reference_bit_for_bit(fmt, rounding, amsgrad, shape):
     gen = torch.Generator().manual_seed(0)
-    bs = lowbit_fn.FORMATS[fmt].default_block_size
-    n = bs * 41
-    g = torch.randn(n, generator=gen) * torch.logspace(-12, 3, n)
-    g[7 * bs + 5] = float("nan")  # one poisoned block
-    g[9 * bs:10 * bs] = 0.0  # an all-zero block
-    moments = random_state(fmt, n, 3 if amsgrad else 2, gen)
+    n = math.prod(shape)
+    g = (torch.randn(n, generator=gen) * torch.logspace(-12, 3, n)).view(shape)
+    g.view(-1)[7 * 33 + 5] = float("nan")  # one poisoned block
+    g[1] = 0.0  # all-zero blocks
+    moments = random_state(fmt, shape, 3 if amsgrad else 2, gen)
     for step in (1, 2, 1000):
         ref, nat = both(fmt, g, moments, step, rounding == "stochastic")
-        assert_identical(ref, nat)
+        assert_identical(ref, nat, fmt)
         moments = ref[1]
+
+
+@pytest.mark.parametrize("fmt, dtype, mode", [  # every format, dtype and epilogue at least once (each compiles)
+    ("8bit", torch.bfloat16, "decoupled_sr"), ("8bit", torch.float16, "update"), ("4bit", torch.bfloat16, "l2"),
+    ("4bit", torch.float32, "decoupled_sr"), ("fp8", torch.float16, "l2"), ("fp8", torch.bfloat16, "update"),
+    ("fp32", torch.bfloat16, "decoupled_sr"), ("fp32", torch.float16, "l2"),
+], ids=str)
+def test_half_precision_params_read_and_written_in_the_kernel(fmt, dtype, mode):
+    """bfloat16/float16 parameters and gradients: the native kernel converts them block by block and writes the
+    parameter (rounded to nearest, or stochastically for bfloat16) or the update back; the compiled reference
+    computes the same bits."""
+    gen = torch.Generator().manual_seed(2)
+    shape = (37, 300)
+    g = torch.randn(shape, generator=gen).to(dtype)
+    p = torch.randn(shape, generator=gen).to(dtype)
+    moments = random_state(fmt, shape, 2, gen) if fmt != "fp32" else [torch.randn(shape, generator=gen), torch.rand(shape, generator=gen)]
+    wd, lr = torch.tensor(0.1, dtype=torch.float64), torch.tensor(-1e-2, dtype=torch.float64)
+    epilogue = {
+        "l2": Epilogue(wd, l2=True, factor=lr, apply=True),
+        "decoupled_sr": Epilogue(wd, decoupled=True, factor=lr, apply=True, param_sr=True),
+        "update": Epilogue(wd, decoupled=True, factor=lr),
+    }[mode]
+    ref, nat = both(fmt, g, moments, 3, fmt == "4bit", param=p, epilogue=epilogue)
+    if fmt == "fp32":
+        (r, mr), (n_, mn) = ref, nat
+        assert torch.equal(r, n_) and all(torch.equal(a, b) for a, b in zip(mr, mn))
+    else:
+        assert_identical(ref, nat, fmt)
+    assert ref[0].dtype == dtype
+    if mode != "update":
+        assert not torch.equal(ref[0], p), "the parameter moved"
 
 
 @settings(max_examples=30, deadline=None)
@@ -78,11 +121,10 @@ def test_native_equals_reference_bit_for_bit(fmt, rounding, amsgrad):
     b1=st.floats(0.0, 0.999),
 )
 def test_native_equals_reference_on_arbitrary_gradients(values, fmt, stochastic, step, b1):
-    bs = lowbit_fn.FORMATS[fmt].default_block_size
     g = torch.tensor(values, dtype=torch.float32)
-    g = torch.nn.functional.pad(g, (0, max(2 * bs, -(-g.numel() // bs) * bs) - g.numel()))  # >= 2 whole blocks
-    moments = random_state(fmt, g.numel(), 2, torch.Generator().manual_seed(step))
-    assert_identical(*both(fmt, g, moments, step, stochastic, b1=b1))
+    g = torch.nn.functional.pad(g, (0, -g.numel() % 3)).view(3, -1)  # three rows, ragged blocks
+    moments = random_state(fmt, tuple(g.shape), 2, torch.Generator().manual_seed(step))
+    assert_identical(*both(fmt, g, moments, step, stochastic, b1=b1), fmt)
 
 
 @given(st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=200))
@@ -213,16 +255,16 @@ CODE_PATHS_SCRIPT = textwrap.dedent(
     gen = torch.Generator().manual_seed(3)
     for fmt in ("8bit", "4bit", "fp8"):
         bs = lowbit_fn.FORMATS[fmt].default_block_size
-        n = bs * 9 + 64
-        g = torch.randn(n, generator=gen) * torch.logspace(-12, 3, n)
-        g[2 * bs + 1] = float("nan")
-        g = torch.nn.functional.pad(g, (0, bs - 64))
+        shape = (5, bs * 2 + 33)
+        n = shape[0] * shape[1]
+        g = (torch.randn(n, generator=gen) * torch.logspace(-12, 3, n)).view(shape)
+        g[2, 1] = float("nan")
         for stochastic in (False, True):
             for nmom in (2, 3):
-                moments = random_state(fmt, g.numel(), nmom, gen)
+                moments = random_state(fmt, shape, nmom, gen)
                 for step in (1, 7):
                     ref, nat = both(fmt, g, moments, step, stochastic)
-                    assert_identical(ref, nat)
+                    assert_identical(ref, nat, fmt)
                     moments = ref[1]
     print("identical")
     """

@@ -45,6 +45,6 @@ def test_cuda_functional_offload_keeps_state_on_host():
     opt = lowbit_fn.offload(lowbit_fn.adamw(1e-3, state_format="8bit"), min_numel=1024)
     state = opt.init(params)
     updates, state = opt.update({k: torch.randn_like(v) for k, v in params.items()}, state, params)
-    assert state["host", "0", "8bit_block256", "mu", "codes"].device.type == "cpu"
-    assert state["device", "0", "fp32", "mu"].device.type == "cuda"
+    assert state["host", "0", "8bit_block256", "mu", "w", "codes"].device.type == "cpu"
+    assert state["device", "0", "fp32", "mu", "b"].device.type == "cuda"
     assert updates["w"].device.type == "cuda" and updates["b"].device.type == "cuda"

@@ -4,7 +4,24 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit_fn.kernels.rounding import hash32, stochastic_round_bf16, stream_key
+from lowbit_fn._compile import compiled
+from lowbit_fn._random import hash32, mix, stream_key, tensor_key, tensor_key_int
+from lowbit_fn.kernels.adam import round_to
+
+_ZERO = torch.zeros((), dtype=torch.int64)
+
+
+@compiled
+def _round(x, key, base):
+    return round_to(x, torch.bfloat16, key, base)
+
+
+def stochastic_round_bf16(x, key, base=_ZERO):
+    """The stochastic rounding of the step's parameter write-back (compiled, as the step runs it)."""
+    return _round(x, key, base)
+
+
+stochastic_round_bf16.fn = lambda x, key, base=_ZERO: round_to(x, torch.bfloat16, key, base)
 
 
 def neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,3 +89,23 @@ def test_stream_key_in_python_ints_equals_the_tensor_version():
 
     for seed, salt, step in [(0, 0, 0), (1, 2, 3), (2**31 - 1, 7, 2**40 + 5), (12345, 1, 999)]:
         assert stream_key_int(seed, salt, step) == int(stream_key(seed, salt, torch.tensor(step)))
+        for ident in (0, 1, 2**32 - 1):
+            assert tensor_key_int(stream_key_int(seed, salt, step), ident) == int(tensor_key(stream_key(seed, salt, torch.tensor(step)), ident))
+
+
+def test_the_counter_does_not_wrap_at_2_32_elements():
+    """Element i and element i + 2**32 of one stream draw different bits (the high half of the index is mixed)."""
+    key = stream_key(0, 0, torch.tensor(1))
+    index = torch.arange(4096, dtype=torch.int64)
+    low, high = mix(index, key), mix(index + 2**32, key)
+    assert float((low == high).double().mean()) < 0.01
+    assert torch.equal(mix(index + 2**33, key), mix(index + 2**33, key)), "deterministic"
+
+
+def test_base_offsets_the_element_index():
+    """A piece of a tensor rounded with base b draws the bits of the whole tensor's elements b, b + 1, ..."""
+    x = torch.randn(1000) * 1e-3 + 1.0
+    key = stream_key(3, 3, torch.tensor(2))
+    whole = stochastic_round_bf16(x, key)
+    piece = stochastic_round_bf16(x[300:].contiguous(), key, torch.tensor(300, dtype=torch.int64))
+    assert torch.equal(whole[300:].view(torch.int16), piece.view(torch.int16))

@@ -1,8 +1,11 @@
 """Block-wise quantized state formats: ``"8bit"``, ``"4bit"`` and ``"fp8"``.
 
-All formats split the flattened tensor into blocks of ``block_size`` contiguous elements (the last block padded
-with zeros, so any size is quantized) and keep one float32 scale per block. Codes are stored as ``uint8``
-(two 4-bit codes per byte; FP8 codes as their bit patterns) so tensordict memmap and consolidate work on them.
+A tensor is quantized row by row (``shape[0]`` rows of ``prod(shape[1:])`` elements; fewer dimensions: one row),
+each row in blocks of ``block_size`` contiguous elements, the last block of a row shorter when the block size does
+not divide the row. Every block keeps one float32 scale. The codes keep the tensor's shape (``uint8``; two 4-bit
+codes per byte, packed within a row: ``(rows, ceil(R / 2))``; FP8 codes as their bit patterns), the scales are
+``(rows, blocks per row)``: a slice of rows of the codes and scales is the quantized slice of rows of the tensor.
+Codes are ``uint8`` so tensordict memmap and consolidate work on them.
 
 Non-finite values: a NaN or Inf anywhere in a block makes that block's scale NaN, so the whole block
 dequantizes to NaN; other blocks are unaffected. The 8-bit unsigned map and the 4-bit linear map have no
@@ -11,19 +14,21 @@ negative entries: negative inputs with ``signed=False`` map to the smallest entr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from .._compile import compiled
-from .._random import stream_key, uniform
-from ._base import BlockFormat
+from .._random import stream_key, tensor_key, uniform
+from ._base import BlockFormat, row_split
 from .dynamic8 import Dynamic8, dynamic_tree_map
 from .fourbit import FourBit
 from .fp8 import Fp8
 
 __all__ = [
     "FORMATS", "ROUNDINGS", "BlockFormat", "get_format", "quantize", "dequantize", "codebook", "dynamic_tree_map",
-    "block_noise",
+    "row_noise", "encode_rows", "decode_rows", "row_split",
 ]
 
 FORMATS: dict[str, BlockFormat] = {f.name: f for f in (Dynamic8(), FourBit(), Fp8())}
@@ -58,31 +63,60 @@ def codebook(state_format: str, *, signed: bool) -> Tensor:
 ROUNDINGS = ("nearest", "stochastic")
 
 
-def block_noise(nb: int, block_size: int, offset: int, seed: int, stream: int, step: Tensor) -> Tensor:
-    """Stochastic-rounding noise for ``[nb, block_size]`` blocks whose first element has global index ``offset``.
+def row_noise(rows: int, length: int, block_size: int, base: Tensor, key: Tensor) -> Tensor:
+    """Stochastic-rounding noise for the ``[rows * blocks per row, block_size]`` blocks of ``rows`` rows of
+    ``length`` elements: element ``c`` of row ``r`` (padding included) draws from ``(key, base + r * length + c)``.
 
-    Element ``i`` of a tensor (``offset + position``) draws from ``(seed, stream, step, i)`` only, so a tensor
-    quantized whole or in block-aligned pieces (each with its own ``offset``) gets the same codes."""
-    index = torch.arange(nb * block_size, device=step.device, dtype=torch.int64).view(nb, block_size) + offset
-    return uniform(index, stream_key(seed, stream, step))
+    ``base`` (int64 0-d) is the index of the first row's first element in the whole tensor, so a tensor quantized
+    whole or in pieces of rows (each with its own ``base``) gets the same codes."""
+    nb = -(-length // block_size)
+    col = torch.arange(nb * block_size, device=key.device, dtype=torch.int64)
+    row = torch.arange(rows, device=key.device, dtype=torch.int64) * length
+    return uniform((row.unsqueeze(1) + col + base).view(rows * nb, block_size), key)
 
 
-@compiled
-def _encode(
-    flat: Tensor, fmt: BlockFormat, block_size: int, table: Tensor | None, stochastic: bool, offset: int, seed: int,
-    stream: int, step: Tensor,
+def encode_rows(
+    x: Tensor, fmt: BlockFormat, block_size: int, table: Tensor | None, key: Tensor | None, base: Tensor,
+    blocks_per_row: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    nb = fmt.num_blocks(flat.shape[0], block_size)
-    blocks = torch.nn.functional.pad(flat, (0, nb * block_size - flat.shape[0])).view(nb, block_size)
-    noise = block_noise(nb, block_size, offset, seed, stream, step) if stochastic else None
+    """``[rows, R]`` float32 -> (uint8 codes ``[rows, ceil(R / codes_per_byte)]``, float32 scales ``[rows, blocks
+    per row]``). Each row is zero-padded to whole blocks; ``key`` (a stream key) selects stochastic rounding with
+    :func:`row_noise`, ``None`` rounds to nearest. Traced into the compiled step: no data-dependent control flow
+    (``blocks_per_row``, ``ceil(R / block_size)``, may be given as the size of a tensor: one symbol fewer to derive)."""
+    rows, length = x.shape
+    nb = -(-length // block_size) if blocks_per_row is None else blocks_per_row
+    blocks = torch.nn.functional.pad(x, (0, nb * block_size - length)).view(rows * nb, block_size)
+    noise = row_noise(rows, length, block_size, base, key) if key is not None else None
     codes, scale = fmt.encode(blocks, table, noise)
-    return codes.reshape(-1), scale
+    per_row = -(-length // fmt.codes_per_byte)
+    return codes.view(rows, -1)[:, :per_row], scale.view(rows, nb)
+
+
+def decode_rows(codes: Tensor, scale: Tensor, fmt: BlockFormat, block_size: int, table: Tensor | None, length: int) -> Tensor:
+    """Inverse of :func:`encode_rows`: float32 ``[rows, length]`` from codes ``[rows, ceil(length /
+    codes_per_byte)]`` and scales ``[rows, blocks per row]``."""
+    rows, nb = scale.shape
+    padded = nb * block_size // fmt.codes_per_byte
+    full = torch.nn.functional.pad(codes, (0, padded - codes.shape[1])).view(rows * nb, -1)
+    return fmt.decode(full, scale.reshape(rows * nb), table).view(rows, nb * block_size)[:, :length]
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """A format and its block size: one constant of a compiled graph (a plain int would be a symbolic size)."""
+
+    fmt: BlockFormat
+    size: int
 
 
 @compiled
-def _decode(codes: Tensor, scale: Tensor, fmt: BlockFormat, block_size: int, table: Tensor | None) -> Tensor:
-    nb = scale.shape[0]
-    return fmt.decode(codes.view(nb, -1), scale, table).reshape(-1)
+def _encode(x: Tensor, blocks: _Blocks, table: Tensor | None, key: Tensor | None, base: Tensor) -> tuple[Tensor, Tensor]:
+    return encode_rows(x, blocks.fmt, blocks.size, table, key, base)
+
+
+@compiled
+def _decode(codes: Tensor, scale: Tensor, blocks: _Blocks, table: Tensor | None, length: int) -> Tensor:
+    return decode_rows(codes, scale, blocks.fmt, blocks.size, table, length)
 
 
 def quantize(
@@ -95,13 +129,15 @@ def quantize(
     seed: int = 0,
     step: int | Tensor = 0,
     offset: int = 0,
+    tensor_id: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Quantize ``x`` block-wise; returns ``(codes, scale)``.
+    """Quantize ``x`` row by row, block-wise; returns ``(codes, scale)``.
 
     With ``rounding="stochastic"`` each value goes to one of the two representable values around it, the upper
     one with probability proportional to the distance from the lower, so the dequantized result equals ``x`` in
-    expectation. The random numbers come from a hash of ``(seed, signed, step, offset + element index)``:
-    deterministic, different every step, and the same whether ``x`` is quantized whole or in block-aligned pieces.
+    expectation. The random numbers come from a hash of ``(seed, signed, step, tensor_id, offset + element
+    index)``: deterministic, different every step, and the same whether ``x`` is quantized whole or in pieces of
+    rows.
 
     Args:
       x: a floating tensor of any shape (float32, bfloat16, float16 or float64; computed in float32).
@@ -109,19 +145,21 @@ def quantize(
       signed: the signed map (first moment) or the unsigned one (second moment).
       block_size: elements per block; defaults to 256 / 128 / 256.
       rounding: ``"nearest"`` or ``"stochastic"``.
-      seed, step: select the random numbers of stochastic rounding (``step`` may be a 0-d integer tensor).
-      offset: the global index of ``x``'s first element (a multiple of ``block_size``), for pieces of a tensor.
+      seed, step, tensor_id: select the random numbers of stochastic rounding (``step`` may be a 0-d integer
+        tensor; ``tensor_id`` is a 32-bit identity of the tensor, see :func:`lowbit_fn.scale_by_adam`).
+      offset: the index of ``x``'s first element in the whole tensor, for a piece of rows of a tensor.
 
     Returns:
-      ``codes``: 1-D uint8 of ``num_blocks * block_size`` (4-bit: half that) entries, the last block padded;
-      ``scale``: 1-D float32 of ``num_blocks`` block scales (absmax, or absmax / 448 for FP8).
+      ``codes``: uint8 of ``x``'s shape (4-bit: ``(rows, ceil(R / 2))``; below two dimensions, 1-D);
+      ``scale``: float32 ``(rows, blocks per row)`` block scales (absmax, or absmax / 448 for FP8; 1-D below two
+      dimensions).
 
     Example:
         >>> import torch, lowbit_fn
-        >>> x = torch.randn(1000)
+        >>> x = torch.randn(4, 300)
         >>> codes, scale = lowbit_fn.quantize(x, "8bit", signed=True)
         >>> codes.dtype, codes.shape, scale.shape
-        (torch.uint8, torch.Size([1024]), torch.Size([4]))
+        (torch.uint8, torch.Size([4, 300]), torch.Size([4, 2]))
         >>> y = lowbit_fn.dequantize(codes, scale, "8bit", signed=True, shape=x.shape)
         >>> bool((y - x).norm() / x.norm() < 0.02)
         True
@@ -130,24 +168,30 @@ def quantize(
     block_size = fmt.check_block_size(block_size)
     if rounding not in ROUNDINGS:
         raise ValueError(f"quantize: rounding must be one of {list(ROUNDINGS)}, got {rounding!r}")
-    for label, value in (("seed", seed), ("offset", offset)):
+    for label, value in (("seed", seed), ("offset", offset), ("tensor_id", tensor_id)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"quantize: {label} must be an int >= 0, got {value!r}")
-    if offset % block_size:
-        raise ValueError(f"quantize: offset must be a multiple of block_size={block_size}, got {offset}")
+    if tensor_id >= 2**32:
+        raise ValueError(f"quantize: tensor_id must be below 2**32, got {tensor_id}")
     if not isinstance(x, Tensor):
         raise TypeError(f"quantize: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_INPUTS:
         raise TypeError(f"quantize: x must be float32, bfloat16, float16 or float64, got {x.dtype}")
     if x.layout != torch.strided:
         raise TypeError(f"quantize: x must be a dense (strided) tensor, got layout {x.layout}")
-    flat = x.detach().reshape(-1).to(torch.float32)  # one graph for every input dtype
-    if flat.numel() == 0:
-        return torch.empty(0, dtype=torch.uint8, device=x.device), torch.empty(0, dtype=torch.float32, device=x.device)
+    code_shape, scale_shape = fmt.code_shape(x.shape), fmt.scale_shape(x.shape, block_size)
+    if x.numel() == 0:
+        return (torch.empty(code_shape, dtype=torch.uint8, device=x.device),
+                torch.empty(scale_shape, dtype=torch.float32, device=x.device))
+    rows, length = row_split(x.shape)
+    flat = x.detach().reshape(rows, length).to(torch.float32)  # one graph for every input dtype
     step_t = torch.as_tensor(step, dtype=torch.int64, device=x.device)
-    return _encode(
-        flat, fmt, block_size, fmt.codebook(signed, x.device), rounding == "stochastic", offset, seed, int(not signed), step_t
-    )
+    key = None
+    if rounding == "stochastic":
+        key = tensor_key(stream_key(seed, int(not signed), step_t), tensor_id)
+    base = torch.tensor(offset, dtype=torch.int64, device=x.device)
+    codes, scale = _encode(flat, _Blocks(fmt, block_size), fmt.codebook(signed, x.device), key, base)
+    return codes.reshape(code_shape), scale.reshape(scale_shape)
 
 
 def dequantize(
@@ -165,23 +209,27 @@ def dequantize(
         >>> import torch, lowbit_fn
         >>> v = torch.rand(3, 5) ** 2
         >>> c, s = lowbit_fn.quantize(v, "4bit", signed=False)
+        >>> c.shape, s.shape
+        (torch.Size([3, 3]), torch.Size([3, 1]))
         >>> lowbit_fn.dequantize(c, s, "4bit", signed=False, shape=(3, 5)).shape
         torch.Size([3, 5])
     """
     fmt = get_format(state_format)
     block_size = fmt.check_block_size(block_size)
     shape = torch.Size(shape)
-    numel = shape.numel()
-    nb = fmt.num_blocks(numel, block_size)
-    if not isinstance(codes, Tensor) or codes.dtype != torch.uint8 or codes.dim() != 1:
-        raise TypeError(f"dequantize: codes must be a 1-D uint8 tensor, got {getattr(codes, 'dtype', type(codes))}")
-    if not isinstance(scale, Tensor) or scale.dtype != torch.float32 or scale.dim() != 1:
-        raise TypeError(f"dequantize: scale must be a 1-D float32 tensor, got {getattr(scale, 'dtype', type(scale))}")
-    if codes.numel() != fmt.code_bytes(nb, block_size) or scale.numel() != nb:
+    if not isinstance(codes, Tensor) or codes.dtype != torch.uint8:
+        raise TypeError(f"dequantize: codes must be a uint8 tensor, got {getattr(codes, 'dtype', type(codes))}")
+    if not isinstance(scale, Tensor) or scale.dtype != torch.float32:
+        raise TypeError(f"dequantize: scale must be a float32 tensor, got {getattr(scale, 'dtype', type(scale))}")
+    code_shape, scale_shape = fmt.code_shape(shape), fmt.scale_shape(shape, block_size)
+    if codes.shape != code_shape or scale.shape != scale_shape:
         raise ValueError(
             f"dequantize: shape {tuple(shape)} with state_format={state_format!r}, block_size={block_size} needs "
-            f"{fmt.code_bytes(nb, block_size)} code bytes and {nb} scales, got {codes.numel()} and {scale.numel()}"
+            f"codes of shape {tuple(code_shape)} and scales of shape {tuple(scale_shape)}, got {tuple(codes.shape)} "
+            f"and {tuple(scale.shape)}"
         )
-    if nb == 0:
+    if shape.numel() == 0:
         return torch.empty(shape, dtype=torch.float32, device=codes.device)
-    return _decode(codes, scale, fmt, block_size, fmt.codebook(signed, codes.device))[:numel].view(shape)
+    rows, length = row_split(shape)
+    out = _decode(codes.reshape(rows, -1), scale.reshape(rows, -1), _Blocks(fmt, block_size), fmt.codebook(signed, codes.device), length)
+    return out.reshape(shape)

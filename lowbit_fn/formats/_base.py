@@ -1,8 +1,12 @@
-"""What every block-wise state format shares: block scales, the nearest-code search, the format interface.
+"""What every block-wise state format shares: the row layout, block scales, the nearest-code search, the format
+interface.
 
-A tensor is flattened, padded with zeros to whole blocks of ``block_size`` contiguous elements and viewed as
-``[num_blocks, block_size]``. Each block keeps one float32 scale. Non-finite input poisons only its own block:
-the block's scale becomes NaN, so every element of that block dequantizes to NaN (nothing is hidden).
+A tensor of two or more dimensions is seen as ``rows = shape[0]`` rows of ``R = prod(shape[1:])`` elements (a
+tensor of fewer dimensions as one row). Each row is cut into ``ceil(R / block_size)`` blocks of contiguous
+elements, the last one shorter when ``block_size`` does not divide ``R``: no block crosses a row, so any range
+of rows of a tensor (an FSDP shard) has the state of those rows and nothing else. Each block keeps one float32
+scale. Non-finite input poisons only its own block: the block's scale becomes NaN, so every element of that block
+dequantizes to NaN (nothing is hidden).
 """
 
 from __future__ import annotations
@@ -59,6 +63,14 @@ def stochastic_code(y: Tensor, codebook: Tensor, noise: Tensor) -> Tensor:
     return torch.where(up | (y >= hi), idx, lower).to(torch.uint8)
 
 
+def row_split(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
+    """``(rows, R)``: ``(shape[0], prod(shape[1:]))`` for two or more dimensions, one row of every element else."""
+    shape = tuple(shape)
+    if len(shape) >= 2:
+        return shape[0], math.prod(shape[1:])
+    return 1, math.prod(shape)
+
+
 class BlockFormat:
     """A quantized state format. Subclasses define the codebook (if any), ``encode`` and ``decode``.
 
@@ -85,10 +97,27 @@ class BlockFormat:
         return block_size
 
     def num_blocks(self, numel: int, block_size: int) -> int:
+        """Blocks of one row of ``numel`` elements."""
         return -(-numel // block_size)
 
     def code_bytes(self, num_blocks: int, block_size: int) -> int:
         return num_blocks * block_size // self.codes_per_byte
+
+    def code_shape(self, shape: torch.Size | tuple[int, ...]) -> torch.Size:
+        """Shape of the uint8 codes of a tensor of ``shape``: the tensor's own shape (two codes per byte: ``(rows,
+        ceil(R / 2))``, the pairs packed within a row); a tensor of fewer than two dimensions gives a 1-D shape."""
+        rows, length = row_split(shape)
+        per_row = -(-length // self.codes_per_byte)
+        if len(shape) < 2:
+            return torch.Size([per_row])
+        return torch.Size(shape) if self.codes_per_byte == 1 else torch.Size([rows, per_row])
+
+    def scale_shape(self, shape: torch.Size | tuple[int, ...], block_size: int) -> torch.Size:
+        """Shape of the float32 block scales of a tensor of ``shape``: ``(rows, blocks per row)`` (1-D below two
+        dimensions)."""
+        rows, length = row_split(shape)
+        nb = self.num_blocks(length, block_size)
+        return torch.Size([nb]) if len(shape) < 2 else torch.Size([rows, nb])
 
     def codebook(self, signed: bool, device: torch.device | str | None = None) -> Tensor | None:
         """The sorted float32 map of normalized values, or ``None`` for formats without one (FP8)."""

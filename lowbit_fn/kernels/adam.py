@@ -1,18 +1,30 @@
-"""The Adam step, written once, and the two compiled group kernels that run it over flat buffers.
+"""The Adam step, written once: :func:`adam_math` (the moment update), and :func:`tensor_step`, the compiled step of
+one tensor (decode the moments, the math, encode them, weight decay, learning rate and the parameter's update).
 
-A *group* is every parameter sharing one state layout (quantized with a format, or full precision of one dtype),
-laid end to end in one flat buffer. Each kernel is compiled once with dynamic sizes, so the graph count and the
-compile time do not depend on how many parameters or shapes a model has, and one step is one kernel call per group.
-Scalars (step, betas, eps) arrive as 0-d tensors, so changing them never recompiles.
+:func:`tensor_step` is the reference the native kernel (``native_adam.c``) reproduces bit for bit, and the path
+that runs where the native kernel does not (GPUs, float64, ``LOWBIT_FN_NATIVE=0``). It is compiled once per
+format, dtypes and epilogue with dynamic sizes, so the graph count does not depend on how many tensors or which
+shapes a model has. Scalars (step, betas, eps, weight decay, learning rate) arrive as 0-d tensors, so changing
+them never recompiles.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .._compile import compiled
-from ..formats import BlockFormat, block_noise
+from .._random import mix, stream_key, tensor_key
+from ..formats import decode_rows, encode_rows
+
+if TYPE_CHECKING:
+    from .step import AdamConfig
+
+__all__ = ["adam_math", "adam_scalars", "tensor_step", "round_to", "add_rounded", "PARAM_STREAM"]
+
+PARAM_STREAM = 3  # random stream of a parameter's stochastic rounding (0, 1, 2: the moments m, v, vmax)
 
 
 def adam_math(
@@ -53,54 +65,98 @@ def _sqrt(x: Tensor) -> Tensor:
     return torch.sqrt(x.double()).to(x.dtype) if x.dtype != torch.float64 else torch.sqrt(x)
 
 
-@compiled
-def full_step(
-    g: Tensor, mu: Tensor, nu: Tensor, nu_max: Tensor | None, step: Tensor, b1: Tensor, b2: Tensor, eps: Tensor
-) -> Tensor:
-    """Full-precision moments, updated in place; returns the direction (same dtype as the state)."""
-    direction, m, v, vmax = adam_math(g, mu, nu, nu_max, step, b1, b2, eps)
-    mu.copy_(m)
-    nu.copy_(v)
-    if nu_max is not None:
-        nu_max.copy_(vmax)
-    return direction
+def round_to(x: Tensor, dtype: torch.dtype, key: Tensor | None, base: Tensor) -> Tensor:
+    """float32 ``x`` (a flat tensor) in ``dtype``: rounded to nearest, or, with a stream ``key`` and ``dtype``
+    bfloat16, stochastically: 16 random bits (from ``key`` and ``base`` + each element's index) are added below the
+    bfloat16 mantissa and the sum truncated, so the result is ``x`` in expectation. NaN stays NaN, infinities stay
+    infinite; values within one bfloat16 step of the largest finite value may round to infinity."""
+    if key is None or dtype != torch.bfloat16:
+        return x.to(dtype)
+    index = torch.arange(x.shape[0], device=x.device, dtype=torch.int64) + base
+    bits = x.view(torch.int32).to(torch.int64) + (mix(index, key) & 0xFFFF)  # carries raise the magnitude
+    rounded = (bits & -0x10000).to(torch.int32).view(torch.float32)
+    return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)
+
+
+def _table(maps: list[Tensor] | None, moment: int) -> Tensor | None:
+    """The codebook of a moment: signed for m, unsigned for v and vmax (``None`` for FP8)."""
+    return None if maps is None else maps[min(moment, 1)]
 
 
 @compiled
-def quant_step(
+def add_rounded(p: Tensor, u: Tensor, key: Tensor, base: Tensor) -> Tensor:
+    """``p + u`` computed in float32 and rounded to ``p``'s dtype by :func:`round_to` with the stream ``key``
+    (stochastically for bfloat16): the parameter write-back of :func:`tensor_step`, for ``apply_updates``."""
+    return round_to((p.float() + u.float()).reshape(-1), p.dtype, key, base).view(p.shape)
+
+
+@compiled
+def tensor_step(
     g: Tensor,
+    p: Tensor | None,
     moments: list[Tensor],
     step: Tensor,
-    b1: Tensor,
-    b2: Tensor,
-    eps: Tensor,
-    fmt: BlockFormat,
-    block_size: int,
-    signed_map: Tensor | None,
-    unsigned_map: Tensor | None,
-    stochastic: bool,
-    seed: int,
-) -> Tensor:
-    """Quantized moments ``[m_codes, m_scale, v_codes, v_scale(, vmax_codes, vmax_scale)]`` updated in place.
+    scalars: list[Tensor],
+    ident: Tensor,
+    base: Tensor,
+    config: "AdamConfig",
+    maps: list[Tensor] | None,
+    mode: tuple[bool, bool, bool, bool],
+    param_sr: bool,
+) -> Tensor | None:
+    """One Adam step of one tensor, its moments updated in place.
 
-    ``g`` is float32 and padded to whole blocks. Old moments are dequantized, the direction is computed from this
-    step's unquantized moments, then the moments are re-quantized into their own buffers. With ``stochastic``
-    the second moments are stored as ``sqrt(v)`` and every moment is stochastically rounded, with random numbers
-    from ``(seed, moment, step, index in the buffer)`` (streams 0, 1, 2 for m, v, vmax).
+    ``g`` and ``p`` are ``[rows, R]`` views of the gradient and the parameter (any floating dtype; the math runs in
+    float32, float64 for float64 state). ``moments`` holds, per moment (m, v, and vmax with amsgrad), the state
+    tensor ``[rows, R]`` of full precision (``fmt=None``) or the ``codes`` (``[rows, bytes per row]``) and
+    ``scale`` (``[rows, blocks per row]``) of the row layout (:func:`lowbit_fn.formats.encode_rows`). ``scalars`` are ``b1, b2, eps, weight_decay, factor`` (0-d tensors),
+    ``mode`` is ``(l2, decoupled, scale, apply)``: L2 adds ``p * weight_decay`` to the gradient, decoupled adds it
+    to the direction, scale multiplies by ``factor`` (the signed learning rate) and apply adds the result to ``p``
+    in place (rounded to ``p``'s dtype; stochastically for bfloat16 with ``param_sr``) instead of returning it.
+    These are exactly the float32 operations of ``add_decayed_weights``, ``scale_by_learning_rate`` and
+    ``apply_updates``.
+
+    ``config`` (format, block size, rounding, seed) is a constant of the graph. With stochastic rounding the
+    second moments are stored as ``sqrt(v)`` and every moment is stochastically rounded, with random numbers from
+    ``(seed, moment, step, ident, base + element index)``.
     """
-    blocks = g.view(-1, block_size)
-    nb = blocks.shape[0]
-    maps = (signed_map, unsigned_map, unsigned_map)
-    old = [fmt.decode(moments[2 * i].view(nb, -1), moments[2 * i + 1], maps[i]) for i in range(len(moments) // 2)]
-    if stochastic:
-        old = [old[0]] + [x * x for x in old[1:]]
-    direction, *new = adam_math(blocks, old[0], old[1], old[2] if len(old) > 2 else None, step, b1, b2, eps)
-    for i, value in enumerate(new[: len(old)]):
-        noise = None
+    fmt, block_size, stochastic, seed = config.fmt, config.block_size, config.stochastic, config.seed
+    l2, decoupled, scale, apply = mode
+    b1, b2, eps, weight_decay, factor = scalars
+    work = torch.float64 if (fmt is None and moments[0].dtype == torch.float64) else torch.float32
+    rows, length = g.shape
+    gw = g.to(work)
+    pw = p.to(work) if p is not None else None
+    wd = weight_decay.to(work)
+    if l2:
+        gw = gw + pw * wd
+    n = len(moments) // 2 if fmt is not None else len(moments)
+    if fmt is None:
+        old = list(moments)
+    else:
+        old = [decode_rows(moments[2 * i], moments[2 * i + 1], fmt, block_size, _table(maps, i), length) for i in range(n)]
+        if stochastic:
+            old = [old[0]] + [x * x for x in old[1:]]
+    direction, *new = adam_math(gw, old[0], old[1], old[2] if n > 2 else None, step, b1, b2, eps)
+    for i in range(n):
+        value = new[i]
+        if fmt is None:
+            moments[i].copy_(value)
+            continue
+        key = None
         if stochastic:
             value = value if i == 0 else _sqrt(value)
-            noise = block_noise(nb, block_size, 0, seed, i, step)
-        codes, scale = fmt.encode(value, maps[i], noise)
-        moments[2 * i].copy_(codes.view(-1))
-        moments[2 * i + 1].copy_(scale)
-    return direction.view(-1)
+            key = tensor_key(stream_key(seed, i, step), ident)
+        codes, sc = encode_rows(value, fmt, block_size, _table(maps, i), key, base, moments[2 * i + 1].shape[1])
+        moments[2 * i].copy_(codes)
+        moments[2 * i + 1].copy_(sc)
+    u = direction
+    if decoupled:
+        u = u + pw * wd
+    if scale:
+        u = u * factor.to(work)
+    if not apply:
+        return u
+    key = tensor_key(stream_key(seed, PARAM_STREAM, step), ident) if param_sr else None
+    p.copy_(round_to((pw + u).view(-1), p.dtype, key, base).view(rows, length))
+    return None

@@ -1,13 +1,14 @@
 """The native CPU kernel: ``native_adam.c`` built on first use for this machine and called through ctypes.
 
 One call steps any number of tensors (*segments*) and can finish the AdamW step in the same pass: weight decay,
-learning rate and the in-place parameter update (the *epilogue*). The build is plain C (no torch headers), so it
+learning rate and the in-place parameter update (the *epilogue*), reading and writing float32, bfloat16 or
+float16 parameters and gradients block by block (no full-size float32 copy). The build is plain C (no torch headers), so it
 takes under a second: ``$CC`` (default ``gcc``) with ``-O3 -march=native -fopenmp -ffp-contract=off`` (plus
 ``$LOWBIT_FN_NATIVE_FLAGS``), cached under ``$LOWBIT_FN_CACHE`` (default ``~/.cache/lowbit_fn``) by a hash of the
 source, the flags, the compiler and the CPU, and reused across processes. Without a working compiler the compiled
 torch path runs instead, after one warning; ``LOWBIT_FN_NATIVE=0`` selects that path explicitly. The native
 kernel computes exactly what the reference path computes (identical codes, scales, directions and parameters).
-Inside a user's ``torch.compile`` the call is a graph break (see ``transforms/adam.py``): it runs eagerly.
+Inside a user's ``torch.compile`` the call is a graph break (see ``kernels/step.py``): it runs eagerly.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .._random import stream_key_int
+from .._random import stream_key_int, tensor_key_int
 from ..formats import BlockFormat
 
-__all__ = ["native_available", "native_adam_step", "native_quant_step"]
+__all__ = ["native_available", "native_adam_step", "NATIVE_DTYPES"]
 
 _SOURCE = Path(__file__).with_name("native_adam.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
@@ -71,7 +72,7 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     fn = lib.lowbit_adam_step
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, i64, i32, i32, p, p, i32, p, p, p, p, p, p, i32, p, i32, i32]
+    fn.argtypes = [p, i64, i64, i32, i32, p, p, i32, p, p, p, p, p, p, i32, i32, i32, i32]
     fn.restype = i32
     return lib
 
@@ -181,69 +182,59 @@ def _padded_table(codebook: Tensor, stochastic: bool) -> Tensor:
 
 
 _NO_MAP = torch.empty(1, dtype=torch.float32)  # FP8 and float32 state have no maps
-_ZERO = torch.zeros((), dtype=torch.float32)
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+NATIVE_DTYPES = tuple(_DTYPES)  # parameter, gradient and output dtypes the kernel reads and writes
 
 
 def native_adam_step(
-    grads: list[Tensor], moments: list[list[Tensor]], index_bases: list[int], step: Tensor, b1: Tensor, b2: Tensor,
-    eps: Tensor, fmt: BlockFormat | None, block_size: int, stochastic: bool, seed: int, *, params: list[Tensor] | None = None,
-    outs: list[Tensor] | None = None, mode: int = 0, weight_decay: Tensor = _ZERO, neg_lr: Tensor = _ZERO,
+    grads: list[Tensor], moments: list[list[Tensor]], rows: list[int], bases: list[int], idents: list[int], step: int,
+    scalars: Tensor, fmt: BlockFormat | None, block_size: int, stochastic: bool, seed: int, *,
+    params: list[Tensor] | None = None, outs: list[Tensor] | None = None, mode: int = 0, param_sr: bool = False,
 ) -> None:
-    """One Adam step over several tensors (*segments*) in one call.
+    """One Adam step over several tensors (*segments*) in one call; see :func:`lowbit_fn.kernels.adam_step`.
 
-    Segment ``s``: gradient ``grads[s]`` (float32, contiguous, any length), its moments ``moments[s]`` (``[codes,
-    scale]`` per moment, covering ``ceil(len / block_size)`` blocks; with ``fmt=None``, one float32 tensor per
-    moment, as long as the gradient, and ``block_size`` only divides the work), the flat index of its first element
-    ``index_bases[s]`` (stochastic rounding counter) and, depending on ``mode`` (``EPILOGUE_*`` bits), its float32
-    parameter ``params[s]`` and output ``outs[s]``. Mode 0 writes the direction ``m_hat / (sqrt(v_hat) + eps)``;
-    ``EPILOGUE_L2`` adds ``p * weight_decay`` to the gradient first, ``EPILOGUE_DECOUPLED`` adds it to the
-    direction, ``EPILOGUE_SCALE`` multiplies by ``neg_lr``, and ``EPILOGUE_APPLY`` adds the result to the
-    parameter in place (no output): exactly the float32 operations of ``add_decayed_weights``,
-    ``scale_by_learning_rate`` and ``apply_updates``.
+    Segment ``s``: gradient ``grads[s]`` (contiguous float32, bfloat16 or float16), its moments ``moments[s]``
+    (``[codes, scale]`` per moment in the row layout of :mod:`lowbit_fn.formats`; with ``fmt=None``, one float32
+    tensor per moment of the gradient's size), its row length ``rows[s]`` (the whole length for full-precision
+    state, where blocks only divide the work), the index of its first element in the whole tensor ``bases[s]``
+    and its 32-bit identity ``idents[s]`` (both select its stochastic rounding), and, depending on ``mode``
+    (``EPILOGUE_*`` bits), its parameter ``params[s]`` and output ``outs[s]`` (contiguous, any of the three
+    dtypes). ``scalars`` holds ``adam_scalars``' six values, the weight decay and the signed learning rate
+    (float32). Mode 0 writes the direction ``m_hat / (sqrt(v_hat) + eps)``; ``EPILOGUE_L2`` adds ``p *
+    weight_decay`` to the gradient first, ``EPILOGUE_DECOUPLED`` adds it to the direction, ``EPILOGUE_SCALE``
+    multiplies by the learning rate factor, and ``EPILOGUE_APPLY`` adds the result to the parameter in place (no
+    output), rounded to its dtype (stochastically for bfloat16 with ``param_sr``): exactly the float32 operations of
+    :func:`lowbit_fn.kernels.adam.tensor_step`. The caller checks dtypes, devices and contiguity.
     """
-    from .adam import adam_scalars
-
     if not grads:
         return
     lib = _library()
-    assert lib is not None, "the native kernel called without the native library"
-    for g in grads:
-        assert g.dtype == torch.float32 and g.is_contiguous(), "native kernel needs contiguous float32 gradients"
-    assert all(t.is_contiguous() for m in moments for t in m), "native kernel needs contiguous state buffers"
+    if lib is None:
+        raise RuntimeError("the native kernel was called but is not available")
     name = fmt.name if fmt is not None else "fp32"
     codebooks = name in ("8bit", "4bit")
     signed = fmt.codebook(True) if codebooks else _NO_MAP
     unsigned = fmt.codebook(False) if codebooks else _NO_MAP
     per = 1 if fmt is None else 2  # tensors per moment: float32 values, or codes and scales
     nmom = len(moments[0]) // per
-    rows = []
+    stochastic = stochastic and fmt is not None
+    streams = [stream_key_int(seed, i, step) for i in range(4)]
+    rows_ = []
     for s, (g, mom) in enumerate(zip(grads, moments)):
         codes = [_ptr(mom[per * i]) for i in range(nmom)] + [0] * (3 - nmom)
         scales = [_ptr(mom[per * i + 1]) if per == 2 else 0 for i in range(nmom)] + [0] * (3 - nmom)
-        rows += [_ptr(g), _ptr(outs[s]) if outs else 0, _ptr(params[s]) if params else 0, g.numel(), index_bases[s],
-                 *codes, *scales]  # the kernel's segment fields, in its order
-    segs = torch.tensor(rows, dtype=torch.int64)
-    scalars = torch.stack([x.to(torch.float32) for x in (*adam_scalars(step, b1, b2, eps, torch.float32), weight_decay, neg_lr)])
-    stochastic = stochastic and fmt is not None
+        p = params[s] if params else None
+        o = outs[s] if outs else None
+        keys = [tensor_key_int(streams[i], idents[s]) if (stochastic and i < nmom) or (i == 3 and param_sr) else 0 for i in range(4)]
+        rows_ += [_ptr(g), _ptr(o) if o is not None else 0, _ptr(p) if p is not None else 0, g.numel(), rows[s], bases[s],
+                  _DTYPES[g.dtype], _DTYPES[p.dtype] if p is not None else 0, _DTYPES[o.dtype] if o is not None else 0,
+                  *keys, *codes, *scales]  # the kernel's segment fields, in its order
+    segs = torch.tensor(rows_, dtype=torch.int64)
     luts = [_ptr(_padded_table(m, stochastic)) for m in (signed, unsigned)] if codebooks else [0, 0]
     thresholds = [_ptr(nearest_thresholds(m)) for m in (signed, unsigned)] if codebooks else [0, 0]
-    step_int = int(step)
-    keys = (ctypes.c_uint32 * 3)(*[stream_key_int(seed, i, step_int) if stochastic and i < nmom else 0 for i in range(3)])
     failed = lib.lowbit_adam_step(
         _ptr(segs), len(grads), block_size, nmom, _FORMAT_CODES[name], _ptr(signed), _ptr(unsigned), signed.numel(),
-        _ptr(_E4M3), *luts, *thresholds, _ptr(scalars), int(stochastic), ctypes.cast(keys, ctypes.c_void_p), mode,
-        torch.get_num_threads(),
+        _ptr(_E4M3), *luts, *thresholds, _ptr(scalars), int(stochastic), int(param_sr), mode, torch.get_num_threads(),
     )
     if failed:
         raise MemoryError("lowbit_fn native kernel: could not allocate its scratch buffers")
-
-
-def native_quant_step(
-    g: Tensor, moments: list[Tensor], step: Tensor, b1: Tensor, b2: Tensor, eps: Tensor, fmt: BlockFormat,
-    block_size: int, signed_map: Tensor | None, unsigned_map: Tensor | None, stochastic: bool, seed: int,
-) -> Tensor:
-    """Same contract as :func:`lowbit_fn.kernels.quant_step` (``g`` float32 contiguous, padded to whole blocks)."""
-    g = g.contiguous()
-    direction = torch.empty_like(g)
-    native_adam_step([g], [moments], [0], step, b1, b2, eps, fmt, block_size, stochastic, seed, outs=[direction])
-    return direction

@@ -10,9 +10,12 @@
  * and portable C for everything else (other CPUs, odd block sizes, and blocks holding NaN or Inf). Build with
  * -DLOWBIT_PORTABLE to use only the portable one.
  *
- * Work comes as *segments*: one per tensor, each with its own gradient, output, parameter and moment buffers
- * and the flat index of its first element (the stochastic-rounding counter). A segment's last block may be
- * partial: missing gradient elements count as zero, as in the reference's zero padding.
+ * Work comes as *segments*: one per tensor, each with its own gradient, output, parameter and moment buffers,
+ * its row length R (blocks never cross a row: each row has ceil(R / bs) blocks, the last one shorter), the index
+ * of its first element in the whole tensor and its random stream keys (stochastic rounding). Gradients, parameters
+ * and outputs may be float32, bfloat16 or float16: they are converted block by block in the thread's scratch and
+ * written back rounded (to nearest, or stochastically for bfloat16 parameters). A short block is zero-padded in
+ * scratch, as in the reference.
  */
 #include <math.h>
 #include <stdint.h>
@@ -29,11 +32,13 @@
 enum { FMT_CODEBOOK8 = 0, FMT_CODEBOOK4 = 1, FMT_FP8 = 2, FMT_FP32 = 3 /* plain float32 moments */ };
 /* epilogue bits: what is done with the direction d (mode 0: write d) */
 enum { EPI_L2 = 1, EPI_DECOUPLED = 2, EPI_SCALE = 4, EPI_APPLY = 8 };
-/* segment fields (int64 each) */
-enum { SEG_G, SEG_OUT, SEG_P, SEG_NUMEL, SEG_INDEX, SEG_CODES, SEG_SCALES = SEG_CODES + 3, SEG_FIELDS = SEG_SCALES + 3 };
+/* segment fields (int64 each); dtypes: DT_F32, DT_BF16, DT_F16; keys: m, v, vmax, parameter */
+enum { SEG_G, SEG_OUT, SEG_P, SEG_NUMEL, SEG_ROW, SEG_INDEX, SEG_GDT, SEG_PDT, SEG_ODT, SEG_KEYS,
+       SEG_CODES = SEG_KEYS + 4, SEG_SCALES = SEG_CODES + 3, SEG_FIELDS = SEG_SCALES + 3 };
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
 typedef struct {
-    int fmt, nmom, stochastic, mode, map_len;
+    int fmt, nmom, stochastic, mode, map_len, param_sr;
     int64_t bs, code_bytes;
     const float *map[3];      /* codebook of moment i (signed for m, unsigned for v and vmax) */
     const uint8_t *lut[3];    /* prefix table (65536 entries + 4 bytes of padding): over the thresholds when
@@ -42,7 +47,6 @@ typedef struct {
                                  is picked from t[k] up to t[k + 1] (t[0] = -inf, t[n] = +inf) */
     const float *fp8_lut;     /* float8_e4m3fn code -> float32 (portable path) */
     float omb1, b2, omb2, inv_bc1, inv_bc2s, eps, wd, neg_lr;
-    uint32_t keys[3];
     /* 8-bit: the four bytes of every entry of the signed map, unsigned map, signed and unsigned next[], as
      * byte planes (planes[t][k][e] = byte k of entry e of table t) for 64-lane byte look-ups */
     uint8_t planes[4][4][256] __attribute__((aligned(64)));
@@ -57,13 +61,47 @@ static inline uint32_t hash32(uint32_t x) {
     return x;
 }
 
-static inline float noise_at(int64_t index, uint32_t key) {
-    uint32_t h = hash32((uint32_t)((uint64_t)index ^ (uint64_t)key));
-    return (float)(h >> 8) * (1.0f / 16777216.0f);
+/* 32 random bits of element `index` (any int64 >= 0: no wrap at 2**32) of stream `key` */
+static inline uint32_t mix(int64_t index, uint32_t key) {
+    return hash32((uint32_t)index ^ hash32((uint32_t)((uint64_t)index >> 32) ^ key));
 }
+
+static inline float noise_at(int64_t index, uint32_t key) { return (float)(mix(index, key) >> 8) * (1.0f / 16777216.0f); }
 
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* bfloat16 and float16 <-> float32, rounding to nearest even like torch (NaN becomes a quiet NaN) */
+static inline float bf16_to_f32(uint16_t h) { return u2f((uint32_t)h << 16); }
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u = f2u(f);
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+/* stochastic: 16 random bits added below the mantissa, then truncated (the reference's round_to) */
+static inline uint16_t f32_to_bf16_sr(float f, uint32_t bits) {
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((f2u(f) + (bits & 0xFFFFu)) >> 16);
+}
+
+/* x[0..n) of dtype dt as float32 into out[0..bs), zero beyond n */
+static void load_f32(const void *x, int dt, int64_t n, int64_t bs, float *out) {
+    if (dt == DT_F32) memcpy(out, x, sizeof(float) * n);
+    else if (dt == DT_BF16) for (int64_t j = 0; j < n; ++j) out[j] = bf16_to_f32(((const uint16_t *)x)[j]);
+    else for (int64_t j = 0; j < n; ++j) out[j] = (float)((const _Float16 *)x)[j];
+    if (n < bs) memset(out + n, 0, sizeof(float) * (bs - n));
+}
+
+/* float32 x[0..n) into dst of dtype dt, rounded to nearest, or stochastically (bfloat16, key != 0 with sr) with
+ * the bits of elements first .. first + n - 1 */
+static void store_from_f32(const float *x, int dt, int64_t n, void *dst, int sr, uint32_t key, int64_t first) {
+    if (dt == DT_F32) memcpy(dst, x, sizeof(float) * n);
+    else if (dt == DT_BF16 && sr) for (int64_t j = 0; j < n; ++j) ((uint16_t *)dst)[j] = f32_to_bf16_sr(x[j], mix(first + j, key));
+    else if (dt == DT_BF16) for (int64_t j = 0; j < n; ++j) ((uint16_t *)dst)[j] = f32_to_bf16(x[j]);
+    else for (int64_t j = 0; j < n; ++j) ((_Float16 *)dst)[j] = (_Float16)x[j];
+}
+
+static inline int64_t dt_size(int dt) { return dt == DT_F32 ? 4 : 2; }
 
 /* float32 -> float8_e4m3fn bits, round to nearest even, saturating to NaN like c10::Float8_e4m3fn. */
 static inline uint8_t e4m3_from_f32(float f) {
@@ -146,13 +184,13 @@ static void decode_block(const ctx_t *c, int i, const uint8_t *codes, float scal
 
 /* Codebook codes for one block. Kept scalar: GCC's gather-based vectorization of these loops ran 2x slower. */
 __attribute__((optimize("no-tree-vectorize")))
-static void encode_codebook(const ctx_t *c, int i, const float *x, float div, int64_t first, uint8_t *codes) {
+static void encode_codebook(const ctx_t *c, int i, const float *x, float div, int64_t first, uint32_t key, uint8_t *codes) {
     const float *map = c->map[i];
     const uint8_t *lut = c->lut[i];
     const int packed = c->fmt == FMT_CODEBOOK4, n = c->map_len;
     for (int64_t j = 0; j < c->bs; ++j) {
         float y = x[j] / div;
-        int code = c->stochastic ? stochastic_code(y, map, n, lut, noise_at(first + j, c->keys[i])) : nearest_code(y, c->next[i], lut);
+        int code = c->stochastic ? stochastic_code(y, map, n, lut, noise_at(first + j, key)) : nearest_code(y, c->next[i], lut);
         if (packed) {
             if (j & 1) codes[j / 2] |= (uint8_t)code;
             else codes[j / 2] = (uint8_t)(code << 4);
@@ -170,7 +208,7 @@ static float block_scale(int fmt, float absmax, int finite, float *div) {
     return scale;
 }
 
-static void encode_block(const ctx_t *c, int i, const float *x, int64_t first, uint8_t *codes, float *scale_out) {
+static void encode_block(const ctx_t *c, int i, const float *x, int64_t first, uint32_t key, uint8_t *codes, float *scale_out) {
     const int64_t bs = c->bs;
     float absmax = 0.0f, div;
     int nonfinite = 0;
@@ -181,13 +219,13 @@ static void encode_block(const ctx_t *c, int i, const float *x, int64_t first, u
     }
     *scale_out = block_scale(c->fmt, absmax, !nonfinite, &div);
     if (c->fmt != FMT_FP8) {
-        encode_codebook(c, i, x, div, first, codes);
+        encode_codebook(c, i, x, div, first, key, codes);
         return;
     }
     for (int64_t j = 0; j < bs; ++j) {
         float y = x[j] / div;
         y = y < -448.0f ? -448.0f : (y > 448.0f ? 448.0f : y); /* NaN passes through */
-        codes[j] = e4m3_from_f32(c->stochastic ? stochastic_e4m3(y, noise_at(first + j, c->keys[i])) : y);
+        codes[j] = e4m3_from_f32(c->stochastic ? stochastic_e4m3(y, noise_at(first + j, key)) : y);
     }
 }
 
@@ -222,7 +260,10 @@ static void math_scalar(const ctx_t *c, int64_t n, const float *g, const float *
 
 static inline __m512 v_abs(__m512 x) { return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7FFFFFFF))); }
 
-static inline __m512 v_noise(int64_t first, uint32_t key) {
+/* noise_at(first + lane, key) for 16 lanes that share the high 32 bits of their index; `high` is
+ * hash32(high 32 bits ^ key) */
+static inline __m512 v_noise(int64_t first, uint32_t high) {
+    const uint32_t key = high;
     __m512i x = _mm512_add_epi32(_mm512_set1_epi32((int32_t)(uint32_t)(uint64_t)first),
                                  _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
     x = _mm512_xor_si512(x, _mm512_set1_epi32((int32_t)key));
@@ -397,10 +438,12 @@ static inline void v_track(absmax_t *t, __m512 x) {
 }
 
 /* Encode a block whose values are all finite, given their absmax; returns 0 (nothing written) otherwise. */
-static int encode_block_avx512(const ctx_t *c, int i, const float *x, const absmax_t *t, int64_t first, uint8_t *codes,
-                               float *scale_out) {
+static int encode_block_avx512(const ctx_t *c, int i, const float *x, const absmax_t *t, int64_t first, uint32_t key,
+                               uint8_t *codes, float *scale_out) {
     const int64_t bs = c->bs;
     if (t->bad) return 0;
+    if (c->stochastic && ((uint64_t)first & 0xFFFFFFFFu) + (uint64_t)bs > UINT64_C(0x100000000)) return 0; /* crosses 2**32 */
+    const uint32_t high = hash32((uint32_t)((uint64_t)first >> 32) ^ key);
     float div;
     *scale_out = block_scale(c->fmt, _mm512_reduce_max_ps(t->amax), 1, &div);
     const __m512 vdiv = _mm512_set1_ps(div);
@@ -413,7 +456,7 @@ static int encode_block_avx512(const ctx_t *c, int i, const float *x, const absm
                                              _mm512_set1_epi32(127));
                 e = _mm512_max_epi32(e, _mm512_set1_epi32(-6));
                 __m512 spacing = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(e, _mm512_set1_epi32(124)), 23));
-                __m512 r = _mm512_add_ps(_mm512_div_ps(v_abs(y), spacing), v_noise(first + j, c->keys[i]));
+                __m512 r = _mm512_add_ps(_mm512_div_ps(v_abs(y), spacing), v_noise(first + j, high));
                 r = _mm512_mul_ps(_mm512_roundscale_ps(r, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), spacing);
                 r = _mm512_min_ps(r, _mm512_set1_ps(448.0f));
                 __m512i ysign = _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32((int32_t)0x80000000u));
@@ -467,7 +510,7 @@ static int encode_block_avx512(const ctx_t *c, int i, const float *x, const absm
             idx = _mm512_min_epi32(idx, last);
             __m512i lower = _mm512_max_epi32(_mm512_sub_epi32(idx, one), zero);
             __m512 hi = v_lookup(idx, map16, map, n), lo = v_lookup(lower, map16, map, n);
-            __m512 u = v_noise(first + j, c->keys[i]);
+            __m512 u = v_noise(first + j, high);
             __mmask16 up = _mm512_cmp_ps_mask(_mm512_mul_ps(u, _mm512_sub_ps(hi, lo)), _mm512_sub_ps(y, lo), _CMP_LT_OQ) |
                            _mm512_cmp_ps_mask(y, hi, _CMP_GE_OQ);
             code = _mm512_mask_blend_epi32(up, lower, idx);
@@ -518,44 +561,63 @@ static void math_avx512(const ctx_t *c, int64_t n, const float *g, const float *
  * Driver
  * ------------------------------------------------------------------------------------------------------------ */
 
-/* One block: b-th block of segment seg. work: 6 * bs floats of scratch (m, v, vmax, g, p, out). */
+/* Scratch of one thread: six float buffers of bs (m, v, vmax, g, p, out) and three code buffers of bs bytes. */
+static size_t scratch_bytes(int64_t bs) { return ((sizeof(float) * 6 * bs + 3 * bs + 63) / 64) * 64; }
+
+/* Blocks of a segment: ceil(R / bs) per row. */
+static int64_t seg_blocks(const int64_t *seg, int64_t bs) {
+    const int64_t numel = seg[SEG_NUMEL], row = seg[SEG_ROW];
+    return numel == 0 ? 0 : (numel / row) * ((row + bs - 1) / bs);
+}
+
+/* One block: b-th block of segment seg. */
 static void step_block(const ctx_t *c, const int64_t *seg, int64_t b, float *work) {
-    const int64_t bs = c->bs, numel = seg[SEG_NUMEL], start = b * bs;
-    const int64_t count = numel - start < bs ? numel - start : bs;
+    const int64_t bs = c->bs, row = seg[SEG_ROW], per_row = (row + bs - 1) / bs;
+    const int64_t r = b / per_row, k = b % per_row, start = r * row + k * bs;
+    const int64_t count = row - k * bs < bs ? row - k * bs : bs;
+    const int gdt = (int)seg[SEG_GDT], pdt = (int)seg[SEG_PDT], odt = (int)seg[SEG_ODT];
+    const int apply = c->mode & EPI_APPLY, short_block = count < bs;
     float *m = work, *v = work + bs, *vmax = work + 2 * bs, *gbuf = work + 3 * bs, *pbuf = work + 4 * bs, *obuf = work + 5 * bs;
+    uint8_t *cbuf = (uint8_t *)(work + 6 * bs); /* 3 * bs bytes */
     float *moment[3] = {m, v, vmax};
-    const float *g = (const float *)seg[SEG_G] + start;
-    float *p = seg[SEG_P] ? (float *)seg[SEG_P] + start : NULL;
-    float *dst = (c->mode & EPI_APPLY) ? p : (float *)seg[SEG_OUT] + start;
-    if (count < bs) { /* partial last block: zero-padded inputs, output through scratch */
-        memset(gbuf, 0, sizeof(float) * bs);
-        memcpy(gbuf, g, sizeof(float) * count);
-        g = gbuf;
-        if (p) {
-            memset(pbuf, 0, sizeof(float) * bs);
-            memcpy(pbuf, p, sizeof(float) * count);
-        }
-    }
-    const float *pin = count < bs ? pbuf : p;
-    float *out = count < bs ? obuf : dst;
+    const int64_t first = seg[SEG_INDEX] + start; /* this block's first element in the whole tensor */
+    const uint32_t key[4] = {(uint32_t)seg[SEG_KEYS], (uint32_t)seg[SEG_KEYS + 1], (uint32_t)seg[SEG_KEYS + 2],
+                             (uint32_t)seg[SEG_KEYS + 3]};
+
+    const char *graw = (const char *)seg[SEG_G] + start * dt_size(gdt);
+    const float *g = (const float *)graw;
+    if (short_block || gdt != DT_F32) { load_f32(graw, gdt, count, bs, gbuf); g = gbuf; }
+    char *praw = seg[SEG_P] ? (char *)seg[SEG_P] + start * dt_size(pdt) : NULL;
+    const float *pin = (const float *)praw;
+    if (praw && (short_block || pdt != DT_F32)) { load_f32(praw, pdt, count, bs, pbuf); pin = pbuf; }
+    char *draw = apply ? praw : (char *)seg[SEG_OUT] + start * dt_size(odt);
+    const int ddt = apply ? pdt : odt;
+    float *out = (!short_block && ddt == DT_F32) ? (float *)draw : obuf;
+
     const int vector = LOWBIT_AVX512 && bs % 16 == 0;
     (void)vector; /* portable build */
-    for (int i = 0; i < c->nmom && c->fmt == FMT_FP32; ++i) { /* plain moments: in place, or staged when partial */
+    for (int i = 0; i < c->nmom && c->fmt == FMT_FP32; ++i) { /* plain moments: in place, or staged when short */
         float *state = (float *)seg[SEG_CODES + i] + start;
-        if (count < bs) {
-            memset(moment[i], 0, sizeof(float) * bs);
-            memcpy(moment[i], state, sizeof(float) * count);
-        } else {
-            moment[i] = state;
-        }
+        if (short_block) load_f32(state, DT_F32, count, bs, moment[i]);
+        else moment[i] = state;
     }
+    const int64_t code_at = c->fmt == FMT_CODEBOOK4 ? r * ((row + 1) / 2) + k * bs / 2 : start;
+    const int64_t code_len = c->fmt == FMT_CODEBOOK4 ? (count + 1) / 2 : count;
     for (int i = 0; i < c->nmom && c->fmt != FMT_FP32; ++i) {
-        const uint8_t *codes = (const uint8_t *)seg[SEG_CODES + i] + b * c->code_bytes;
+        const uint8_t *codes = (const uint8_t *)seg[SEG_CODES + i] + code_at;
         float scale = ((const float *)seg[SEG_SCALES + i])[b];
+        if (short_block) { /* the block's codes, zero-padded to bs */
+            uint8_t *staged = cbuf + i * bs;
+            memcpy(staged, codes, code_len);
+            memset(staged + code_len, 0, c->code_bytes - code_len);
+            codes = staged;
+        }
 #if LOWBIT_AVX512
-        if (vector) { decode_block_avx512(c, i, codes, scale, moment[i]); continue; }
+        if (vector) decode_block_avx512(c, i, codes, scale, moment[i]);
+        else
 #endif
-        decode_block(c, i, codes, scale, moment[i]);
+            decode_block(c, i, codes, scale, moment[i]);
+        if (short_block) memset(moment[i] + count, 0, sizeof(float) * (bs - count)); /* padding is zero */
     }
 #if LOWBIT_AVX512
     absmax_t track[3] = {{_mm512_setzero_ps(), 0}, {_mm512_setzero_ps(), 0}, {_mm512_setzero_ps(), 0}};
@@ -563,19 +625,20 @@ static void step_block(const ctx_t *c, const int64_t *seg, int64_t b, float *wor
     else
 #endif
         math_scalar(c, bs, g, pin, moment[0], moment[1], moment[2], out);
-    if (count < bs) memcpy(dst, obuf, sizeof(float) * count);
+    if (out == obuf) store_from_f32(obuf, ddt, count, draw, apply && c->param_sr, key[3], first);
     if (c->fmt == FMT_FP32) {
-        for (int i = 0; i < c->nmom && count < bs; ++i) memcpy((float *)seg[SEG_CODES + i] + start, moment[i], sizeof(float) * count);
+        for (int i = 0; i < c->nmom && short_block; ++i) memcpy((float *)seg[SEG_CODES + i] + start, moment[i], sizeof(float) * count);
         return;
     }
-    const int64_t first = seg[SEG_INDEX] + start;
     for (int i = 0; i < c->nmom; ++i) {
-        uint8_t *codes = (uint8_t *)seg[SEG_CODES + i] + b * c->code_bytes;
+        uint8_t *dest = (uint8_t *)seg[SEG_CODES + i] + code_at;
+        uint8_t *codes = short_block ? cbuf + i * bs : dest;
         float *scale = (float *)seg[SEG_SCALES + i] + b;
 #if LOWBIT_AVX512
-        if (vector && encode_block_avx512(c, i, moment[i], &track[i], first, codes, scale)) continue;
+        if (!(vector && encode_block_avx512(c, i, moment[i], &track[i], first, key[i], codes, scale)))
 #endif
-        encode_block(c, i, moment[i], first, codes, scale);
+            encode_block(c, i, moment[i], first, key[i], codes, scale);
+        if (short_block) memcpy(dest, codes, code_len);
     }
 }
 
@@ -583,18 +646,17 @@ static const float *after(const float *t) { return t ? t + 1 : NULL; }
 
 /* One Adam step over `nseg` segments (`segs`: nseg * SEG_FIELDS int64).
  *   scalars: 1 - b1, b2, 1 - b2, 1 / (1 - b1**t), 1 / sqrt(1 - b2**t), eps, weight decay, -lr (float32, computed by the
- *   caller exactly as the reference computes them); keys[i]: stochastic-rounding stream key of moment i.
+ *   caller exactly as the reference computes them). param_sr: bfloat16 parameters written back stochastically.
  *   Codebook formats: *_lut are the prefix tables over the thresholds (nearest rounding) or over the maps
  *   (stochastic rounding); *_thr hold n + 1 floats: -inf, the n - 1 nearest-rounding thresholds, +inf. */
 int lowbit_adam_step(const int64_t *segs, int64_t nseg, int64_t bs, int nmom, int fmt, const float *signed_map,
                      const float *unsigned_map, int map_len, const float *fp8_lut, const uint8_t *signed_lut,
-                     const uint8_t *unsigned_lut, const float *signed_thr, const float *unsigned_thr, const float *scalars, int stochastic, const uint32_t *keys, int mode,
-                     int nthreads) {
-    ctx_t c = {fmt, nmom, stochastic, mode, map_len, bs, fmt == FMT_CODEBOOK4 ? bs / 2 : bs,
+                     const uint8_t *unsigned_lut, const float *signed_thr, const float *unsigned_thr, const float *scalars,
+                     int stochastic, int param_sr, int mode, int nthreads) {
+    ctx_t c = {fmt, nmom, stochastic, mode, map_len, param_sr, bs, fmt == FMT_CODEBOOK4 ? bs / 2 : bs,
                {signed_map, unsigned_map, unsigned_map}, {signed_lut, unsigned_lut, unsigned_lut},
                {after(signed_thr), after(unsigned_thr), after(unsigned_thr)}, fp8_lut,
-               scalars[0], scalars[1], scalars[2], scalars[3], scalars[4], scalars[5], scalars[6], scalars[7],
-               {keys[0], keys[1], keys[2]}, {{{0}}}};
+               scalars[0], scalars[1], scalars[2], scalars[3], scalars[4], scalars[5], scalars[6], scalars[7], {{{0}}}};
     if (fmt == FMT_CODEBOOK8) {
         const float *tables[4] = {signed_map, unsigned_map, after(signed_thr), after(unsigned_thr)};
         for (int t = 0; t < 4; ++t)
@@ -606,12 +668,12 @@ int lowbit_adam_step(const int64_t *segs, int64_t nseg, int64_t bs, int nmom, in
     int64_t *starts = malloc(sizeof(int64_t) * (nseg + 1)); /* first global block of each segment */
     if (!starts) return 1;
     starts[0] = 0;
-    for (int64_t s = 0; s < nseg; ++s) starts[s + 1] = starts[s] + (segs[s * SEG_FIELDS + SEG_NUMEL] + bs - 1) / bs;
+    for (int64_t s = 0; s < nseg; ++s) starts[s + 1] = starts[s] + seg_blocks(segs + s * SEG_FIELDS, bs);
     const int64_t total = starts[nseg];
     int failed = 0;
 #pragma omp parallel num_threads(total >= 64 ? nthreads : 1) reduction(| : failed)
     {
-        float *work = aligned_alloc(64, ((sizeof(float) * 6 * bs + 63) / 64) * 64);
+        float *work = aligned_alloc(64, scratch_bytes(bs));
         int64_t s = -1;
         if (!work) failed = 1;
 #pragma omp for schedule(static)

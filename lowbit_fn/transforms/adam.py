@@ -1,6 +1,6 @@
-"""``scale_by_adam``: Adam's moments kept in flat, block-aligned buffers, quantized or full precision.
+"""``scale_by_adam``: Adam's moments, one state per parameter, quantized in blocks inside rows or full precision.
 
-State layout (one TensorDict, the same for every consumer):
+State layout (one TensorDict; the torch.optim front end's ``optimizer.state[p]`` holds the same tensors):
 
 ``count``
     int64 0-d tensor, the number of updates done.
@@ -8,59 +8,39 @@ State layout (one TensorDict, the same for every consumer):
     keyed like the params; each leaf is an empty tensor of shape ``(0, *param.shape)`` and the param's dtype.
     It costs no memory and makes the state self-describing (shapes, dtypes, keys) for checks and conversions.
 ``"<format>_block<N>"`` (e.g. ``"8bit_block256"``; ``"4bit_sr_block128"`` with stochastic rounding)
-    the quantized group: parameters with at least ``min_quant_size`` elements, laid end to end in sorted key
-    order, each padded to whole blocks. ``mu``/``nu`` (and ``nu_max`` with amsgrad) each hold ``codes`` (uint8)
-    and ``scale`` (float32, one per block).
+    the quantized parameters: those of two or more dimensions with at least ``min_quant_size`` elements.
+    ``mu``/``nu`` (and ``nu_max`` with amsgrad) are keyed like the params; each leaf holds ``codes`` (uint8, the
+    parameter's shape; 4-bit ``(rows, ceil(R / 2))``) and ``scale`` (float32 ``(rows, blocks per row)``), rows
+    being ``shape[0]`` and ``R = prod(shape[1:])``. A block never crosses a row, so a range of rows of every
+    state tensor is the state of that range of rows of the parameter (an FSDP shard), whatever the world size.
 ``"fp32"`` / ``"fp64"``
-    the full-precision group(s): the remaining parameters, flat, with float32 state (float64 for float64 params).
+    the other parameters (1-D ones always: a range of their elements has no rows to keep blocks in), with
+    ``mu``/``nu`` (``nu_max``) of the parameter's shape in float32 (float64 for float64 params).
+
+A parameter's state depends on its own shape and dtype only: adding, removing or freezing another parameter leaves
+it as it is.
 """
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Union
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
+from .._random import tensor_id
 from ..formats import FORMATS, ROUNDINGS, BlockFormat, get_format
-from ..kernels import full_step, quant_step
-from ..kernels.native import EPILOGUE_APPLY, EPILOGUE_DECOUPLED, EPILOGUE_L2, EPILOGUE_SCALE, native_adam_step, native_available
-from ._tree import Key, Signature, Tree, as_tensordict, build, check_leaf, check_like, leaves
-from .base import GradientTransformation
-from .basic import decayed, scaled
+from ..kernels import AdamConfig, Epilogue, Item, adam_step
+from ._tree import Key, Tree, as_tensordict, build, check_leaf, check_like, leaves, name
+from .base import CheckedTransformation
 
-__all__ = ["scale_by_adam", "STATE_FORMATS"]
+__all__ = ["scale_by_adam", "ScaleByAdam", "STATE_FORMATS"]
 
 STATE_FORMATS = ("8bit", "4bit", "fp8", "fp32")
 DEFAULT_ROUNDING = {"8bit": "nearest", "fp8": "nearest", "4bit": "stochastic"}
 Scalar = Union[float, Tensor]
-
-
-@dataclass(frozen=True)
-class _Slot:
-    key: Key
-    shape: torch.Size
-    dtype: torch.dtype
-    offset: int
-    numel: int
-    padded: int
-
-
-@dataclass(frozen=True)
-class _Group:
-    name: str
-    fmt: BlockFormat | None  # None: full precision
-    dtype: torch.dtype  # dtype of the math and, for full precision, of the state
-    slots: tuple[_Slot, ...]
-    size: int  # elements in the flat buffer, padding included
-    block_size: int = 0
-
-    @property
-    def num_blocks(self) -> int:
-        return self.size // self.block_size if self.fmt is not None else 0
 
 
 def group_name(fmt: BlockFormat, block_size: int, rounding: str) -> str:
@@ -76,46 +56,14 @@ def parse_group_name(name: str) -> tuple[str, int, str] | None:
     return (fmt, int(block), rounding) if fmt in FORMATS and block.isdigit() else None
 
 
-def _make_plan(
-    signature: tuple[tuple[Key, torch.Size, torch.dtype], ...],
-    fmt: BlockFormat | None,
-    block_size: int,
-    min_quant_size: int,
-    rounding: str,
-) -> tuple[_Group, ...]:
-    """Split the params into groups (quantized / fp32 / fp64) and place each in its group's flat buffer."""
-    members: dict[tuple[str, BlockFormat | None, torch.dtype], list[tuple[Key, torch.Size, torch.dtype]]] = {}
-    for key, shape, dtype in signature:
-        if fmt is not None and shape.numel() >= min_quant_size:
-            gkey = (group_name(fmt, block_size, rounding), fmt, torch.float32)
-        elif dtype == torch.float64:
-            gkey = ("fp64", None, torch.float64)
-        else:
-            gkey = ("fp32", None, torch.float32)
-        members.setdefault(gkey, []).append((key, shape, dtype))
-    groups = []
-    for (gname, gfmt, gdtype), entries in members.items():
-        slots, offset = [], 0
-        for key, shape, dtype in entries:
-            numel = shape.numel()
-            padded = -(-numel // block_size) * block_size if gfmt is not None else numel
-            slots.append(_Slot(key, shape, dtype, offset, numel, padded))
-            offset += padded
-        groups.append(_Group(gname, gfmt, gdtype, tuple(slots), offset, block_size if gfmt is not None else 0))
-    return tuple(groups)
+@dataclass(frozen=True)
+class _Place:
+    """Where one parameter's state is: its group and, per moment, the state tensors' paths, shapes and dtypes."""
 
-
-def _moment(group: _Group, device: torch.device) -> TensorDictBase | Tensor:
-    if group.fmt is None:
-        return torch.zeros(group.size, dtype=group.dtype, device=device)
-    nb = group.num_blocks
-    return TensorDict(
-        {
-            "codes": torch.zeros(group.fmt.code_bytes(nb, group.block_size), dtype=torch.uint8, device=device),
-            "scale": torch.zeros(nb, dtype=torch.float32, device=device),
-        },
-        batch_size=[],
-    )
+    key: Key
+    group: str
+    paths: tuple[tuple[Key, torch.Size, torch.dtype], ...]  # per moment: (codes, scale) or the full tensor
+    ident: int
 
 
 def _as_scalar(value: Scalar, what: str) -> Tensor:
@@ -126,6 +74,14 @@ def _as_scalar(value: Scalar, what: str) -> Tensor:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be a float or a 0-d tensor, got {type(value).__name__}")
     return torch.tensor(float(value), dtype=torch.float64)
+
+
+class ScaleByAdam(CheckedTransformation):
+    """What :func:`scale_by_adam` returns: a :class:`CheckedTransformation` that also names its kernel
+    configuration (``config``, the 0-d tensors ``b1``, ``b2``, ``eps``), the state group of a parameter
+    (``group_of``), the state tensors of one parameter (``tensor_state``), and steps prepared tensors
+    (``run``), so that the torch.optim front end and the fused Adam/AdamW aliases call the kernel entry point
+    (:func:`lowbit_fn.kernels.adam_step`) on the same state layout."""
 
 
 def scale_by_adam(
@@ -139,15 +95,17 @@ def scale_by_adam(
     min_quant_size: int = 4096,
     rounding: str | None = None,
     seed: int = 0,
-) -> GradientTransformation:
+) -> ScaleByAdam:
     """Rescale updates by Adam's bias-corrected moments, with the moments stored block-wise quantized.
 
-    The returned updates are ``m_hat / (sqrt(v_hat) + eps)`` (torch's placement of the bias corrections).
-    The step's math runs in float32 (float64 for float64 params with full-precision state) on this step's
-    unquantized moments; the moments are then re-quantized in place. Every group of parameters is one call of a
-    kernel: the native CPU kernel (``lowbit_fn/kernels/native_adam.c``) on the CPU, a compiled torch graph reused
-    for any model elsewhere; both give the same bits. ``b1``/``b2``/``eps`` may be 0-d tensors that you change in
-    place without recompiling. The state is donated (see :class:`GradientTransformation`).
+    The returned updates are ``m_hat / (sqrt(v_hat) + eps)`` (torch's placement of the bias corrections), in each
+    gradient's dtype. The step's math runs in float32 (float64 for float64 params with full-precision state) on
+    this step's unquantized moments; the moments are then re-quantized in place. On the CPU one call of the native
+    kernel (``lowbit_fn/kernels/native_adam.c``) steps every tensor; elsewhere a compiled torch graph per tensor,
+    one graph per format and dtype for any model; both give the same bits. ``b1``/``b2``/``eps`` may be 0-d
+    tensors that you change in place without recompiling. The state is donated (see
+    :class:`GradientTransformation`); with ``update(..., inplace=True)`` the updates are written into the
+    gradients' buffers.
 
     References:
       Kingma, Ba, "Adam: A Method for Stochastic Optimization", arXiv:1412.6980.
@@ -159,16 +117,18 @@ def scale_by_adam(
       eps: added to the denominator.
       amsgrad: keep the running maximum of the second moment (stored in the same format).
       state_format: ``"8bit"``, ``"4bit"``, ``"fp8"`` or ``"fp32"`` (plain Adam state).
-      block_size: elements per quantization block (default 256 / 128 / 256).
-      min_quant_size: tensors with fewer elements keep full-precision state (0 quantizes everything).
+      block_size: elements per quantization block (default 256 / 128 / 256); blocks never cross a row.
+      min_quant_size: parameters of two or more dimensions with at least this many elements get quantized state
+        (0: all of them); the others, and every 1-D parameter, keep full precision.
       rounding: how moments are re-quantized: ``"nearest"``, or ``"stochastic"`` (m and ``sqrt(v)`` stochastically
         rounded, v stored as ``sqrt(v)``: the 4-bit scheme that trains like fp32). Default: ``"stochastic"`` for
         ``"4bit"``, ``"nearest"`` for ``"8bit"`` and ``"fp8"`` (where stochastic rounding did not measurably help).
-      seed: selects the random numbers of stochastic rounding, drawn from a hash of (seed, moment, step, element
-        index): no generator state, so resumed training is bit-exact.
+      seed: selects the random numbers of stochastic rounding, drawn from a hash of (seed, moment, step, the
+        parameter's identity (a CRC-32 of its key path), element index): no generator state, so resumed training
+        is bit-exact, and two parameters never share noise.
 
     Returns:
-      A :class:`GradientTransformation`.
+      A :class:`ScaleByAdam` (a :class:`CheckedTransformation`).
 
     Example:
         >>> import torch, lowbit_fn
@@ -176,8 +136,10 @@ def scale_by_adam(
         >>> adam = lowbit_fn.scale_by_adam(state_format="8bit", min_quant_size=0)
         >>> state = adam.init(params)
         >>> updates, state = adam.update({"w": torch.randn(64, 128)}, state, params)
-        >>> state["8bit_block256", "mu", "codes"].dtype, int(state["count"])
-        (torch.uint8, 1)
+        >>> state["8bit_block256", "mu", "w", "codes"].shape, state["8bit_block256", "mu", "w", "scale"].shape
+        (torch.Size([64, 128]), torch.Size([64, 1]))
+        >>> int(state["count"])
+        1
     """
     if state_format not in STATE_FORMATS:
         raise ValueError(f"state_format must be one of {list(STATE_FORMATS)}, got {state_format!r}")
@@ -203,16 +165,42 @@ def scale_by_adam(
             raise ValueError(f"{label} must be in [0, 1), got {value}")
     if not isinstance(eps, Tensor) and eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    config = AdamConfig(fmt, block, rounding == "stochastic", seed, amsgrad)
+    full_config = AdamConfig(None, 0, False, seed, amsgrad)
     moments = ("mu", "nu", "nu_max") if amsgrad else ("mu", "nu")
-    plans: dict[tuple, tuple[_Group, ...]] = {}
+    quant_name = group_name(fmt, block, rounding) if fmt is not None else None
+    plans: dict[tuple, tuple[_Place, ...]] = {}
 
-    def plan_of(layout: TensorDictBase) -> tuple[Signature, tuple[_Group, ...]]:
-        """The params' signature recorded in the layout, and the (cached) flat groups for it."""
-        keys, shapes = leaves(layout)
-        sig = tuple((k, s.shape[1:], s.dtype) for k, s in zip(keys, shapes))
-        if sig not in plans:
-            plans[sig] = _make_plan(sig, fmt, block, min_quant_size, rounding)
-        return list(sig), plans[sig]
+    def group_of(shape: torch.Size, dtype: torch.dtype) -> str:
+        """The state group of a parameter: decided from its (global) shape and dtype alone."""
+        if quant_name is not None and len(shape) >= 2 and shape.numel() >= min_quant_size:
+            return quant_name
+        return "fp64" if dtype == torch.float64 else "fp32"
+
+    def shapes_of(group: str, shape: torch.Size) -> list[tuple[tuple[str, ...], torch.Size, torch.dtype]]:
+        """The state tensors of one moment of a parameter: (path suffix, shape, dtype)."""
+        if group == quant_name:
+            return [(("codes",), fmt.code_shape(shape), torch.uint8), (("scale",), fmt.scale_shape(shape, block), torch.float32)]
+        return [((), shape, torch.float64 if group == "fp64" else torch.float32)]
+
+    def tensor_state(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> tuple[str, dict[str, dict[str, Tensor] | Tensor]]:
+        """A fresh state for one parameter: its group and ``{moment: {"codes", "scale"} or tensor}``."""
+        group = group_of(shape, dtype)
+        out: dict[str, dict[str, Tensor] | Tensor] = {}
+        for m in moments:
+            parts = {s[0] if s else "": torch.zeros(size, dtype=dt, device=device) for s, size, dt in shapes_of(group, shape)}
+            out[m] = parts[""] if "" in parts else parts
+        return group, out
+
+    def plan_of(signature: tuple[tuple[Key, torch.Size, torch.dtype], ...]) -> tuple[_Place, ...]:
+        if signature not in plans:
+            places = []
+            for key, shape, dtype in signature:
+                group = group_of(shape, dtype)
+                paths = tuple((((group, m) + key + suffix), size, dt) for m in moments for suffix, size, dt in shapes_of(group, shape))
+                places.append(_Place(key, group, paths, tensor_id(name(key))))
+            plans[signature] = tuple(places)
+        return plans[signature]
 
     def init(params: Tree) -> TensorDictBase:
         params = as_tensordict(params, "params")
@@ -222,253 +210,112 @@ def scale_by_adam(
             raise ValueError(f"scale_by_adam: all params must be on one device, got {sorted(map(str, devices))}")
         for key, value in zip(keys, values):
             check_leaf(key, value, "params")
-        layout = build(keys, [torch.empty((0, *v.shape), dtype=v.dtype, device=v.device) for v in values])
-        _, groups = plan_of(layout)
         device = values[0].device if values else torch.device("cpu")
-        state = {"count": torch.zeros((), dtype=torch.int64, device=device), "layout": layout}
-        for group in groups:
-            state[group.name] = {m: _moment(group, device) for m in moments}
-        return TensorDict(state, batch_size=[])
+        layout = build(keys, [torch.empty((0, *v.shape), dtype=v.dtype, device=v.device) for v in values])
+        places = plan_of(tuple((k, v.shape, v.dtype) for k, v in zip(keys, values)))
+        paths = [path for place in places for path, _, _ in place.paths]
+        tensors = [torch.zeros(size, dtype=dt, device=device) for place in places for _, size, dt in place.paths]
+        state = build(paths, tensors) if paths else TensorDict({}, batch_size=[])
+        state["count"] = torch.zeros((), dtype=torch.int64, device=device)
+        state["layout"] = layout
+        return state
+
+    def parse(state: TensorDictBase) -> tuple[tuple[_Place, ...], dict[Key, Tensor]]:
+        """The params' places (from the layout) and the state's leaves by path, unchecked."""
+        flat = {k if isinstance(k, tuple) else (k,): v for k, v in state.items(include_nested=True, leaves_only=True)}
+        signature = tuple((k[1:], v.shape[1:], v.dtype) for k, v in flat.items() if k[0] == "layout")
+        return plan_of(tuple(sorted(signature, key=lambda s: s[0]))), flat
+
+    def parse_checked(state: TensorDictBase) -> tuple[tuple[_Place, ...], dict[Key, Tensor]]:
+        """:func:`parse`, raising for a state of another kind, format, rounding or amsgrad setting."""
+        if not isinstance(state, TensorDictBase) or "layout" not in state.keys() or "count" not in state.keys():
+            raise ValueError(
+                "scale_by_adam: the state is not a scale_by_adam state (no 'layout'/'count' entries)"
+            )
+        places, flat = parse(state)
+        expected = {"count", "layout"} | {p.group for p in places}
+        if set(state.keys()) != expected:
+            hint = ""
+            if any(v.dim() == 1 and k[-1] == "codes" and len(k) == 3 for k, v in flat.items()):
+                hint = " It holds lowbit_fn 0.1.0's flat layout: convert it with lowbit_fn.convert_state(state, transform)."
+            raise ValueError(
+                f"scale_by_adam(state_format={state_format!r}, block_size={block or None}, rounding={rounding!r}): the state "
+                f"holds {sorted(set(state.keys()) - {'count', 'layout'})}, this transform expects "
+                f"{sorted(expected - {'count', 'layout'})} (a state from another format, rounding or amsgrad setting?)" + hint
+            )
+        for place in places:
+            for path, size, dt in place.paths:
+                tensor = flat.get(path)
+                if tensor is None or tensor.shape != size or tensor.dtype != dt:
+                    got = "nothing" if tensor is None else f"{tensor.dtype}{list(tensor.shape)}"
+                    where = "".join(f"[{p!r}]" for p in path)
+                    hint = " (lowbit_fn 0.1.0's flat layout: convert it with lowbit_fn.convert_state(state, transform))" if (
+                        tensor is None and any(len(k) == 3 and k[-1] == "codes" for k in flat)) else ""
+                    raise ValueError(
+                        f"scale_by_adam: state{where} holds {got}, the layout needs {dt}{list(size)} (corrupt or foreign state)"
+                        + hint
+                    )
+        state_paths = sum(len(p.paths) for p in places) + len(places) + 1
+        if len(flat) != state_paths:
+            known = {path for p in places for path, _, _ in p.paths} | {("count",)} | {("layout",) + p.key for p in places}
+            extra = sorted(".".join(k) for k in flat if k not in known)
+            raise ValueError(f"scale_by_adam: the state has unexpected entries {extra[:5]} (corrupt or foreign state)")
+        return places, flat
 
     def validate(
         updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None
-    ) -> tuple[list[Key], tuple[_Group, ...], list[Tensor], list[Tensor]]:
-        """Raise for bad input; return the sorted keys, the groups, and the updates' and params' leaves in key
+    ) -> tuple[tuple[_Place, ...], dict[Key, Tensor], list[Tensor], list[Tensor]]:
+        """Raise for bad input; return the places, the state's leaves, and the updates' and params' leaves in key
         order (no params: an empty list)."""
-        if not isinstance(state, TensorDictBase) or "layout" not in state.keys() or "count" not in state.keys():
-            raise ValueError("scale_by_adam: the state is not a scale_by_adam state (no 'layout'/'count' entries)")
-        sig, groups = plan_of(state["layout"])
-        keys, grads = check_like(updates, sig, "updates", "params the state was built for")
-        param_leaves = [] if params is None else check_like(params, sig, "params", "params the state was built for")[1]
-        expected = {"count", "layout"} | {g.name for g in groups}
-        if set(state.keys()) != expected:
-            raise ValueError(
-                f"scale_by_adam(state_format={state_format!r}, block_size={block or None}, rounding={rounding!r}): the state holds "
-                f"{sorted(set(state.keys()) - {'count', 'layout'})}, this transform expects "
-                f"{sorted(expected - {'count', 'layout'})} (a state from another format, rounding or amsgrad setting?)"
-            )
-        for group in groups:
-            got = state[group.name]
-            if set(got.keys()) != set(moments):
-                raise ValueError(f"scale_by_adam: state[{group.name!r}] holds {sorted(got.keys())}, expected {list(moments)}")
-            for m in moments:
-                pairs = [(got[m], group.size, group.dtype)] if group.fmt is None else [
-                    (got[m, "codes"], group.fmt.code_bytes(group.num_blocks, group.block_size), torch.uint8),
-                    (got[m, "scale"], group.num_blocks, torch.float32),
-                ]
-                for tensor, size, dtype in pairs:
-                    if tensor.shape != (size,) or tensor.dtype != dtype:
-                        raise ValueError(
-                            f"scale_by_adam: state[{group.name!r}][{m!r}] has {tensor.dtype}{list(tensor.shape)}, the "
-                            f"layout needs {dtype}[{size}] (corrupt or foreign state)"
-                        )
-        return keys, groups, grads, param_leaves
+        places, flat = parse_checked(state)
+        signature = [(p.key, flat[("layout",) + p.key].shape[1:], flat[("layout",) + p.key].dtype) for p in places]
+        _, grads = check_like(updates, signature, "updates", "params the state was built for")
+        param_leaves = [] if params is None else check_like(params, signature, "params", "params the state was built for")[1]
+        count = flat[("count",)]
+        for place, g, p in zip(places, grads, param_leaves or grads):
+            for what, t in (("updates", g), ("params", p)):
+                if t.device != count.device:
+                    raise ValueError(f"scale_by_adam: {what}[{name(place.key)!r}] is on {t.device}, the state on {count.device}")
+        return places, flat, grads, param_leaves
+
+    def run(
+        places: tuple[_Place, ...], flat: dict[Key, Tensor], grads: list[Tensor], params: list[Tensor],
+        epilogue: Epilogue, inplace: bool,
+    ) -> list[Tensor | None]:
+        """One step of prepared tensors: the results in key order (``None`` where applied to the params)."""
+        count = flat[("count",)]
+        step = count + 1
+        by_group: dict[bool, list[int]] = {}
+        items = []
+        for i, (place, g) in enumerate(zip(places, grads)):
+            out = g if inplace and g.is_contiguous() else None
+            items.append(Item(g, [flat[path] for path, _, _ in place.paths], step, place.ident, params[i] if params else None, out))
+            by_group.setdefault(place.group == quant_name, []).append(i)
+        results: list[Tensor | None] = [None] * len(items)
+        with torch.no_grad():
+            for quantized, members in by_group.items():
+                outs = adam_step(config if quantized else full_config, [items[i] for i in members], b1_t, b2_t, eps_t, epilogue)
+                for i, out in zip(members, outs):
+                    results[i] = out
+            count.add_(1)
+        return results
 
     def check(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None) -> None:
         validate(updates, state, params)
 
-    betas_eps = (b1_t, b2_t, eps_t)
+    def prepared(
+        updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None
+    ) -> tuple[tuple[_Place, ...], dict[Key, Tensor], list[Tensor], list[Tensor]]:
+        """What :func:`validate` returns, for input that :func:`check` has accepted (no checks)."""
+        places, flat = parse(state)
+        return places, flat, leaves(updates)[1], [] if params is None else leaves(params)[1]
 
-    def reference_group(group: _Group, st: TensorDictBase, grads: list[Tensor], params: list[Tensor], step: Tensor,
-                        epilogue: Epilogue | None) -> list[Tensor] | None:
-        """The compiled torch path for one group: the results per slot (``None`` when applied to the params)."""
-        if epilogue is not None and not epilogue.decoupled:  # L2: the decay joins the gradient first
-            grads = decayed(grads, params, epilogue.weight_decay)
-        flat = _gather(group, grads)
-        if group.fmt is None:
-            direction = full_step(flat, st["mu"], st["nu"], st.get("nu_max"), step, *betas_eps)
-        else:
-            buffers = [t for m in moments for t in (st[m, "codes"], st[m, "scale"])]
-            direction = quant_step(
-                flat, buffers, step, *betas_eps, group.fmt, group.block_size, group.fmt.codebook(True, flat.device),
-                group.fmt.codebook(False, flat.device), rounding == "stochastic", seed,
-            )
-        result = [direction[s.offset : s.offset + s.numel].view(s.shape).to(s.dtype) for s in group.slots]
-        if epilogue is None:
-            return result
-        if epilogue.decoupled:
-            result = decayed(result, params, epilogue.weight_decay)
-        result = scaled(result, epilogue.factor)
-        if not epilogue.apply:
-            return result
-        torch._foreach_add_(params, result)
-        return None
+    def step(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None, inplace: bool):
+        places, flat, grads, _ = prepared(updates, state, params)
+        results = run(places, flat, grads, [], Epilogue(), inplace)
+        return build([p.key for p in places], results), state
 
-    def run(
-        items: list[tuple[TensorDictBase, TensorDictBase, TensorDictBase | None, Epilogue | None]]
-    ) -> list[tuple[list[Key], dict[Key, Tensor]]]:
-        """Validate every ``(updates, state, params, epilogue)``, then step them all: the groups the native kernel
-        serves in one call per distinct (layout, step, scalars), the others on the compiled path. Returns each
-        item's sorted keys and results (none for parameters updated in place)."""
-        checked = [(validate(u, st, p), st, p, ep) for u, st, p, ep in items]
-        batch = _NativeBatch()
-        native_on: dict[torch.device, bool] = {}  # native_available, asked once per device and call
-        outs: list[tuple[list[Key], dict[Key, Tensor]]] = []
-        with torch.no_grad():
-            for (keys, groups, grads, param_leaves), state, params, epilogue in checked:
-                by_key = dict(zip(keys, grads))
-                by_param = dict(zip(keys, param_leaves))
-                step = state["count"] + 1
-                out: dict[Key, Tensor] = {}
-                for group in groups:
-                    st = state[group.name]
-                    device = by_key[group.slots[0].key].device
-                    if device not in native_on:
-                        native_on[device] = native_available(device)
-                    if native_on[device] and _native_serves(group, by_key, by_param, epilogue):
-                        batch.add(group, st, moments, by_key, by_param, step, betas_eps, rounding, seed, epilogue, out)
-                        continue
-                    result = reference_group(
-                        group, st, [by_key[s.key] for s in group.slots],
-                        [by_param[s.key] for s in group.slots] if epilogue is not None else [], step, epilogue,
-                    )
-                    if result is not None:
-                        out.update(zip((s.key for s in group.slots), result))
-                outs.append((keys, out))
-            batch.run()
-            for _, state, _, _ in checked:
-                state["count"].add_(1)
-        return outs
-
-    def update(updates: Tree, state: TensorDictBase, params: Tree | None = None, *, epilogue: Epilogue | None = None):
-        updates = as_tensordict(updates)
-        params = None if params is None else as_tensordict(params, "params")
-        if epilogue is not None and params is None:
-            raise ValueError("scale_by_adam: a fused epilogue (weight decay, learning rate) needs params")
-        ((keys, out),) = run([(updates, state, params, epilogue)])
-        if epilogue is not None and epilogue.apply:
-            return None, state
-        return build(keys, [out[k] for k in keys]), state
-
-    def apply_many(items: list[tuple[TensorDictBase, TensorDictBase, TensorDictBase, Epilogue]]) -> None:
-        """``update(updates, state, params, epilogue=e)`` with ``e.apply`` for many states at once (the torch.optim
-        front end's per-parameter states): one native call for all that share a step and scalars."""
-        assert all(e.apply for _, _, _, e in items)
-        run(items)
-
-    update.apply_many = apply_many  # type: ignore[attr-defined]
-    return GradientTransformation(init, update, check)
-
-
-def _gather(group: _Group, grads: list[Tensor]) -> Tensor:
-    """The group's gradients (one per slot) as one flat buffer in the group's dtype, zero padding between blocks."""
-    pieces = []
-    for slot, g in zip(group.slots, grads):
-        pieces.append(g.reshape(-1).to(group.dtype))
-        if slot.padded > slot.numel:
-            pieces.append(g.new_zeros(slot.padded - slot.numel, dtype=group.dtype))
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-
-
-@dataclass(frozen=True)
-class Epilogue:
-    """The rest of an Adam/AdamW chain, fused into :func:`scale_by_adam`'s update (see :func:`lowbit_fn.adamw`):
-    ``decoupled`` (AdamW): ``(direction + p * weight_decay) * factor``; otherwise (Adam, L2): the gradient becomes
-    ``g + p * weight_decay`` first and the result is ``direction * factor``. ``factor`` is the signed learning rate.
-    The same float32 operations as ``add_decayed_weights`` and ``scale_by_learning_rate``. With ``apply`` the
-    result is added to the params in place (``apply_updates``' operation) and no updates are returned."""
-
-    weight_decay: float | Tensor
-    factor: float | Tensor
-    decoupled: bool
-    apply: bool = False
-
-
-def _native_serves(group: _Group, grads: dict[Key, Tensor], params: dict[Key, Tensor], epilogue: Epilogue | None) -> bool:
-    """Whether the native kernel (available on the group's device) runs this group: quantized or float32 state,
-    and float32 throughout when fused."""
-    if group.dtype != torch.float32:
-        return False
-    if epilogue is None:
-        return True
-    return all(
-        grads[s.key].dtype == torch.float32 and params[s.key].dtype == torch.float32
-        and (params[s.key].is_contiguous() or not epilogue.apply)
-        for s in group.slots
+    return ScaleByAdam(
+        init, step, check, config=config, b1=b1_t, b2=b2_t, eps=eps_t, moments=moments, group_of=group_of,
+        tensor_state=tensor_state, prepared=prepared, run=run,
     )
-
-
-class _NativeBatch:
-    """Native-kernel work collected from any number of states: :meth:`add` registers one group's parameters as
-    segments, :meth:`run` makes one call per distinct (format, block size, rounding, step, scalars, epilogue) and
-    puts the results into the dicts given to :meth:`add`."""
-
-    def __init__(self) -> None:
-        self.calls: dict[tuple, dict[str, list]] = {}
-        self.results: list[tuple[dict[Key, Tensor], Key, Tensor, torch.Size, torch.dtype]] = []  # made after the run
-        self.floats: dict[tuple[int, bool], float] = {}  # scalar tensors seen (alive until the run: ids are stable)
-
-    @torch.compiler.disable  # inside a user's torch.compile: a graph break, run eagerly on the real tensors
-    def add(
-        self, group: _Group, st: TensorDictBase, moments: tuple[str, ...], grads: dict[Key, Tensor],
-        params: dict[Key, Tensor], step: Tensor, betas_eps: tuple[Tensor, Tensor, Tensor], rounding: str, seed: int,
-        epilogue: Epilogue | None, out: dict[Key, Tensor],
-    ) -> None:
-        """Register the group's slots; :meth:`run` puts their results (unless applied in place) into ``out``."""
-        fmt = group.fmt
-        bs = group.block_size if fmt is not None else 256  # full precision: blocks only divide the work
-        apply = epilogue is not None and epilogue.apply
-        mode, wd, factor = 0, 0.0, 0.0
-        if epilogue is not None:
-            mode = (EPILOGUE_DECOUPLED if epilogue.decoupled else EPILOGUE_L2) | EPILOGUE_SCALE | (EPILOGUE_APPLY if apply else 0)
-            wd, factor = self.f32(epilogue.weight_decay), self.f32(epilogue.factor)
-        key = (fmt.name if fmt is not None else None, bs, rounding, seed, len(moments), mode, int(step),
-               *(self.exact(x) for x in betas_eps), wd, factor)
-        call = self.calls.get(key)
-        if call is None:
-            scalars = (torch.tensor(wd, dtype=torch.float32), torch.tensor(factor, dtype=torch.float32))
-            args = (step, betas_eps, fmt, bs, rounding == "stochastic", seed, mode, *scalars)
-            call = self.calls[key] = {"grads": [], "moments": [], "params": [], "outs": [], "index": [], "args": args}
-        code_bytes = fmt.code_bytes(1, bs) if fmt is not None else 0
-        for slot in group.slots:
-            call["grads"].append(grads[slot.key].reshape(-1).to(torch.float32).contiguous())
-            call["index"].append(slot.offset)
-            if fmt is None:
-                call["moments"].append([st[m][slot.offset : slot.offset + slot.numel] for m in moments])
-            else:
-                first, nblocks = slot.offset // bs, slot.padded // bs
-                call["moments"].append([
-                    t for m in moments for t in (
-                        st[m, "codes"][first * code_bytes : (first + nblocks) * code_bytes], st[m, "scale"][first : first + nblocks]
-                    )
-                ])
-            if epilogue is not None:
-                call["params"].append(params[slot.key].reshape(-1) if apply else params[slot.key].reshape(-1).contiguous())
-            if not apply:
-                call["outs"].append(torch.empty(slot.numel, dtype=torch.float32, device=call["grads"][-1].device))
-                self.results.append((out, slot.key, call["outs"][-1], slot.shape, slot.dtype))
-
-    def f32(self, x: float | Tensor) -> float:
-        """``_f32(x)``, once per tensor."""
-        if not isinstance(x, Tensor):
-            return _f32(x)
-        if (id(x), True) not in self.floats:
-            self.floats[id(x), True] = _f32(x)
-        return self.floats[id(x), True]
-
-    def exact(self, x: Tensor) -> float:
-        """``float(x)``, once per tensor."""
-        if (id(x), False) not in self.floats:
-            self.floats[id(x), False] = float(x)
-        return self.floats[id(x), False]
-
-    @torch.compiler.disable
-    def run(self) -> None:
-        for call in self.calls.values():
-            step, betas_eps, fmt, bs, stochastic, seed, mode, wd, factor = call["args"]
-            native_adam_step(
-                call["grads"], call["moments"], call["index"], step, *betas_eps, fmt, bs, stochastic, seed,
-                params=call["params"], outs=call["outs"], mode=mode, weight_decay=wd, neg_lr=factor,
-            )
-        for out, key, flat, shape, dtype in self.results:  # views taken after the kernel wrote (also when traced)
-            out[key] = flat.view(shape).to(dtype)
-
-
-def _f32(x: float | Tensor) -> float:
-    """``x`` rounded to float32 (as torch rounds a scalar factor for float32 tensors), as a Python float."""
-    if isinstance(x, Tensor):
-        return x.item() if x.dtype == torch.float32 else float(x.detach().to(dtype=torch.float32))
-    try:
-        return struct.unpack("f", struct.pack("f", x))[0]
-    except OverflowError:  # beyond float32's range: torch rounds it to +-inf
-        return float(torch.tensor(x, dtype=torch.float32))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from tensordict import TensorDictBase
 
-from ._tree import Tree, as_tensordict, flat_or_tensordict
-from .adam import Epilogue, Scalar, scale_by_adam
-from .base import GradientTransformation, chain
+from ..kernels import Epilogue
+from ._tree import build
+from .adam import Scalar, scale_by_adam
+from .base import CheckedTransformation, chain
 from .basic import Schedule, add_decayed_weights, advance_schedule, learning_rate_factor, scale_by_learning_rate
 
-__all__ = ["adam", "adamw"]
+__all__ = ["adam", "adamw", "FusedAdam"]
 
 
 def adam(
@@ -25,11 +26,12 @@ def adam(
     min_quant_size: int = 4096,
     rounding: str | None = None,
     seed: int = 0,
-) -> GradientTransformation:
+) -> "FusedAdam":
     """Adam with L2 weight decay added to the gradient, like ``torch.optim.Adam`` (not bitsandbytes' decoupled).
 
-    ``chain(add_decayed_weights(weight_decay), scale_by_adam(...), scale_by_learning_rate(learning_rate))``.
-    See :func:`scale_by_adam` for the state formats; ``state_format="fp32"`` is plain Adam.
+    ``chain(add_decayed_weights(weight_decay), scale_by_adam(...), scale_by_learning_rate(learning_rate))``, run as
+    one fused pass (:class:`FusedAdam`). See :func:`scale_by_adam` for the state formats; ``state_format="fp32"``
+    is plain Adam. With ``weight_decay=0`` (the default) ``update`` needs no params.
 
     Example:
         >>> import torch, lowbit_fn
@@ -61,10 +63,12 @@ def adamw(
     min_quant_size: int = 4096,
     rounding: str | None = None,
     seed: int = 0,
-) -> GradientTransformation:
+) -> "FusedAdam":
     """AdamW (decoupled weight decay, scaled by the learning rate), like ``torch.optim.AdamW``.
 
-    ``chain(scale_by_adam(...), add_decayed_weights(weight_decay), scale_by_learning_rate(learning_rate))``.
+    ``chain(scale_by_adam(...), add_decayed_weights(weight_decay), scale_by_learning_rate(learning_rate))``, run as
+    one fused pass (:class:`FusedAdam`). Decay, learning rate and (for bfloat16/float16 params) the rounding of
+    the update to the params' dtype happen in float32 in that pass.
 
     References:
       Loshchilov, Hutter, "Decoupled Weight Decay Regularization", arXiv:1711.05101.
@@ -78,6 +82,9 @@ def adamw(
         >>> grads = {k: torch.ones_like(v) for k, v in params.items()}
         >>> updates, state = opt.update(grads, state, params)
         >>> params = lowbit_fn.apply_updates(params, updates)
+        >>> # the same step without new tensors: updates written into the gradients, added into the params
+        >>> updates, state = opt.update(grads, state, params, inplace=True)
+        >>> params = lowbit_fn.apply_updates(params, updates, inplace=True)
     """
     core = scale_by_adam(
         b1, b2, eps, amsgrad=amsgrad, state_format=state_format, block_size=block_size,
@@ -87,46 +94,35 @@ def adamw(
                   0, 2, learning_rate, weight_decay, decoupled=True)
 
 
+class FusedAdam(CheckedTransformation):
+    """What :func:`adam` and :func:`adamw` return: the chain's :class:`CheckedTransformation` (same state, same
+    results bit for bit) whose update runs weight decay and the learning rate inside the Adam step's own pass.
+
+    It names its parts for the torch.optim front end, which calls the same kernel entry point on per-parameter
+    states: ``core`` (the :class:`ScaleByAdam`), ``weight_decay``, ``decoupled``, ``learning_rate``, and the
+    chain positions ``core_index`` and ``lr_index``."""
+
+
 def _fused(
-    members: tuple[GradientTransformation, ...], core_index: int, lr_index: int,
+    members: tuple[CheckedTransformation, ...], core_index: int, lr_index: int,
     learning_rate: float | Scalar | Schedule, weight_decay: float | Scalar, decoupled: bool,
-) -> GradientTransformation:
+) -> FusedAdam:
     """``chain(*members)`` with one fused update: the decay and the learning rate run inside the core's step (in
     the native kernel, one pass over memory), with the same float32 operations, so the results are the chain's
     bit for bit. The state is the chain's."""
     chained, core = chain(*members), members[core_index]
 
-    def check_others(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase) -> None:
-        """The chain's check, less what the core's validation covers (updates and params against its layout)."""
-        expected = {str(i) for i in range(len(members))}
-        if set(state.keys()) != expected:
-            raise ValueError(f"chain: the state has entries {sorted(state.keys())}, expected {sorted(expected)}")
-        members[lr_index].check(updates, state[str(lr_index)], params)
+    def epilogue(state: TensorDictBase) -> Epilogue:  # the schedule's count advances after the step
+        factor = learning_rate_factor(learning_rate, state[str(lr_index)], advance=False)
+        return Epilogue(weight_decay, l2=not decoupled, decoupled=decoupled, factor=factor)
 
-    def epilogue(state: TensorDictBase, apply: bool) -> Epilogue:  # the schedule's count advances after the step
-        return Epilogue(weight_decay, learning_rate_factor(learning_rate, state[str(lr_index)], advance=False), decoupled, apply)
-
-    def update(updates: Tree, state: TensorDictBase, params: Tree | None = None):
-        if params is None:
-            return chained.update(updates, state, params)  # raises: weight decay needs params
-        updates, params = as_tensordict(updates), as_tensordict(params, "params")
-        chained.check(updates, state, params)  # (the members' messages, in the chain's order)
-        updates, new = core.update(updates, state[str(core_index)], params, epilogue=epilogue(state, False))
-        if new is not state[str(core_index)]:
-            state[str(core_index)] = new
+    def step(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None, inplace: bool):
+        places, flat, grads, param_leaves = core.prepared(updates, state[str(core_index)], params)
+        results = core.run(places, flat, grads, param_leaves, epilogue(state), inplace)
         advance_schedule(learning_rate, state[str(lr_index)])
-        return updates, state
+        return build([p.key for p in places], results), state
 
-    def apply_many(items: list[tuple[Tree, TensorDictBase, Tree]]) -> None:
-        """``params += update(updates, state, params)`` (the float32 sum ``apply_updates`` computes) in place, for
-        many ``(updates, state, params)`` at once: the torch.optim front end's per-parameter states. Everything is
-        checked before anything changes; one native call serves all the states that share a step and scalars."""
-        prepared = [(flat_or_tensordict(u), st, flat_or_tensordict(p, "params")) for u, st, p in items]
-        for u, st, p in prepared:
-            check_others(u, st, p)
-        core.update.apply_many([(u, st[str(core_index)], p, epilogue(st, True)) for u, st, p in prepared])  # type: ignore[attr-defined]
-        for _, st, _ in prepared:
-            advance_schedule(learning_rate, st[str(lr_index)])
-
-    update.apply_many = apply_many  # type: ignore[attr-defined]  # read by the torch.optim front end
-    return GradientTransformation(chained.init, update, chained.check)
+    return FusedAdam(
+        chained.init, step, chained.check, core=core, weight_decay=weight_decay, decoupled=decoupled,
+        learning_rate=learning_rate, core_index=core_index, lr_index=lr_index,
+    )

@@ -1,7 +1,8 @@
 """Element-wise transforms: weight decay, learning rate (constant, tensor or schedule), global-norm clipping.
 
 Each works on all leaves at once with ``torch._foreach_*`` ops (one call per step, not one per parameter) and
-returns new update tensors: incoming updates may be the caller's gradients and are never modified.
+returns new update tensors: incoming updates may be the caller's gradients and are not modified, unless
+``update(..., inplace=True)`` is asked for (then the results are written into them).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from ._tree import Tree, as_tensordict, build, check_leaf, check_like, leaves, signature
-from .base import GradientTransformation
+from .base import CheckedTransformation
 
 __all__ = ["add_decayed_weights", "scale_by_learning_rate", "clip_by_global_norm", "Schedule"]
 
@@ -24,18 +25,21 @@ def _empty() -> TensorDict:
     return TensorDict({}, batch_size=[])
 
 
-def _mul(u: list[Tensor], factor: Tensor) -> list[Tensor]:
+def _mul(u: list[Tensor], factor: Tensor, inplace: bool = False) -> list[Tensor]:
     """Every leaf times a 0-d tensor (cast to the leaf's dtype); one foreach call when the dtypes agree."""
     if not u:
         return []
     if len({x.dtype for x in u}) == 1:
+        if inplace:
+            torch._foreach_mul_(u, factor.to(u[0].dtype))
+            return u
         return torch._foreach_mul(u, factor.to(u[0].dtype))
-    return [x * factor.to(x.dtype) for x in u]
+    return [x.mul_(factor.to(x.dtype)) if inplace else x * factor.to(x.dtype) for x in u]
 
 
 def _stateless(
-    name: str, fn: Callable[[list[Tensor], list[Tensor] | None], list[Tensor]], needs_params: bool = False
-) -> GradientTransformation:
+    name: str, fn: Callable[[list[Tensor], list[Tensor] | None, bool], list[Tensor]], needs_params: bool = False
+) -> CheckedTransformation:
     def check(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None) -> None:
         if params is None:
             if needs_params:
@@ -45,19 +49,16 @@ def _stateless(
         else:
             check_like(updates, signature(params), "updates", "params", same_dtype=False)
 
-    def update(updates: Tree, state: TensorDictBase, params: Tree | None = None):
-        updates = as_tensordict(updates)
-        params = None if params is None else as_tensordict(params, "params")
-        check(updates, state, params)
+    def step(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None, inplace: bool):
         keys, u = leaves(updates)
         p = leaves(params)[1] if params is not None else None
         with torch.no_grad():
-            return build(keys, fn(u, p)), state
+            return build(keys, fn(u, p, inplace)), state
 
-    return GradientTransformation(lambda params: _empty(), update, check)
+    return CheckedTransformation(lambda params: _empty(), step, check)
 
 
-def add_decayed_weights(weight_decay: float | Tensor = 0.0) -> GradientTransformation:
+def add_decayed_weights(weight_decay: float | Tensor = 0.0) -> CheckedTransformation:
     """Add ``weight_decay * params`` to the updates (decoupled decay when placed after the adaptive scaling).
 
     References:
@@ -76,24 +77,23 @@ def add_decayed_weights(weight_decay: float | Tensor = 0.0) -> GradientTransform
     elif isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
         raise ValueError(f"weight_decay must be a float >= 0, got {weight_decay!r}")
 
-    def fn(u: list[Tensor], p: list[Tensor] | None) -> list[Tensor]:
-        assert p is not None
-        return decayed(u, p, weight_decay)
+    if not isinstance(weight_decay, Tensor) and weight_decay == 0:
+        return _stateless("add_decayed_weights", lambda u, p, inplace: u)  # no decay: no params, no pass
+
+    def fn(u: list[Tensor], p: list[Tensor] | None, inplace: bool) -> list[Tensor]:
+        if not u:
+            return []
+        p = [x.to(y.dtype) for x, y in zip(p, u)]  # a product rounded, then a sum (no fused multiply-add)
+        factor = weight_decay if isinstance(weight_decay, Tensor) else float(weight_decay)
+        if inplace:
+            torch._foreach_add_(u, torch._foreach_mul(p, factor))
+            return u
+        return torch._foreach_add(u, torch._foreach_mul(p, factor))
 
     return _stateless("add_decayed_weights", fn, needs_params=True)
 
 
-def decayed(u: list[Tensor], p: list[Tensor], weight_decay: float | Tensor) -> list[Tensor]:
-    """``u + p * weight_decay`` leaf by leaf, in the dtype of ``u``: a product rounded, then a sum rounded (no
-    fused multiply-add, so the native kernel's fused AdamW epilogue computes the same bits)."""
-    if not u:
-        return []
-    p = [x.to(y.dtype) for x, y in zip(p, u)]
-    factor = weight_decay if isinstance(weight_decay, Tensor) else float(weight_decay)
-    return torch._foreach_add(u, torch._foreach_mul(p, factor))
-
-
-def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+def clip_by_global_norm(max_norm: float) -> CheckedTransformation:
     """Scale the updates so that their global L2 norm is at most ``max_norm`` (optax's formula).
 
     ``g_norm = sqrt(sum ||u||^2)`` (computed in float32 or wider); updates are left as they are when
@@ -111,18 +111,18 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
         raise ValueError(f"max_norm must be a float > 0, got {max_norm!r}")
 
-    def fn(u: list[Tensor], p: list[Tensor] | None) -> list[Tensor]:
+    def fn(u: list[Tensor], p: list[Tensor] | None, inplace: bool) -> list[Tensor]:
         if not u:
             return []
         norms = torch._foreach_norm([x if x.dtype == torch.float64 else x.float() for x in u])
         g_norm = torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in norms]))
         factor = torch.where(g_norm < max_norm, torch.ones_like(g_norm), max_norm / g_norm)
-        return _mul(u, factor)
+        return _mul(u, factor, inplace)
 
     return _stateless("clip_by_global_norm", fn)
 
 
-def scale_by_learning_rate(learning_rate: float | Tensor | Schedule, *, flip_sign: bool = True) -> GradientTransformation:
+def scale_by_learning_rate(learning_rate: float | Tensor | Schedule, *, flip_sign: bool = True) -> CheckedTransformation:
     """Multiply the updates by ``-learning_rate`` (by ``learning_rate`` with ``flip_sign=False``).
 
     ``learning_rate`` is a float, a 0-d tensor (change it in place, e.g. ``lr.fill_(1e-4)``, between steps) or a
@@ -155,14 +155,12 @@ def scale_by_learning_rate(learning_rate: float | Tensor | Schedule, *, flip_sig
         if is_schedule and "count" not in state.keys():
             raise ValueError("scale_by_learning_rate(schedule): the state has no 'count' entry")
 
-    def update(updates: Tree, state: TensorDictBase, params: Tree | None = None):
-        updates = as_tensordict(updates)
-        check(updates, state, None)
+    def step(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None, inplace: bool):
         keys, u = leaves(updates)
         with torch.no_grad():
-            return build(keys, scaled(u, learning_rate_factor(learning_rate, state, flip_sign))), state
+            return build(keys, scaled(u, learning_rate_factor(learning_rate, state, flip_sign), inplace)), state
 
-    return GradientTransformation(init, update, check)
+    return CheckedTransformation(init, step, check)
 
 
 def learning_rate_factor(
@@ -187,8 +185,13 @@ def _is_schedule(learning_rate: object) -> bool:
     return callable(learning_rate) and not isinstance(learning_rate, Tensor)
 
 
-def scaled(u: list[Tensor], factor: float | Tensor) -> list[Tensor]:
+def scaled(u: list[Tensor], factor: float | Tensor, inplace: bool = False) -> list[Tensor]:
     """Every leaf times ``factor`` (a float, or a 0-d tensor cast to each leaf's dtype)."""
     if isinstance(factor, Tensor):
-        return _mul(u, factor)
-    return torch._foreach_mul(u, factor) if u else []
+        return _mul(u, factor, inplace)
+    if not u:
+        return []
+    if inplace:
+        torch._foreach_mul_(u, factor)
+        return u
+    return torch._foreach_mul(u, factor)

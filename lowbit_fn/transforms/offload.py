@@ -11,7 +11,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from ._tree import Key, Tree, as_tensordict, build, check_like, leaves, signature
-from .base import GradientTransformation
+from .base import CheckedTransformation, GradientTransformation
 
 __all__ = ["offload"]
 
@@ -40,7 +40,7 @@ def to_host(tensors: list[Tensor], host: torch.device, pin_memory: bool) -> list
 
 def offload(
     inner: GradientTransformation, *, host: str | torch.device = "cpu", min_numel: int = 4096, pin_memory: bool = True
-) -> GradientTransformation:
+) -> CheckedTransformation:
     """Keep ``inner``'s state in host memory and run its update there; small tensors stay on their device.
 
     Tensors with at least ``min_numel`` elements are moved to ``host`` (their updates, and their params when
@@ -64,7 +64,7 @@ def offload(
         >>> opt = lowbit_fn.offload(lowbit_fn.adamw(1e-3, state_format="8bit"), min_numel=1024)
         >>> state = opt.init(params)
         >>> updates, state = opt.update({"w": torch.randn(128, 64), "b": torch.randn(64)}, state, params)
-        >>> state["host", "0", "8bit_block256", "mu", "codes"].device, sorted(state["device", "0", "layout"].keys())
+        >>> state["host", "0", "8bit_block256", "mu", "w", "codes"].device, sorted(state["device", "0", "layout"].keys())
         (device(type='cpu'), ['b'])
     """
     if not isinstance(inner, GradientTransformation):
@@ -98,18 +98,24 @@ def offload(
     def check(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None) -> None:
         if not isinstance(state, TensorDictBase) or set(state.keys()) != {"host", "device"}:
             raise ValueError("offload: the state is not an offload state (expected entries 'host' and 'device')")
+        if not isinstance(inner, CheckedTransformation):
+            return
         for (keys, u, p), name in zip(parts(updates, params), ("host", "device")):
             inner.check(build(keys, u), state[name], None if p is None else build(keys, p))
 
-    def update(updates: Tree, state: TensorDictBase, params: Tree | None = None):
-        updates = as_tensordict(updates)
-        params = None if params is None else as_tensordict(params, "params")
-        check(updates, state, params)
+    def run(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None, inplace: bool):
+        if isinstance(inner, CheckedTransformation):
+            return inner.step(updates, state, params, inplace)
+        return inner.update(updates, state, params)
+
+    def step(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None, inplace: bool):
         (hk, hu, hp), (dk, du, dp) = parts(updates, params)
         devices = [u.device for u in hu]
         moved = to_host(hu + (hp or []), host, pin_memory)
-        new_h, state_h = inner.update(build(hk, moved[: len(hu)]), state["host"], None if hp is None else build(hk, moved[len(hu):]))
-        new_d, state_d = inner.update(build(dk, du), state["device"], None if dp is None else build(dk, dp))
+        # on the host the updates may always reuse the copies' buffers; on the device only when asked to
+        new_h, state_h = run(build(hk, moved[: len(hu)]), state["host"], None if hp is None else build(hk, moved[len(hu):]),
+                             inplace or (bool(hu) and all(m is not u for m, u in zip(moved, hu))))
+        new_d, state_d = run(build(dk, du), state["device"], None if dp is None else build(dk, dp), inplace)
         for name, new in (("host", state_h), ("device", state_d)):
             if new is not state[name]:
                 state[name] = new
@@ -118,4 +124,4 @@ def offload(
         _, rest = leaves(new_d)
         return build(hk + dk, back + rest), state
 
-    return GradientTransformation(init, update, check)
+    return CheckedTransformation(init, step, check)

@@ -1,0 +1,188 @@
+"""The one entry point of an Adam step: :func:`adam_step`, called by the functional transforms, the torch.optim
+front end and offload alike.
+
+It takes the tensors of a step (gradients, moments, parameters, outputs) and the hyperparameters, and chooses how
+each tensor runs: the native CPU kernel (all the CPU tensors that share a step count in one call, float32,
+bfloat16 or float16 parameters read and written in the kernel's own pass) or the compiled torch step
+(:func:`lowbit_fn.kernels.adam.tensor_step`, one call per tensor, one graph per format, dtypes and epilogue
+whatever the shapes). Both compute the same bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from ..formats import BlockFormat, row_split
+from .adam import adam_scalars, tensor_step
+from .native import EPILOGUE_APPLY, EPILOGUE_DECOUPLED, EPILOGUE_L2, EPILOGUE_SCALE, NATIVE_DTYPES, native_adam_step, native_available
+
+__all__ = ["AdamConfig", "Epilogue", "Item", "adam_step"]
+
+Scalar = float | Tensor
+
+
+@dataclass(frozen=True)
+class AdamConfig:
+    """What an Adam state is: its format (``None``: full precision), block size, rounding, seed and moments."""
+
+    fmt: BlockFormat | None
+    block_size: int
+    stochastic: bool
+    seed: int
+    amsgrad: bool
+
+
+@dataclass(frozen=True)
+class Epilogue:
+    """What follows the Adam direction ``d`` in the same pass: ``l2`` (``g += p * weight_decay`` first, Adam) or
+    ``decoupled`` (``d += p * weight_decay``, AdamW), then ``d *= factor`` (the signed learning rate, unless
+    ``None``), then with ``apply`` ``p += d`` in place (rounded to ``p``'s dtype; stochastically for bfloat16 with
+    ``param_sr``) instead of returning ``d``. The float32 operations of ``add_decayed_weights``,
+    ``scale_by_learning_rate`` and ``apply_updates``."""
+
+    weight_decay: Scalar = 0.0
+    l2: bool = False
+    decoupled: bool = False
+    factor: Scalar | None = None
+    apply: bool = False
+    param_sr: bool = False
+
+    @property
+    def needs_params(self) -> bool:
+        return self.apply or self.l2 or self.decoupled
+
+
+@dataclass
+class Item:
+    """One tensor of a step.
+
+    ``moments``: per moment (m, v, and vmax with amsgrad), its full-precision tensor (the parameter's shape), or its
+    ``codes`` and ``scale`` (:mod:`lowbit_fn.formats`' row layout). ``step``: the step count of this update (int64
+    0-d, 1 on the first). ``ident`` (32-bit) and ``base`` (the index of the tensor's first element in the whole
+    parameter, for a shard) select its stochastic rounding. ``out``: where the update goes (e.g. the gradient's own
+    buffer); ``None``: a new tensor of the gradient's dtype."""
+
+    grad: Tensor
+    moments: list[Tensor]
+    step: Tensor
+    ident: int
+    param: Tensor | None = None
+    out: Tensor | None = None
+    base: int = 0
+
+
+def adam_step(
+    config: AdamConfig, items: list[Item], b1: Tensor, b2: Tensor, eps: Tensor, epilogue: Epilogue = Epilogue()
+) -> list[Tensor | None]:
+    """One Adam step of every item; returns each item's update (``None`` where it was applied to the parameter).
+
+    The caller has validated shapes, dtypes and devices. Items the native kernel serves (CPU, float32 state,
+    float32/bfloat16/float16 tensors) run in one native call per distinct step count; the others one compiled
+    call each. Moments are updated in place.
+    """
+    wd = epilogue.weight_decay
+    if (float(wd) if not isinstance(wd, Tensor) else (wd.device.type == "cpu" and float(wd))) == 0.0:
+        epilogue = replace(epilogue, l2=False, decoupled=False)  # no decay: no pass over the parameters for it
+    results: list[Tensor | None] = [None] * len(items)
+    native: dict[int, list[int]] = {}
+    on: dict[torch.device, bool] = {}
+    for i, item in enumerate(items):
+        device = item.grad.device
+        if device not in on:
+            on[device] = native_available(device)
+        if on[device] and item.moments[0].dtype != torch.float64 and _native_serves(item, epilogue):
+            native.setdefault(int(item.step), []).append(i)
+        else:
+            results[i] = _compiled(config, item, b1, b2, eps, epilogue)
+    for step, members in native.items():
+        for i, out in zip(members, _native(config, [items[i] for i in members], step, b1, b2, eps, epilogue)):
+            results[i] = out
+    return results
+
+
+def _native_serves(item: Item, epilogue: Epilogue) -> bool:
+    """Float32, bfloat16 or float16 tensors; the ones the kernel writes contiguous (a strided gradient or
+    parameter that is only read is copied)."""
+    tensors = [item.grad] + ([item.param] if epilogue.needs_params else []) + ([item.out] if item.out is not None else [])
+    if any(t.dtype not in NATIVE_DTYPES for t in tensors):
+        return False
+    if item.out is not None and not item.out.is_contiguous():
+        return False
+    return not epilogue.apply or item.param.is_contiguous()
+
+
+def _f32(x: Scalar) -> Tensor:
+    return x.detach().to(torch.float32).reshape(()) if isinstance(x, Tensor) else torch.tensor(x, dtype=torch.float64).to(torch.float32)
+
+
+@torch.compiler.disable  # inside a user's torch.compile: a graph break, run eagerly on the real tensors
+def _native(
+    config: AdamConfig, items: list[Item], step: int, b1: Tensor, b2: Tensor, eps: Tensor, epilogue: Epilogue
+) -> list[Tensor | None]:
+    mode = (EPILOGUE_L2 if epilogue.l2 else 0) | (EPILOGUE_DECOUPLED if epilogue.decoupled else 0)
+    mode |= (EPILOGUE_SCALE if epilogue.factor is not None else 0) | (EPILOGUE_APPLY if epilogue.apply else 0)
+    step_t = torch.tensor(step, dtype=torch.int64)
+    scalars = torch.stack([
+        *adam_scalars(step_t, b1, b2, eps, torch.float32), _f32(epilogue.weight_decay),
+        _f32(epilogue.factor if epilogue.factor is not None else 0.0),
+    ])
+    grads, moments, rows, params, outs, results = [], [], [], [], [], []
+    with_params = epilogue.needs_params
+    for item in items:
+        grads.append(item.grad.contiguous())
+        moments.append(item.moments)
+        rows.append(row_split(item.grad.shape)[1] if config.fmt is not None else max(item.grad.numel(), 1))
+        if with_params:
+            params.append(item.param if epilogue.apply else item.param.contiguous())
+        if not epilogue.apply:
+            out = item.out if item.out is not None else torch.empty_like(item.grad, memory_format=torch.contiguous_format)
+            outs.append(out)
+        results.append(None if epilogue.apply else outs[-1])
+    native_adam_step(
+        grads, moments, rows, [it.base for it in items], [it.ident for it in items], step, scalars, config.fmt,
+        config.block_size if config.fmt is not None else 256, config.stochastic, config.seed,
+        params=params or None, outs=outs or None, mode=mode, param_sr=epilogue.param_sr,
+    )
+    return results
+
+
+def _scalar(x: Scalar, device: torch.device) -> Tensor:
+    if isinstance(x, Tensor):
+        return x.detach().to(device=device).reshape(())
+    return torch.tensor(float(x), dtype=torch.float64, device=device)
+
+
+def _compiled(config: AdamConfig, item: Item, b1: Tensor, b2: Tensor, eps: Tensor, epilogue: Epilogue) -> Tensor | None:
+    g, p, shape = item.grad, item.param, item.grad.shape
+    device = g.device
+    if config.fmt is None:
+        rows, length = 1, g.numel()
+        moments = [m.view(1, length) for m in item.moments]
+    else:
+        rows, length = row_split(shape)
+        moments = [t.view(rows, -1) for t in item.moments]  # codes [rows, bytes per row], scales [rows, blocks]
+    if g.numel() == 0:
+        return None if epilogue.apply else (item.out if item.out is not None else torch.empty_like(g))
+    target = p.contiguous() if (epilogue.apply and not p.is_contiguous()) else p
+    p2 = target.reshape(rows, length) if epilogue.needs_params else None
+    scalars = [_scalar(x, device) for x in (b1, b2, eps, epilogue.weight_decay, epilogue.factor if epilogue.factor is not None else 0.0)]
+    maps = None
+    if config.fmt is not None and config.fmt.codebook(True) is not None:
+        maps = [config.fmt.codebook(True, device), config.fmt.codebook(False, device)]
+    mode = (epilogue.l2, epilogue.decoupled, epilogue.factor is not None, epilogue.apply)
+    u = tensor_step(
+        g.reshape(rows, length), p2, moments, item.step.to(device), scalars,
+        torch.tensor(item.ident, dtype=torch.int64, device=device), torch.tensor(item.base, dtype=torch.int64, device=device),
+        config, maps, mode, epilogue.param_sr and epilogue.apply,
+    )
+    if epilogue.apply:
+        if target is not p:
+            p.copy_(target)
+        return None
+    if item.out is not None:
+        item.out.copy_(u.view(shape))
+        return item.out
+    return u.view(shape).to(g.dtype)

@@ -1,0 +1,201 @@
+"""The optax/torch conventions, the in-place functional step, half-precision parameters, graph counts, step memory."""
+
+import inspect
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+import lowbit_fn
+from helpers import snapshot
+
+FORMATS = ["fp32", "8bit", "4bit", "fp8"]
+SHAPES = {"w": (96, 300), "v": (33, 256), "t": (4, 5, 130), "b": (300,)}
+
+
+def make(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: (torch.randn(s, generator=g) * 0.1).to(dtype) for k, s in SHAPES.items()}
+
+
+def test_gradient_transformation_is_a_two_field_named_tuple():
+    init, update = lowbit_fn.adam()
+    assert isinstance(lowbit_fn.adamw(), lowbit_fn.GradientTransformation)
+    assert lowbit_fn.GradientTransformation._fields == ("init", "update")
+    params = make()
+    state = init(params)
+    updates, state = update(make(seed=1), state)  # adam without weight decay needs no params
+    assert set(updates.keys()) == set(SHAPES)
+    with pytest.raises(ValueError, match="add_decayed_weights needs params"):
+        lowbit_fn.adamw().update(make(seed=1), lowbit_fn.adamw().init(params))
+
+
+def test_drop_in_signatures_show_their_defaults():
+    for cls in (lowbit_fn.AdamW8bit, lowbit_fn.AdamW4bit, lowbit_fn.AdamWFp8, lowbit_fn.AdamW):
+        assert inspect.signature(cls).parameters["weight_decay"].default == 1e-2, cls
+    for cls in (lowbit_fn.Adam8bit, lowbit_fn.Adam4bit, lowbit_fn.AdamFp8):
+        assert inspect.signature(cls).parameters["weight_decay"].default == 0.0, cls
+    sig = inspect.signature(lowbit_fn.AdamW8bit).parameters
+    assert sig["lr"].default == 1e-3 and sig["betas"].default == (0.9, 0.999) and sig["min_quant_size"].default == 4096
+
+
+def test_each_input_is_validated_once_per_step(monkeypatch):
+    import lowbit_fn.transforms.adam as adam_module
+
+    calls = []
+    real = adam_module.check_like
+    monkeypatch.setattr(adam_module, "check_like", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    opt = lowbit_fn.adamw(1e-3)
+    params = make()
+    state = opt.init(params)
+    opt.update(make(seed=1), state, params)
+    assert sorted(calls) == ["params", "updates"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("alias", ["adam", "adamw"])
+def test_inplace_and_pure_steps_are_bit_identical(fmt, dtype, alias):
+    opt = getattr(lowbit_fn, alias)(1e-2, weight_decay=0.1, state_format=fmt, min_quant_size=0)
+    runs = []
+    for inplace in (False, True):
+        params = TensorDict(make(dtype), batch_size=[])
+        state = opt.init(params)
+        for step in range(3):
+            grads = make(dtype, seed=10 + step)
+            ptrs = {k: v.data_ptr() for k, v in grads.items()}
+            updates, state = opt.update(grads, state, params, inplace=inplace)
+            assert (updates["w"].data_ptr() == ptrs["w"]) == inplace, "inplace writes the updates into the gradients"
+            new = lowbit_fn.apply_updates(params, updates, inplace=inplace)
+            assert (new is params) == inplace
+            params = new
+        runs.append((params, state))
+    (p1, s1), (p2, s2) = runs
+    for k in SHAPES:
+        assert p1[k].dtype == dtype and torch.equal(p1[k], p2[k]), k
+    assert bool((s1 == s2).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("fmt", ["8bit", "4bit"])
+def test_functional_and_torch_optim_agree_on_half_precision_params(fmt, dtype):
+    """Both front ends run the same kernel on the same layout: decay and learning rate in float32, one rounding.
+    The parameters then differ only by the rounding of the functional update to the params' dtype before it is
+    added (one ulp at most)."""
+    params = make(dtype)
+    leaves = [torch.nn.Parameter(params[k].clone()) for k in sorted(SHAPES)]
+    cls = {"8bit": lowbit_fn.AdamW8bit, "4bit": lowbit_fn.AdamW4bit}[fmt]
+    torch_opt = cls(leaves, lr=1e-2, min_quant_size=0)
+    opt = lowbit_fn.adamw(1e-2, state_format=fmt, min_quant_size=0)
+    state = opt.init(params)
+    for step in range(3):
+        grads = make(dtype, seed=20 + step)
+        for leaf, k in zip(leaves, sorted(SHAPES)):
+            leaf.grad = grads[k].clone()
+        torch_opt.step()
+        updates, state = opt.update(grads, state, params, inplace=True)
+        params = lowbit_fn.apply_updates(params, updates, inplace=True)
+    for leaf, k in zip(leaves, sorted(SHAPES)):
+        a, b = leaf.detach().float(), params[k].float()
+        ulp = torch.finfo(dtype).eps * a.abs().clamp(min=torch.finfo(dtype).tiny)
+        assert bool(((a - b).abs() <= 2 * ulp).all()), k
+
+
+def test_functional_bf16_stochastic_rounding_moves_parameters_in_expectation():
+    """An update below half a bfloat16 ulp is lost by nearest rounding; with bf16_stochastic_round the parameter
+    moves by it on average (the torch.optim front end's write-back, the same random bits definition)."""
+    p = {"w": torch.ones(4096, dtype=torch.bfloat16)}
+    u = {"w": torch.full((4096,), 1e-3, dtype=torch.bfloat16)}  # an ulp of 1.0 is 2**-7 = 7.8e-3
+    assert torch.equal(lowbit_fn.apply_updates(p, u)["w"], p["w"])
+    new = lowbit_fn.apply_updates(p, u, bf16_stochastic_round=True, step=1)["w"].float()
+    assert abs(float(new.mean()) - (1 + 1e-3)) < 2e-4
+    again = lowbit_fn.apply_updates(p, u, bf16_stochastic_round=True, step=1)["w"]
+    assert torch.equal(again, new.to(torch.bfloat16)), "deterministic"
+    other = lowbit_fn.apply_updates(p, u, bf16_stochastic_round=True, step=2)["w"]
+    assert not torch.equal(other, again), "fresh bits every step"
+    inplace = {"w": p["w"].clone()}
+    lowbit_fn.apply_updates(inplace, u, inplace=True, bf16_stochastic_round=True, step=1)
+    assert torch.equal(inplace["w"], again)
+    with pytest.raises(ValueError, match="needs step"):
+        lowbit_fn.apply_updates(p, u, bf16_stochastic_round=True)
+
+
+def test_updates_on_another_device_than_the_state_are_refused():
+    opt = lowbit_fn.adamw(1e-3)
+    params = make()
+    state = opt.init(params)
+    snap = snapshot(state)
+    grads = {k: torch.empty(v.shape, device="meta") for k, v in params.items()}
+    with pytest.raises(ValueError, match=r"updates\[.b.\] is on meta, the state on cpu"):
+        opt.update(grads, state, params)
+    from helpers import same
+
+    assert same(state, snap)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_compiled_path_compiles_once_per_format_and_dtype(fmt, monkeypatch):
+    """The compiled step (the GPU path; here with LOWBIT_FN_NATIVE=0) is one graph per format, dtype and epilogue
+    (two where some rows hold one block and others several: dynamo specializes a size of 1): other numbers of
+    tensors and other shapes (ragged rows, 3-D, square or not, other lengths) reuse them."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("LOWBIT_FN_NATIVE", "0")
+
+    def run(shapes, dtype):
+        gen = torch.Generator().manual_seed(len(shapes))
+        params = {f"p{i}": torch.randn(s, generator=gen).to(dtype) for i, s in enumerate(shapes)}
+        opt = lowbit_fn.adamw(1e-3, state_format=fmt, min_quant_size=0)
+        state = opt.init(params)
+        before = counters["stats"]["unique_graphs"]
+        for _ in range(2):
+            updates, state = opt.update({k: torch.randn_like(v) for k, v in params.items()}, state, params, inplace=True)
+            lowbit_fn.apply_updates(params, updates, inplace=True)
+        return counters["stats"]["unique_graphs"] - before
+
+    for dtype in (torch.float32, torch.bfloat16):
+        run([(64, 70), (8, 300), (300,), (8, 9)], dtype)  # warm: rows of one block and of several
+        more = [(65, 77), (3, 5, 301), (2, 4096), (513, 33), (7,), (1000,), (40, 256), (256, 256), (9, 9)]
+        assert run(more, dtype) == 0, f"{fmt} {dtype}: recompiled for other shapes"
+        assert run(more[:2], dtype) == 0, f"{fmt} {dtype}: recompiled for another number of tensors"
+
+
+def _peak(step):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from step_speed import peak_step_bytes
+
+    return peak_step_bytes(step)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("fmt", ["8bit", "fp32"])
+def test_peak_step_memory_is_within_8_bytes_of_the_largest_tensor(fmt, dtype):
+    """No float32 copy of the parameters or gradients: one step's extra memory (torch allocations live at once)
+    stays within 8 B x the largest tensor's elements, through torch.optim and the in-place functional step."""
+    shapes = [(512, 512)] * 8 + [(512,)] * 4
+    largest = 512 * 512
+    gen = torch.Generator().manual_seed(0)
+    leaves = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+    for leaf in leaves:
+        leaf.grad = torch.randn(leaf.shape, generator=gen).to(dtype)
+    cls = lowbit_fn.AdamW8bit if fmt == "8bit" else lowbit_fn.AdamW
+    opt = cls(leaves, lr=1e-3)
+    opt.step()  # the state is made at the first step
+    peak = _peak(opt.step)
+    assert peak is not None and peak <= 8 * largest, f"torch.optim: {peak / largest:.2f} B per element"
+    params = {f"p{i}": leaf.detach().clone() for i, leaf in enumerate(leaves)}
+    grads = {k: torch.randn(v.shape, generator=gen).to(dtype) for k, v in params.items()}
+    fopt = lowbit_fn.adamw(1e-3, state_format=fmt)
+    holder = {"state": fopt.init(params)}
+
+    def step():
+        updates, holder["state"] = fopt.update(grads, holder["state"], params, inplace=True)
+        lowbit_fn.apply_updates(params, updates, inplace=True)
+
+    step()
+    peak = _peak(step)
+    assert peak is not None and peak <= 8 * largest, f"functional: {peak / largest:.2f} B per element"
