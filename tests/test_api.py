@@ -43,8 +43,7 @@ def test_drop_in_signatures_show_their_defaults():
 
 
 def test_each_input_is_validated_once_per_step(monkeypatch):
-    import lowbit_fn.transforms.adam as adam_module
-
+    adam_module = sys.modules["lowbit_fn.transforms.adam"]  # (lowbit_fn.transforms.adam is the alias function)
     calls = []
     real = adam_module.check_like
     monkeypatch.setattr(adam_module, "check_like", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
@@ -80,14 +79,15 @@ def test_inplace_and_pure_steps_are_bit_identical(fmt, dtype, alias):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("fmt", ["8bit", "4bit"])
+@pytest.mark.parametrize("fmt", ["8bit", "fp8"])
 def test_functional_and_torch_optim_agree_on_half_precision_params(fmt, dtype):
     """Both front ends run the same kernel on the same layout: decay and learning rate in float32, one rounding.
     The parameters then differ only by the rounding of the functional update to the params' dtype before it is
-    added (one ulp at most)."""
+    added. (Formats that round nearest: stochastic rounding keys its noise by each front end's own identity of a
+    parameter, its key path or its position.)"""
     params = make(dtype)
     leaves = [torch.nn.Parameter(params[k].clone()) for k in sorted(SHAPES)]
-    cls = {"8bit": lowbit_fn.AdamW8bit, "4bit": lowbit_fn.AdamW4bit}[fmt]
+    cls = {"8bit": lowbit_fn.AdamW8bit, "fp8": lowbit_fn.AdamWFp8}[fmt]
     torch_opt = cls(leaves, lr=1e-2, min_quant_size=0)
     opt = lowbit_fn.adamw(1e-2, state_format=fmt, min_quant_size=0)
     state = opt.init(params)
@@ -100,8 +100,11 @@ def test_functional_and_torch_optim_agree_on_half_precision_params(fmt, dtype):
         params = lowbit_fn.apply_updates(params, updates, inplace=True)
     for leaf, k in zip(leaves, sorted(SHAPES)):
         a, b = leaf.detach().float(), params[k].float()
-        ulp = torch.finfo(dtype).eps * a.abs().clamp(min=torch.finfo(dtype).tiny)
-        assert bool(((a - b).abs() <= 2 * ulp).all()), k
+        # per step: the result may round the other way (one ulp of it), and the functional update itself was
+        # rounded to the dtype (half an ulp of the update, |u| <= 3 lr here) before the add: 3 steps of both
+        eps = torch.finfo(dtype).eps
+        bound = 3 * eps * (torch.maximum(a.abs(), b.abs()) + 3 * 1e-2)
+        assert bool(((a - b).abs() <= bound).all()), k
 
 
 def test_functional_bf16_stochastic_rounding_moves_parameters_in_expectation():
@@ -158,8 +161,10 @@ def test_compiled_path_compiles_once_per_format_and_dtype(fmt, monkeypatch):
         return counters["stats"]["unique_graphs"] - before
 
     for dtype in (torch.float32, torch.bfloat16):
-        run([(64, 70), (8, 300), (300,), (8, 9)], dtype)  # warm: rows of one block and of several
-        more = [(65, 77), (3, 5, 301), (2, 4096), (513, 33), (7,), (1000,), (40, 256), (256, 256), (9, 9)]
+        # warm the shape classes dynamo specializes: rows of one block or several, ragged or of whole blocks, of
+        # an even or odd length (4-bit pairs); then shapes of those classes reuse the graphs
+        run([(64, 70), (8, 9), (8, 300), (8, 301), (2, 512), (300,)], dtype)
+        more = [(65, 78), (9, 9), (3, 5, 300), (513, 33), (4, 1024), (3, 768), (7,), (1000,), (33, 603), (256, 300)]
         assert run(more, dtype) == 0, f"{fmt} {dtype}: recompiled for other shapes"
         assert run(more[:2], dtype) == 0, f"{fmt} {dtype}: recompiled for another number of tensors"
 

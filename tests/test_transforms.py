@@ -7,6 +7,7 @@ import torch
 from tensordict import TensorDict
 
 import lowbit_fn
+from lowbit_fn._random import tensor_id
 from helpers import batches, group_key, mlp, run_functional, same, snapshot
 
 FORMATS = ["fp32", "8bit", "4bit", "fp8"]
@@ -116,7 +117,7 @@ def test_blocks_stay_inside_rows(fmt):
         lo, hi = 3, rows - 1
         want_c, want_s = lowbit_fn.quantize(0.1 * grads[key][lo:hi].float(), fmt, signed=True,
                                             rounding="stochastic" if fmt == "4bit" else "nearest", step=1,
-                                            offset=lo * per_row[key], tensor_id=lowbit_fn.transforms.adam.tensor_id(key))
+                                            offset=lo * per_row[key], tensor_id=tensor_id(key))
         assert torch.equal(codes[lo:hi], want_c) and torch.equal(scale[lo:hi], want_s)
 
 
@@ -334,7 +335,7 @@ def test_failed_fused_step_leaves_schedule_and_state_unchanged(alias):
 def test_state_from_another_format_or_setting_is_refused(trained):
     _, params, state = trained
     snap = snapshot(state)
-    for other in (lowbit_fn.adamw(state_format="fp8", min_quant_size=0), lowbit_fn.adamw(state_format="8bit"),
+    for other in (lowbit_fn.adamw(state_format="fp8", min_quant_size=0), lowbit_fn.adamw(state_format="8bit", min_quant_size=8192),
                   lowbit_fn.adamw(state_format="8bit", min_quant_size=0, block_size=128),
                   lowbit_fn.adamw(state_format="8bit", min_quant_size=0, amsgrad=True)):
         with pytest.raises(ValueError, match="state"):
