@@ -46,15 +46,21 @@ def _is_compile_failure(err: BaseException) -> bool:
 
 
 def _static_key(value: Any) -> Hashable:
-    """What a graph specializes on: tensor dtype/device/rank, list lengths, and non-tensor objects (formats, None).
-    Tensor sizes and ints are left out: they stay symbolic in the graph (``dynamic=True``)."""
+    """What a graph specializes on: tensor dtype/device/rank, list lengths, and non-tensor values (formats,
+    configurations, flags, ints, None), which are constants of the graph. Tensor sizes are left out: they stay
+    symbolic (``dynamic=True``)."""
     if isinstance(value, torch.Tensor):
         return (value.dtype, value.device.type, value.dim())
     if isinstance(value, (list, tuple)):
         return tuple(_static_key(v) for v in value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return type(value)
     return value
+
+
+def _is_input(value: Any) -> bool:
+    """Whether an argument is an input of the graph (tensors and lists of them: their sizes stay symbolic) rather
+    than a constant baked into it (formats, configurations, flags, ``None``, ints: a block size is a literal in
+    the generated code, not a division by a symbol; sizes come from tensors)."""
+    return isinstance(value, (torch.Tensor, list))
 
 
 def _unview(value: Any) -> Any:
@@ -88,7 +94,16 @@ class compiled:  # noqa: N801 - used as a decorator
         if variant is None:
             fn = self.fn
             clone = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-            variant = self._variants[key] = torch.compile(clone, dynamic=True, fullgraph=True)
+            baked = {i: a for i, a in enumerate(args) if not _is_input(a)}
+            count = len(args)
+
+            def call(*inputs: Any) -> Any:  # the static arguments are constants of the graph, not inputs
+                rest = iter(inputs)
+                return clone(*[baked[i] if i in baked else next(rest) for i in range(count)])
+
+            # a code object of its own: dynamo keeps its graphs per code object, and variants must not share them
+            call = types.FunctionType(call.__code__.replace(), call.__globals__, call.__name__, None, call.__closure__)
+            variant = self._variants[key] = torch.compile(call, dynamic=True, fullgraph=True)
         return variant
 
     def __call__(self, *args: Any) -> Any:
@@ -98,8 +113,8 @@ class compiled:  # noqa: N801 - used as a decorator
         try:
             # no duck sizing: two sizes that happen to be equal (a square matrix, one block per row) must not
             # become one symbol, or other shapes would recompile
-            with torch.fx.experimental._config.patch(use_duck_shape=False), torch._dynamo.config.patch(recompile_limit=_LIMIT):
-                return self._variant(args)(*args)
+            with torch.fx.experimental._config.patch(use_duck_shape=False), torch._dynamo.config.patch(recompile_limit=_LIMIT, specialize_int=True):
+                return self._variant(args)(*[a for a in args if _is_input(a)])
         except Exception as err:  # compilation happens before the graph runs: inputs are untouched on failure
             if not _is_compile_failure(err):
                 raise

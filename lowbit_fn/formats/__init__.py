@@ -85,6 +85,11 @@ def encode_rows(
     (``blocks_per_row``, ``ceil(R / block_size)``, may be given as the size of a tensor: one symbol fewer to derive)."""
     rows, length = x.shape
     nb = -(-length // block_size) if blocks_per_row is None else blocks_per_row
+    if length % block_size == 0:  # rows of whole blocks: the flat blocks, no padding (plain indexing, fast)
+        blocks = x.reshape(rows * nb, block_size)
+        noise = uniform(torch.arange(rows * length, device=x.device, dtype=torch.int64).view(rows * nb, block_size) + base, key) if key is not None else None
+        codes, scale = fmt.encode(blocks, table, noise)
+        return codes.view(rows, -1), scale.view(rows, nb)
     blocks = torch.nn.functional.pad(x, (0, nb * block_size - length)).view(rows * nb, block_size)
     noise = row_noise(rows, length, block_size, base, key) if key is not None else None
     codes, scale = fmt.encode(blocks, table, noise)
@@ -96,6 +101,8 @@ def decode_rows(codes: Tensor, scale: Tensor, fmt: BlockFormat, block_size: int,
     """Inverse of :func:`encode_rows`: float32 ``[rows, length]`` from codes ``[rows, ceil(length /
     codes_per_byte)]`` and scales ``[rows, blocks per row]``."""
     rows, nb = scale.shape
+    if length % block_size == 0:  # rows of whole blocks: no padding
+        return fmt.decode(codes.reshape(rows * nb, -1), scale.reshape(rows * nb), table).view(rows, length)
     padded = nb * block_size // fmt.codes_per_byte
     full = torch.nn.functional.pad(codes, (0, padded - codes.shape[1])).view(rows * nb, -1)
     return fmt.decode(full, scale.reshape(rows * nb), table).view(rows, nb * block_size)[:, :length]
@@ -115,8 +122,9 @@ def _encode(x: Tensor, blocks: _Blocks, table: Tensor | None, key: Tensor | None
 
 
 @compiled
-def _decode(codes: Tensor, scale: Tensor, blocks: _Blocks, table: Tensor | None, length: int) -> Tensor:
-    return decode_rows(codes, scale, blocks.fmt, blocks.size, table, length)
+def _decode(codes: Tensor, scale: Tensor, blocks: _Blocks, table: Tensor | None, out: Tensor) -> Tensor:
+    """Decode into ``out`` (``[rows, R]``: its size is the row length, a symbol of the graph, not a constant)."""
+    return out.copy_(decode_rows(codes, scale, blocks.fmt, blocks.size, table, out.shape[1]))
 
 
 def quantize(
@@ -231,5 +239,6 @@ def dequantize(
     if shape.numel() == 0:
         return torch.empty(shape, dtype=torch.float32, device=codes.device)
     rows, length = row_split(shape)
-    out = _decode(codes.reshape(rows, -1), scale.reshape(rows, -1), _Blocks(fmt, block_size), fmt.codebook(signed, codes.device), length)
+    out = torch.empty((rows, length), dtype=torch.float32, device=codes.device)
+    _decode(codes.reshape(rows, -1), scale.reshape(rows, -1), _Blocks(fmt, block_size), fmt.codebook(signed, codes.device), out)
     return out.reshape(shape)

@@ -106,10 +106,11 @@ def tensor_step(
 ) -> Tensor | None:
     """One Adam step of one tensor, its moments updated in place.
 
-    ``g`` and ``p`` are ``[rows, R]`` views of the gradient and the parameter (any floating dtype; the math runs in
-    float32, float64 for float64 state). ``moments`` holds, per moment (m, v, and vmax with amsgrad), the state
-    tensor ``[rows, R]`` of full precision (``fmt=None``) or the ``codes`` (``[rows, bytes per row]``) and
-    ``scale`` (``[rows, blocks per row]``) of the row layout (:func:`lowbit_fn.formats.encode_rows`). ``scalars`` are ``b1, b2, eps, weight_decay, factor`` (0-d tensors),
+    ``g`` is the ``[rows, R]`` view of the gradient, ``p`` the flattened parameter (any floating dtypes; the math
+    runs in float32, float64 for float64 state). ``moments`` holds, flattened, per moment (m, v, and vmax with
+    amsgrad), the state tensor of full precision (``fmt=None``) or the ``codes`` (``[rows, bytes per row]``) and
+    ``scale`` (``[rows, blocks per row]``) of the row layout (:func:`lowbit_fn.formats.encode_rows`): the graph
+    views them all in the gradient's sizes, so the kernel indexes them without divisions. ``scalars`` are ``b1, b2, eps, weight_decay, factor`` (0-d tensors),
     ``mode`` is ``(l2, decoupled, scale, apply)``: L2 adds ``p * weight_decay`` to the gradient, decoupled adds it
     to the direction, scale multiplies by ``factor`` (the signed learning rate) and apply adds the result to ``p``
     in place (rounded to ``p``'s dtype; stochastically for bfloat16 with ``param_sr``) instead of returning it.
@@ -125,6 +126,13 @@ def tensor_step(
     b1, b2, eps, weight_decay, factor = scalars
     work = torch.float64 if (fmt is None and moments[0].dtype == torch.float64) else torch.float32
     rows, length = g.shape
+    # every tensor seen in the gradient's sizes (each input has its own symbols): plain indexing in the kernel
+    if fmt is None:
+        moments = [m.view(rows, length) for m in moments]
+    else:
+        widths = (-(-length // fmt.codes_per_byte), -(-length // block_size))
+        moments = [t.view(rows, widths[j % 2]) for j, t in enumerate(moments)]
+    p = p.view(rows, length) if p is not None else None
     gw = g.to(work)
     pw = p.to(work) if p is not None else None
     wd = weight_decay.to(work)

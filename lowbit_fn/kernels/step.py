@@ -158,16 +158,16 @@ def _scalar(x: Scalar, device: torch.device) -> Tensor:
 def _compiled(config: AdamConfig, item: Item, b1: Tensor, b2: Tensor, eps: Tensor, epilogue: Epilogue) -> Tensor | None:
     g, p, shape = item.grad, item.param, item.grad.shape
     device = g.device
-    if config.fmt is None:
+    rows, length = row_split(shape)
+    if config.fmt is None or length % config.block_size == 0:  # rows of whole blocks: the blocks of one long row
         rows, length = 1, g.numel()
-        moments = [m.view(1, length) for m in item.moments]
-    else:
-        rows, length = row_split(shape)
-        moments = [t.view(rows, -1) for t in item.moments]  # codes [rows, bytes per row], scales [rows, blocks]
+    # only the gradient carries its sizes; every other tensor goes in flat, and the graph views it in the
+    # gradient's sizes (tensors of independent sizes would cost the kernel a division per element)
+    moments = [t.reshape(-1) for t in item.moments]
     if g.numel() == 0:
         return None if epilogue.apply else (item.out if item.out is not None else torch.empty_like(g))
     target = p.contiguous() if (epilogue.apply and not p.is_contiguous()) else p
-    p2 = target.reshape(rows, length) if epilogue.needs_params else None
+    p2 = target.reshape(-1) if epilogue.needs_params else None
     scalars = [_scalar(x, device) for x in (b1, b2, eps, epilogue.weight_decay, epilogue.factor if epilogue.factor is not None else 0.0)]
     maps = None
     if config.fmt is not None and config.fmt.codebook(True) is not None:
