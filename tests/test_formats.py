@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from hypothesis import assume, example, given
+from hypothesis import settings, assume, example, given
 from hypothesis import strategies as st
 
 import lowbit_fn
@@ -477,6 +477,7 @@ def test_stochastic_codes_are_deterministic_fresh_per_step_and_split_independent
 SLICE_DIMS = [1, 2, 3, 5, 64, 100, 127, 128, 129, 256, 257, 300]
 
 
+@settings(max_examples=12)  # each format, rounding, block size and shape class compiles a graph: the cost is there
 @given(
     name=st.sampled_from(FORMAT_NAMES), signed=st.booleans(), rounding=st.sampled_from(ROUNDINGS),
     rows=st.integers(1, 9), inner=st.lists(st.sampled_from(SLICE_DIMS), min_size=1, max_size=2),
