@@ -1,10 +1,11 @@
 """Compile-or-eager wrapper used by every compiled primitive.
 
-Each hot function is compiled once with ``torch.compile(dynamic=True, fullgraph=True)`` and without duck sizing,
-so its graph is reused for every tensor shape (one graph per format, not per parameter or shape; only a size of 0
-or 1, which dynamo specializes, can add one). When compilation is unavailable
-(no C++ compiler, an unsupported platform) the same Python function runs eagerly after one warning; nothing
-falls back silently. ``LOWBIT_FN_COMPILE=0`` in the environment forces the eager path.
+Each hot function is compiled with ``torch.compile(dynamic=True, fullgraph=True)`` and without duck sizing, once
+per combination of its constant arguments (format, block size, flags): tensor sizes stay symbolic, so a graph is
+reused for every tensor of its shape class (the few classes dynamo specializes: a size of 1, rows of one block,
+rows of whole blocks, odd 4-bit rows), never compiled per parameter. When compilation is unavailable (no C++
+compiler, an unsupported platform) the same Python function runs eagerly after one warning; nothing falls back
+silently. ``LOWBIT_FN_COMPILE=0`` in the environment forces the eager path.
 """
 
 from __future__ import annotations

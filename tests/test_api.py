@@ -1,7 +1,6 @@
 """The optax/torch conventions, the in-place functional step, half-precision parameters, graph counts, step memory."""
 
 import inspect
-import os
 import sys
 from pathlib import Path
 

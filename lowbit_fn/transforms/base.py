@@ -10,6 +10,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from tensordict import TensorDict, TensorDictBase
+from torch import Tensor
 
 from .._random import stream_key, tensor_id, tensor_key
 from ..kernels.adam import PARAM_STREAM, add_rounded
