@@ -115,7 +115,8 @@ def _native_serves(item: Item, epilogue: Epilogue) -> bool:
 
 
 def _f32(x: Scalar) -> Tensor:
-    return x.detach().to(torch.float32).reshape(()) if isinstance(x, Tensor) else torch.tensor(x, dtype=torch.float64).to(torch.float32)
+    """A scalar as the kernel receives it: a float32 0-d CPU tensor (rounded once, from float64 for a float)."""
+    return _scalar(x, torch.device("cpu")).to(torch.float32)
 
 
 @torch.compiler.disable  # inside a user's torch.compile: a graph break, run eagerly on the real tensors

@@ -29,20 +29,8 @@ def as_tensordict(tree: Tree, what: str = "updates") -> TensorDictBase:
     raise TypeError(f"{what} must be a TensorDict or a mapping of tensors, got {type(tree).__name__}")
 
 
-def flat_or_tensordict(tree: Tree, what: str = "updates") -> TensorDictBase | dict[str, Tensor]:
-    """A flat ``{str: Tensor}`` dict as it is (cheap: :func:`leaves` reads it directly), anything else through
-    :func:`as_tensordict`. For per-step paths over many small trees (the torch.optim front end)."""
-    if type(tree) is dict and all(type(k) is str and isinstance(v, Tensor) for k, v in tree.items()):
-        return tree
-    return as_tensordict(tree, what)
-
-
-def leaves(tree: TensorDictBase | dict[str, Tensor]) -> tuple[list[Key], list[Tensor]]:
-    """Leaf keys (as tuples) in sorted order, and the tensors in the same order (a TensorDict, or a flat dict
-    from :func:`flat_or_tensordict`)."""
-    if type(tree) is dict:
-        items = sorted(((k,), v) for k, v in tree.items())
-        return [k for k, _ in items], [v for _, v in items]
+def leaves(tree: TensorDictBase) -> tuple[list[Key], list[Tensor]]:
+    """Leaf keys (as tuples) in sorted order, and the tensors in the same order."""
     items = sorted(
         ((k if isinstance(k, tuple) else (k,)), v) for k, v in tree.items(include_nested=True, leaves_only=True)
     ) if len(tree.keys()) else []
