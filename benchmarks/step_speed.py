@@ -16,6 +16,9 @@ What is measured
       in the timed region). The updates are about as large as the gradients (``learning_rate`` = 1e-3 times a
       direction of magnitude about 1, against gradients of standard deviation 1e-3), so the kernel sees
       representative values and the timing is that of a real step.
+    * ``lowbit_fn <format> (apply_gradients, inplace)`` (``--apis apply_gradients``): the same step in one call,
+      ``params, state = lowbit_fn.apply_gradients(opt, grads, state, params, inplace=True)``, which adds each
+      update into its parameter inside the Adam step's own pass (the gradients are only read).
     * ``lowbit_fn <Class>`` (``--apis torch_optim``): the torch.optim front end (``lowbit_fn.AdamW8bit``, ...,
       ``lowbit_fn.AdamW`` for fp32 state) with ``.grad`` set, timing ``opt.step()``.
     * ``torch fused <dtype>`` / ``torch foreach <dtype>``: ``torch.optim.AdamW(..., fused=True)`` (resp.
@@ -44,9 +47,10 @@ How it is timed
     interleaved within a round and the order is reversed every other round, so slow drifts of the machine hit
     all of them alike. The table gives the median over rounds of the per-step milliseconds, the ratio of that
     median to the fused torch AdamW's median (same dtype) from the same run, and for lowbit_fn's functional rows
-    (pure and in place) the ratio to the torch.optim front end's row of the same format and path ("× torch_optim").
-    Summary lines repeat the "functional inplace / torch_optim" ratio per model, format and path (the target is
-    at most 1.15x), both measured side by side in the same run.
+    (pure, in place, apply_gradients) the ratio to the torch.optim front end's row of the same format and path
+    ("× torch_optim"). Summary lines repeat the "functional inplace / torch_optim" and "apply_gradients inplace /
+    torch_optim" ratios per model, format and path (the target is at most 1.15x), measured side by side in the
+    same run.
 
     ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP threads sleep instead of spinning) and ``THP_MEM_ALLOC_ENABLE=1``
     (transparent huge pages for large CPU allocations) are set before torch is imported, unless already set.
@@ -81,7 +85,7 @@ Memory columns
 
 Usage:
     python benchmarks/step_speed.py [--models tlike100 sq16M m64x1M] [--formats fp32 8bit 4bit fp8]
-                                    [--apis functional functional_inplace torch_optim] [--paths native compiled]
+                                    [--apis functional functional_inplace apply_gradients torch_optim] [--paths native compiled]
                                     [--dtype float32|bfloat16|float16] [--rounds 5] [--steps 5] [--scale 1.0]
                                     [--rss] [--no-cold] [--markdown PATH]
 """
@@ -131,16 +135,16 @@ DTYPE_LABELS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 1e-2
 MIN_QUANT_SIZE = 4096
-APIS = ("functional", "functional_inplace", "torch_optim")
+APIS = ("functional", "functional_inplace", "apply_gradients", "torch_optim")
 PATHS = ("native", "compiled")
 # lowbit_fn's default: smaller tensors keep fp32 state
 TORCH_OPTIM_CLASSES = {"fp32": "AdamW", "8bit": "AdamW8bit", "4bit": "AdamW4bit", "fp8": "AdamWFp8"}
 FUSED = "torch fused fp32"  # the float32 names of the torch baselines (see baseline_names)
 FOREACH = "torch foreach fp32"
 MEMORY_MODEL = "m64x1M"  # the model whose step peak is also summarized in MB
-INPLACE_TARGET = 1.15  # the issue's target for functional inplace / torch_optim
+INPLACE_TARGET = 1.15  # the target for a functional step / torch_optim
 _QUANT_GROUP = re.compile(r"_block\d+$")
-_SUFFIX = {"functional": "", "functional_inplace": " (functional, inplace)", "torch_optim": ""}
+_SUFFIX = {"functional": "", "functional_inplace": " (functional, inplace)", "apply_gradients": " (apply_gradients, inplace)", "torch_optim": ""}
 
 
 def baseline_names(dtype: str = "float32") -> tuple[str, str]:
@@ -190,7 +194,8 @@ def tensor_bytes(t: Tensor) -> int:
 
 @dataclass(frozen=True)
 class Spec:
-    """What a runner is: ``kind`` (``functional``, ``functional_inplace``, ``torch_optim``: lowbit_fn's; ``fused``,
+    """What a runner is: ``kind`` (``functional``, ``functional_inplace``, ``apply_gradients``, ``torch_optim``:
+    lowbit_fn's; ``fused``,
     ``foreach``: torch's AdamW; ``peer``: an optional low-bit AdamW of another package), ``fmt`` (lowbit_fn's
     state format, or the peer's row name) and ``path`` (``native`` or ``compiled``, lowbit_fn's rows only)."""
 
@@ -245,11 +250,19 @@ def on_path(step: Callable[[], None], path: str) -> Callable[[], None]:
     return compiled_step
 
 
+FUNCTIONAL = ("functional", "functional_inplace", "apply_gradients")
+
+
 def lowbit_runner(
-    fmt: str, params: dict[str, Tensor], grads: dict[str, Tensor], inplace: bool = False, path: str = "native"
+    fmt: str, params: dict[str, Tensor], grads: dict[str, Tensor], api: str = "functional", path: str = "native"
 ) -> Runner:
-    """lowbit_fn's functional step on a copy of ``params``: pure, or with ``inplace=True`` on a copy of ``grads``
-    that every step overwrites with its updates and that the next step takes as its gradients."""
+    """lowbit_fn's functional step on a copy of ``params``: ``update`` + ``apply_updates``, pure (``functional``) or
+    with ``inplace=True`` on a copy of ``grads`` that every step overwrites with its updates and that the next
+    step takes as its gradients (``functional_inplace``); or ``apply_gradients(..., inplace=True)`` (which leaves
+    the gradients as they are)."""
+    if api not in FUNCTIONAL:
+        raise ValueError(f"api must be one of {list(FUNCTIONAL)}, got {api!r}")
+    inplace = api == "functional_inplace"
     opt = lowbit_fn.adamw(learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, state_format=fmt)
     grads_td = TensorDict({k: v.clone() for k, v in grads.items()} if inplace else dict(grads), batch_size=[])
     holder: dict[str, TensorDictBase] = {"params": TensorDict({k: v.clone() for k, v in params.items()}, batch_size=[])}
@@ -275,6 +288,11 @@ def lowbit_runner(
                     f"or apply_updates(..., inplace=True) returned other params ({new is not holder['params']})"
                 )
 
+    def step_fused() -> None:
+        new, holder["state"] = lowbit_fn.apply_gradients(opt, grads_td, holder["state"], holder["params"], inplace=True)
+        if new is not holder["params"]:
+            raise RuntimeError(f"lowbit_fn {fmt}: apply_gradients(..., inplace=True) returned other params")
+
     def memory() -> tuple[float | None, float]:
         state = holder["state"]
         total = sum(tensor_bytes(t) for t in state.values(include_nested=True, leaves_only=True))
@@ -288,8 +306,9 @@ def lowbit_runner(
         qbytes = sum(quant) / qnumel if quant and qnumel else None
         return qbytes, total / numel
 
-    spec = Spec("functional_inplace" if inplace else "functional", fmt, path)
-    return Runner(spec.name(), on_path(step_inplace if inplace else step, path), memory, spec=spec)
+    spec = Spec(api, fmt, path)
+    steps = {"functional": step, "functional_inplace": step_inplace, "apply_gradients": step_fused}
+    return Runner(spec.name(), on_path(steps[api], path), memory, spec=spec)
 
 
 def _is_quantized(t: Tensor) -> bool:
@@ -351,8 +370,8 @@ def make_runner(spec: Spec, params: dict[str, Tensor], grads: dict[str, Tensor],
     """The runner of ``spec`` on copies of ``params`` (and, where it changes them, of ``grads``)."""
     hyper: dict[str, Any] = {"lr": LEARNING_RATE, "weight_decay": WEIGHT_DECAY}
     name = spec.name(dtype)
-    if spec.kind in ("functional", "functional_inplace"):
-        runner = lowbit_runner(spec.fmt, params, grads, inplace=spec.kind == "functional_inplace", path=spec.path)
+    if spec.kind in FUNCTIONAL:
+        runner = lowbit_runner(spec.fmt, params, grads, api=spec.kind, path=spec.path)
     elif spec.kind == "torch_optim":
         cls = getattr(lowbit_fn, TORCH_OPTIM_CLASSES[spec.fmt])
         runner = torch_optim_runner(name, lambda ps: cls(ps, **hyper), params, grads, spec.path)
@@ -668,7 +687,7 @@ def measure_model(
     for runner in runners:
         spec = runner.spec
         qbytes, nbytes = runner.memory()
-        functional = spec.kind in ("functional", "functional_inplace")
+        functional = spec.kind in FUNCTIONAL
         reference = by_spec.get(("torch_optim", spec.fmt, spec.path)) if functional else None
         grown = rss_of.get(runner.name)
         rows.append({
@@ -723,15 +742,17 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def summary_lines(rows: list[dict[str, Any]], scale: float = 1.0) -> list[str]:
-    """"functional inplace / torch_optim" per model, format and path; step peak memory in MB on ``m64x1M``."""
+    """"functional inplace / torch_optim" and "apply_gradients / torch_optim" per model, format and path; step peak
+    memory in MB on ``m64x1M``."""
     lines = []
+    labels = {"functional_inplace": "functional inplace", "apply_gradients": "apply_gradients inplace"}
     for r in rows:
-        if r.get("api") == "functional_inplace" and r.get("vs_torch_optim") is not None:
+        if r.get("api") in labels and r.get("vs_torch_optim") is not None:
             path = " (compiled)" if r["path"] == "compiled" else ""
             reference = r["ms"] / r["vs_torch_optim"]
             verdict = "meets" if r["vs_torch_optim"] <= INPLACE_TARGET else "misses"
             lines.append(
-                f"{r['model']} {r['dtype']} {r['format']}{path}: functional inplace / torch_optim = {r['vs_torch_optim']:.2f}x "
+                f"{r['model']} {r['dtype']} {r['format']}{path}: {labels[r['api']]} / torch_optim = {r['vs_torch_optim']:.2f}x "
                 f"({_ms(r['ms'])} / {_ms(reference)} ms per step; {verdict} the target <= {INPLACE_TARGET:.2f}x)"
             )
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -789,7 +810,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the benchmark, print the Markdown report, and return the table's rows.
 
     Each row is a dict with ``model``, ``dtype`` (of the params and grads), ``optimizer`` (the row's name), ``api``
-    (lowbit_fn's ``functional``, ``functional_inplace`` or ``torch_optim``; ``torch``; ``peer``), ``format`` and
+    (lowbit_fn's ``functional``, ``functional_inplace``, ``apply_gradients`` or ``torch_optim``; ``torch``;
+    ``peer``), ``format`` and
     ``path`` (lowbit_fn's rows; ``None`` elsewhere), ``ms`` (median ms per step), ``ratio`` (to the fused torch
     AdamW of the same dtype; ``None`` if that did not run), ``vs_torch_optim`` (lowbit_fn's functional rows: to the
     torch.optim front end's row of the same format and path; ``None`` elsewhere), ``qbytes`` (state bytes per

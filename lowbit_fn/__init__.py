@@ -1,5 +1,5 @@
 """lowbit_fn: memory-saving Adam/AdamW with 8-bit, 4-bit and FP8 block-quantized states, as optax-style
-functional transforms over TensorDicts (``init`` / ``update`` / ``chain`` / ``apply_updates``).
+functional transforms over TensorDicts (``init`` / ``update`` / ``chain`` / ``apply_updates``, and ``apply_gradients`` for a whole step in one pass).
 
 Example:
     >>> import torch, lowbit_fn
@@ -32,8 +32,10 @@ from .transforms import (
     ScaleByAdam,
     Schedule,
     adam,
+    Chain,
     adamw,
     add_decayed_weights,
+    apply_gradients,
     apply_updates,
     chain,
     clip_by_global_norm,
@@ -48,7 +50,7 @@ from .transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "GradientTransformation", "CheckedTransformation", "ScaleByAdam", "FusedAdam", "convert_state", "chain", "identity", "apply_updates", "params_from_module",
+    "GradientTransformation", "CheckedTransformation", "ScaleByAdam", "FusedAdam", "convert_state", "Chain", "chain", "identity", "apply_updates", "apply_gradients", "params_from_module",
     "scale_by_adam", "add_decayed_weights", "scale_by_learning_rate", "clip_by_global_norm", "Schedule",
     "adam", "adamw", "STATE_FORMATS", "offload",
     "quantize", "dequantize", "codebook", "FORMATS",

@@ -203,3 +203,10 @@ def test_peak_step_memory_is_within_8_bytes_of_the_largest_tensor(fmt, dtype):
     step()
     peak = _peak(step)
     assert peak is not None and peak <= 8 * largest, f"functional: {peak / largest:.2f} B per element"
+
+    def fused_step():
+        _, holder["state"] = lowbit_fn.apply_gradients(fopt, grads, holder["state"], params, inplace=True)
+
+    fused_step()
+    peak = _peak(fused_step)
+    assert peak is not None and peak <= 8 * largest, f"apply_gradients: {peak / largest:.2f} B per element"

@@ -40,7 +40,8 @@ def test_step_speed_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
     models = {"tlike100", "sq16M"}  # the default models (m64x1M is opt-in)
     functional = {"lowbit_fn fp32", "lowbit_fn 8bit"}
-    inplace = {"lowbit_fn fp32 (functional, inplace)", "lowbit_fn 8bit (functional, inplace)"}
+    inplace = {"lowbit_fn fp32 (functional, inplace)", "lowbit_fn 8bit (functional, inplace)",
+               "lowbit_fn fp32 (apply_gradients, inplace)", "lowbit_fn 8bit (apply_gradients, inplace)"}
     optimizers = {"torch fused fp32", "torch foreach fp32", "lowbit_fn AdamW", "lowbit_fn AdamW8bit"} | functional | inplace
     assert {r["model"] for r in rows} == models
     assert {r["optimizer"] for r in rows} >= optimizers
@@ -70,6 +71,7 @@ def test_step_speed_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         # 8 B per float32 element of all tensors
         assert by_key[model, "lowbit_fn AdamW8bit"]["peak"] <= 8.0
         assert by_key[model, "lowbit_fn 8bit (functional, inplace)"]["peak"] <= 8.0
+        assert by_key[model, "lowbit_fn 8bit (apply_gradients, inplace)"]["peak"] <= 8.0
         assert by_key[model, "lowbit_fn 8bit"]["peak"] >= 8.0
         full = ("torch fused fp32", "torch foreach fp32", "lowbit_fn fp32", "lowbit_fn fp32 (functional, inplace)", "lowbit_fn AdamW")
         for name in full:
@@ -83,6 +85,7 @@ def test_step_speed_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     for model in models:
         for fmt in ("fp32", "8bit"):
             assert re.search(rf"^{model} float32 {fmt}: functional inplace / torch_optim = \d+\.\d\dx", out, re.M), out
+            assert re.search(rf"^{model} float32 {fmt}: apply_gradients inplace / torch_optim = \d+\.\d\dx", out, re.M), out
     text = report.read_text(encoding="utf-8")
     assert "lowbit_fn 8bit" in text and "torch" in text and "functional inplace / torch_optim" in text
 
@@ -91,7 +94,7 @@ def test_step_speed_bf16_compiled_inplace(capsys: pytest.CaptureFixture[str]) ->
     step_speed = _load_script()
     before = os.environ.get("LOWBIT_FN_NATIVE")
     rows = step_speed.main([
-        "--apis", "functional_inplace", "torch_optim", "--paths", "native", "compiled", "--dtype", "bfloat16",
+        "--apis", "functional_inplace", "apply_gradients", "torch_optim", "--paths", "native", "compiled", "--dtype", "bfloat16",
         "--scale", "0.01", "--models", "sq16M", "m64x1M", "--formats", "8bit", "--rounds", "1", "--steps", "1", "--no-cold",
     ])
     assert os.environ.get("LOWBIT_FN_NATIVE") == before  # set around the compiled rows' steps only
@@ -99,6 +102,7 @@ def test_step_speed_bf16_compiled_inplace(capsys: pytest.CaptureFixture[str]) ->
     names = {
         "torch fused bf16", "torch foreach bf16", "lowbit_fn 8bit (functional, inplace)", "lowbit_fn AdamW8bit",
         "lowbit_fn 8bit (functional, inplace) (compiled)", "lowbit_fn AdamW8bit (compiled)",
+        "lowbit_fn 8bit (apply_gradients, inplace)", "lowbit_fn 8bit (apply_gradients, inplace) (compiled)",
     }
     for model in ("sq16M", "m64x1M"):
         mine = {r["optimizer"]: r for r in rows if r["model"] == model}
@@ -108,7 +112,8 @@ def test_step_speed_bf16_compiled_inplace(capsys: pytest.CaptureFixture[str]) ->
             assert row["peak"] is not None and row["peak_mb"] is not None, row
         assert mine["torch fused bf16"]["ratio"] == 1.0
         assert mine["torch fused bf16"]["bytes"] == pytest.approx(4.0, abs=0.01)  # torch keeps bf16 moments
-        for name in ("lowbit_fn 8bit (functional, inplace)", "lowbit_fn 8bit (functional, inplace) (compiled)"):
+        for name in ("lowbit_fn 8bit (functional, inplace)", "lowbit_fn 8bit (functional, inplace) (compiled)",
+                     "lowbit_fn 8bit (apply_gradients, inplace)", "lowbit_fn 8bit (apply_gradients, inplace) (compiled)"):
             assert mine[name]["qbytes"] == EIGHT_BIT  # float32 scales and uint8 codes whatever the params' dtype
             assert mine[name]["path"] == ("compiled" if "(compiled)" in name else "native")
             assert mine[name]["vs_torch_optim"] is not None and mine[name]["vs_torch_optim"] > 0
@@ -116,6 +121,7 @@ def test_step_speed_bf16_compiled_inplace(capsys: pytest.CaptureFixture[str]) ->
     out = capsys.readouterr().out
     assert re.search(r"^sq16M bfloat16 8bit: functional inplace / torch_optim = \d+\.\d\dx", out, re.M), out
     assert re.search(r"^sq16M bfloat16 8bit \(compiled\): functional inplace / torch_optim = \d+\.\d\dx", out, re.M), out
+    assert re.search(r"^sq16M bfloat16 8bit: apply_gradients inplace / torch_optim = \d+\.\d\dx", out, re.M), out
     assert re.search(r"^step peak extra on m64x1M .*bfloat16 params.*beside torch fused bf16: \d+\.\d MB", out, re.M), out
     assert re.search(r"^  lowbit_fn 8bit \(functional, inplace\): \d+\.\d MB", out, re.M), out
 

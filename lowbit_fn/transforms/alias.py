@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from tensordict import TensorDictBase
 
 from ..kernels import Epilogue
@@ -100,7 +102,9 @@ class FusedAdam(CheckedTransformation):
 
     It names its parts for the torch.optim front end, which calls the same kernel entry point on per-parameter
     states: ``core`` (the :class:`ScaleByAdam`), ``weight_decay``, ``decoupled``, ``learning_rate``, and the
-    chain positions ``core_index`` and ``lr_index``."""
+    chain positions ``core_index`` and ``lr_index``. ``apply(updates, state, params, param_sr)`` is the step of
+    :func:`lowbit_fn.apply_gradients`: checked input, the update added into ``params`` in place within the same
+    pass (rounded once to each param's dtype, stochastically for bfloat16 with ``param_sr``); returns the state."""
 
 
 def _fused(
@@ -122,7 +126,13 @@ def _fused(
         advance_schedule(learning_rate, state[str(lr_index)])
         return build([p.key for p in places], results), state
 
+    def apply(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase, param_sr: bool) -> TensorDictBase:
+        places, flat, grads, param_leaves = core.prepared(updates, state[str(core_index)], params)
+        core.run(places, flat, grads, param_leaves, replace(epilogue(state), apply=True, param_sr=param_sr), False)
+        advance_schedule(learning_rate, state[str(lr_index)])
+        return state
+
     return FusedAdam(
         chained.init, step, chained.check, core=core, weight_decay=weight_decay, decoupled=decoupled,
-        learning_rate=learning_rate, core_index=core_index, lr_index=lr_index,
+        learning_rate=learning_rate, core_index=core_index, lr_index=lr_index, apply=apply,
     )

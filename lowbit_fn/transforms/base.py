@@ -16,7 +16,7 @@ from .._random import stream_key, tensor_id, tensor_key
 from ..kernels.adam import PARAM_STREAM, add_rounded
 from ._tree import Tree, as_tensordict, build, check_like, leaves, name, signature
 
-__all__ = ["GradientTransformation", "CheckedTransformation", "chain", "apply_updates", "identity"]
+__all__ = ["GradientTransformation", "CheckedTransformation", "Chain", "chain", "apply_updates", "identity"]
 
 InitFn = Callable[[Tree], TensorDictBase]
 UpdateFn = Callable[..., tuple[TensorDictBase, TensorDictBase]]
@@ -79,7 +79,14 @@ def identity() -> CheckedTransformation:
     return CheckedTransformation(lambda params: TensorDict({}, batch_size=[]), lambda u, s, p, inplace: (u, s), check)
 
 
-def chain(*transforms: GradientTransformation) -> CheckedTransformation:
+class Chain(CheckedTransformation):
+    """What :func:`chain` returns: a :class:`CheckedTransformation` that names its members (``transforms``), so
+    that :func:`lowbit_fn.apply_gradients` can fuse the parameter update into the last one."""
+
+    transforms: tuple[GradientTransformation, ...]
+
+
+def chain(*transforms: GradientTransformation) -> Chain:
     """Apply ``transforms`` in sequence; the state is a TensorDict with one entry per member (``"0"``, ``"1"``, ...).
 
     Every member that can check (:class:`CheckedTransformation`) is checked before any member updates, so a bad
@@ -121,7 +128,7 @@ def chain(*transforms: GradientTransformation) -> CheckedTransformation:
                 state[str(i)] = new
         return updates, state
 
-    return CheckedTransformation(init, step, check)
+    return Chain(init, step, check, transforms=tuple(transforms))
 
 
 def apply_updates(
