@@ -10,7 +10,7 @@ Optimizers (``--optimizers``): ``fp32`` is ``torch.optim.AdamW(fused=True)``, th
 with; ``8bit``, ``4bit``, ``fp8`` are lowbit_fn's AdamW with that state format; ``offload`` is 8-bit AdamW whose
 state lives in host memory and whose step runs on the host (``CPUOffloadOptimizer``). ``--torch-optim`` (the
 default) drives them as ``torch.optim`` optimizers; ``--functional`` as lowbit_fn transforms in a ``torch.func``
-training loop (``grad`` -> ``update`` -> ``apply_updates``), with ``lowbit_fn.offload`` for the offload row.
+training loop (``grad`` -> ``apply_gradients``, in place), with ``lowbit_fn.offload`` for the offload row.
 The fp32 reference row is ``torch.optim``'s in both modes.
 
 Run it with ``python -m lowbit_fn.demo`` (``--help`` lists the options). The progress bars need ``tqdm`` and the
@@ -249,8 +249,9 @@ class _Stepper:
     def step(self, x: Tensor, y: Tensor) -> float:
         if self.functional:
             grads, loss = self.grad(self.params, x, y)
-            updates, self.state = self.transform.update(grads, self.state, self.params)
-            self.params = lowbit_fn.apply_updates(self.params, updates)
+            # one pass per step for adamw (offload's transform runs update, then apply_updates); the params are the
+            # module's own tensors (detached views), updated in place
+            self.params, self.state = lowbit_fn.apply_gradients(self.transform, grads, self.state, self.params, inplace=True)
             return float(loss.detach())
         loss = _loss(self.model(x), y)
         self.opt.zero_grad(set_to_none=True)
