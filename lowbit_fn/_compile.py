@@ -1,11 +1,12 @@
 """Compile-or-eager wrapper used by every compiled primitive.
 
-Each hot function is compiled with ``torch.compile(dynamic=True, fullgraph=True)`` and without duck sizing, once
-per combination of its constant arguments (format, block size, flags): tensor sizes stay symbolic, so a graph is
-reused for every tensor of its shape class (the few classes dynamo specializes: a size of 1, rows of one block,
-rows of whole blocks, odd 4-bit rows), never compiled per parameter. When compilation is unavailable (no C++
-compiler, an unsupported platform) the same Python function runs eagerly after one warning; nothing falls back
-silently. ``LOWBIT_FN_COMPILE=0`` in the environment forces the eager path.
+Each hot function is compiled with ``torch.compile(dynamic=True, fullgraph=True)``, without duck sizing and with
+size-oblivious reasoning on sizes (no 0/1 specialization), once per combination of its constant arguments
+(format, block size, flags): tensor sizes stay symbols, so one graph serves every tensor, whatever its shape (a
+size of 1, rows of one block or of whole blocks, odd 4-bit rows included), never compiled per parameter or per
+kind of shape. When compilation is unavailable (no C++ compiler, an unsupported platform) the same Python function
+runs eagerly after one warning; nothing falls back silently. ``LOWBIT_FN_COMPILE=0`` in the environment forces the
+eager path.
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ import torch
 
 __all__ = ["compiled", "compile_enabled"]
 
-_broken: list[BaseException] = []
-# graphs one variant may hold: sizes dynamo specializes (a size of 1, one block per row, rows of whole blocks, odd
-# 4-bit rows) each add one; a few per format, never one per tensor
-_LIMIT = 64  # the first compile failure; afterwards every primitive runs eagerly
+_broken: list[BaseException] = []  # the first compile failure; afterwards every primitive runs eagerly
+# graphs one variant may hold before dynamo stops compiling it; one is expected (sizes are never specialized)
+_LIMIT = 64
 
 
 def compile_enabled() -> bool:
@@ -78,9 +78,9 @@ class compiled:  # noqa: N801 - used as a decorator
     """Decorator: run ``fn`` through ``torch.compile`` when possible, eagerly otherwise.
 
     Every combination of static arguments (format, dtypes, amsgrad's extra buffers, ...) gets its own copy of the
-    function's code object, so each has its own small graph cache: sizes are dynamic within it, and no
-    combination can push another past dynamo's recompile limit. Inside a caller's own ``torch.compile`` region
-    the plain function is called so the caller's graph inlines it.
+    function's code object, so each has its own graph cache: sizes are dynamic within it (one graph per
+    combination, whatever the shapes), and no combination can push another past dynamo's recompile limit. Inside
+    a caller's own ``torch.compile`` region the plain function is called so the caller's graph inlines it.
     """
 
     def __init__(self, fn: Callable[..., Any]):
@@ -113,8 +113,9 @@ class compiled:  # noqa: N801 - used as a decorator
         args = tuple(_unview(a) for a in args)
         try:
             # no duck sizing: two sizes that happen to be equal (a square matrix, one block per row) must not
-            # become one symbol, or other shapes would recompile
-            with torch.fx.experimental._config.patch(use_duck_shape=False), torch._dynamo.config.patch(recompile_limit=_LIMIT, specialize_int=True):
+            # become one symbol; size-oblivious sizes: a size of 0 or 1 stays a symbol (no 0/1 specialization), so
+            # the first call's shapes compile the one graph of the variant and no later shape recompiles
+            with torch.fx.experimental._config.patch(use_duck_shape=False, backed_size_oblivious=True), torch._dynamo.config.patch(recompile_limit=_LIMIT, specialize_int=True):
                 return self._variant(args)(*[a for a in args if _is_input(a)])
         except Exception as err:  # compilation happens before the graph runs: inputs are untouched on failure
             if not _is_compile_failure(err):

@@ -141,11 +141,18 @@ def test_updates_on_another_device_than_the_state_are_refused():
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_compiled_path_compiles_once_per_format_and_dtype(fmt, monkeypatch):
-    """The compiled step (the GPU path; here with LOWBIT_FN_NATIVE=0) is one graph per format, dtype and epilogue
-    (two where some rows hold one block and others several: dynamo specializes a size of 1): other numbers of
-    tensors and other shapes (ragged rows, 3-D, square or not, other lengths) reuse them."""
+    """The compiled step (the GPU path; here with LOWBIT_FN_NATIVE=0) is exactly one graph per variant (format,
+    dtype, epilogue), compiled by its first call, with no warm-up: every other number of tensors and every other
+    shape (sizes of 1, one row, rows of one block or of whole blocks, ragged rows, odd 4-bit rows, 1-D, 3-D, square
+    or not) reuses it. A fresh compiled wrapper, so that graphs other tests compiled cannot hide a recompile."""
     from torch._dynamo.utils import counters
 
+    import lowbit_fn.kernels.step as step_module
+    from lowbit_fn._compile import compiled
+    from lowbit_fn.kernels.adam import tensor_step
+
+    fresh = compiled(tensor_step.fn)
+    monkeypatch.setattr(step_module, "tensor_step", fresh)
     monkeypatch.setenv("LOWBIT_FN_NATIVE", "0")
 
     def run(shapes, dtype):
@@ -153,19 +160,24 @@ def test_compiled_path_compiles_once_per_format_and_dtype(fmt, monkeypatch):
         params = {f"p{i}": torch.randn(s, generator=gen).to(dtype) for i, s in enumerate(shapes)}
         opt = lowbit_fn.adamw(1e-3, state_format=fmt, min_quant_size=0)
         state = opt.init(params)
-        before = counters["stats"]["unique_graphs"]
+        before = counters["stats"]["unique_graphs"], len(fresh._variants)
         for _ in range(2):
             updates, state = opt.update({k: torch.randn_like(v) for k, v in params.items()}, state, params, inplace=True)
             lowbit_fn.apply_updates(params, updates, inplace=True)
-        return counters["stats"]["unique_graphs"] - before
+        return counters["stats"]["unique_graphs"] - before[0], len(fresh._variants) - before[1]
 
     for dtype in (torch.float32, torch.bfloat16):
-        # warm the shape classes dynamo specializes: rows of one block or several, ragged or of whole blocks, of
-        # an even or odd length (4-bit pairs); then shapes of those classes reuse the graphs
-        run([(64, 70), (8, 9), (8, 300), (8, 301), (2, 512), (300,)], dtype)
-        more = [(65, 78), (9, 9), (3, 5, 300), (513, 33), (4, 1024), (3, 768), (7,), (1000,), (33, 603), (256, 300)]
-        assert run(more, dtype) == 0, f"{fmt} {dtype}: recompiled for other shapes"
-        assert run(more[:2], dtype) == 0, f"{fmt} {dtype}: recompiled for another number of tensors"
+        # a first call compiles one graph for each variant it is the first to use, nothing else
+        assert run([(64, 70)], dtype) == (1, 1), f"{fmt} {dtype}: not one graph for the first shape"
+        graphs, variants = run([(300,)], dtype)  # 1-D: another variant, or the same one
+        assert graphs == variants <= 1, f"{fmt} {dtype}: {graphs} graphs for {variants} new variants"
+        more = [
+            (1, 5000), (5000, 1), (3, 5, 300), (513, 33), (4, 1024), (7,), (1000,), (8, 301), (8, 9), (2, 512),
+            (1,), (1, 1), (9, 9), (1, 256), (2, 128), (65, 78), (3, 768), (33, 603), (256, 300), (7, 1, 900),
+        ]
+        assert run(more, dtype) == (0, 0), f"{fmt} {dtype}: recompiled for other shapes"
+        for shape in more[:8]:
+            assert run([shape], dtype) == (0, 0), f"{fmt} {dtype}: recompiled for {shape} alone"
 
 
 def _peak(step):

@@ -355,25 +355,36 @@ def test_bad_dtypes_and_sizes():
         lowbit_fn.dequantize(codes, scale, "4bit", signed=True, shape=(4, 301), block_size=64)
 
 
-def test_views_of_differently_shaped_tensors_share_one_graph(monkeypatch):
-    """quantize views its input as [rows, R]; dynamo would guard on the view's base shape without _unview. A fresh
-    compiled wrapper, so that graphs other tests compiled cannot hide a recompile."""
+@pytest.mark.parametrize("fmt", ["8bit", "4bit", "fp8"])
+def test_quantize_and_dequantize_compile_one_graph_for_every_shape(fmt, monkeypatch):
+    """quantize and dequantize are one graph each per format and rounding, compiled by their first call with no
+    warm-up: sizes of 1 (one row, rows of one element or of one block), rows of whole blocks or ragged, odd 4-bit
+    rows, and views of differently shaped tensors (quantize views its input as [rows, R]; dynamo would guard on the
+    view's base shape without _unview) all reuse it. Fresh compiled wrappers, so that graphs other tests compiled
+    cannot hide a recompile."""
     from torch._dynamo.utils import counters
 
     import lowbit_fn.formats as formats
     from lowbit_fn._compile import compiled
 
     monkeypatch.setattr(formats, "_encode", compiled(formats._encode.fn))
-    # warm the shape classes dynamo specializes (sizes of 1: one row, rows of one element or of one block;
-    # rows of a whole number of blocks); then other shapes, and views of them, reuse those graphs
-    for warm in [(3, 5000), (1, 5000), (5000, 1), (4, 100), (2, 512)]:
-        lowbit_fn.quantize(torch.randn(warm), "fp8", signed=True)
-    before = counters["stats"]["unique_graphs"]
-    for shape in [(1, 3000), (3000, 1), (2, 3000), (7, 1, 900), (1, 1, 4000), (3, 3, 3, 300), (1, 2, 3, 4, 500), (9, 999), (5, 7)]:
-        codes, scale = lowbit_fn.quantize(torch.randn(shape), "fp8", signed=True)
-        rows, length = rows_of(shape)
-        assert scale.numel() == rows * -(-length // 256)
-    assert counters["stats"]["unique_graphs"] == before
+    monkeypatch.setattr(formats, "_decode", compiled(formats._decode.fn))
+    shapes = [
+        (3, 5000), (1, 5000), (5000, 1), (4, 100), (2, 512), (1, 3000), (3000, 1), (2, 3000), (7, 1, 900),
+        (1, 1, 4000), (3, 3, 3, 300), (1, 2, 3, 4, 500), (9, 999), (5, 7), (1,), (1, 1), (7,), (4, 1024), (8, 301),
+    ]
+    for rounding in ROUNDINGS:
+        for i, shape in enumerate(shapes):
+            before = counters["stats"]["unique_graphs"]
+            x = torch.randn(shape)
+            codes, scale = lowbit_fn.quantize(x, fmt, signed=True, rounding=rounding)
+            y = lowbit_fn.dequantize(codes, scale, fmt, signed=True, shape=shape)
+            rows, length = rows_of(shape)
+            assert scale.numel() == rows * -(-length // lowbit_fn.formats.get_format(fmt).default_block_size)
+            assert y.shape == x.shape
+            # the first shape compiles quantize's and dequantize's graphs (nearest; stochastic: quantize's)
+            expected = (2 if rounding == "nearest" else 1) if i == 0 else 0
+            assert counters["stats"]["unique_graphs"] - before == expected, f"{fmt} {rounding} {shape}"
 
 
 # --- stochastic rounding ------------------------------------------------------------------------------------------
@@ -477,7 +488,7 @@ def test_stochastic_codes_are_deterministic_fresh_per_step_and_split_independent
 SLICE_DIMS = [1, 2, 3, 5, 64, 100, 127, 128, 129, 256, 257, 300]
 
 
-@settings(max_examples=12)  # each format, rounding, block size and shape class compiles a graph: the cost is there
+@settings(max_examples=12)  # each format, rounding and block size compiles a graph: the cost is there
 @given(
     name=st.sampled_from(FORMAT_NAMES), signed=st.booleans(), rounding=st.sampled_from(ROUNDINGS),
     rows=st.integers(1, 9), inner=st.lists(st.sampled_from(SLICE_DIMS), min_size=1, max_size=2),

@@ -112,7 +112,7 @@ def test_half_precision_params_read_and_written_in_the_kernel(fmt, dtype, mode):
         assert not torch.equal(ref[0], p), "the parameter moved"
 
 
-@settings(max_examples=15, deadline=None)  # every shape class compiles a reference graph
+@settings(max_examples=15, deadline=None)  # every format and rounding compiles a reference graph
 @given(
     values=st.lists(st.floats(-(2.0**100), 2.0**100, allow_nan=False, width=32), min_size=1, max_size=600),
     fmt=st.sampled_from(["8bit", "4bit", "fp8"]),

@@ -229,32 +229,53 @@ def test_float64_eager_and_compiled_agree_to_an_ulp(monkeypatch):
         assert float((a[k] - b[k]).abs().max() / a[k].abs().max()) < 1e-13
 
 
-def test_changing_learning_rate_or_betas_never_recompiles():
+def _fresh_compiled_step(monkeypatch):
+    """The compiled step (LOWBIT_FN_NATIVE=0) through a fresh compiled wrapper, so that graphs other tests compiled
+    cannot hide a recompile; returns the wrapper (its ``_variants``: the variants compiled so far)."""
+    import lowbit_fn.kernels.step as step_module
+    from lowbit_fn._compile import compiled
+    from lowbit_fn.kernels.adam import tensor_step
+
+    fresh = compiled(tensor_step.fn)
+    monkeypatch.setattr(step_module, "tensor_step", fresh)
+    monkeypatch.setenv("LOWBIT_FN_NATIVE", "0")
+    return fresh
+
+
+def test_changing_learning_rate_or_betas_never_recompiles(monkeypatch):
     from torch._dynamo.utils import counters
 
+    fresh = _fresh_compiled_step(monkeypatch)
     params = {"w": torch.randn(300, 300), "b": torch.randn(300)}
     grads = {k: torch.randn_like(v) for k, v in params.items()}
     lr, b1 = torch.tensor(1e-3), torch.tensor(0.9, dtype=torch.float64)
     for make in (lambda: lowbit_fn.adamw(lr, b1=b1), lambda: lowbit_fn.adamw(lambda c: 1e-3 / (1 + c))):
         opt = make()
         state = opt.init(params)
-        opt.update(grads, state, params)  # warm: compiles if needed
+        before = counters["stats"]["unique_graphs"], len(fresh._variants)
+        opt.update(grads, state, params)  # the first step compiles one graph per new variant, nothing else
+        assert counters["stats"]["unique_graphs"] - before[0] == len(fresh._variants) - before[1]
         before = counters["stats"]["unique_graphs"]
         for i in range(4):
             lr.fill_(1e-3 * (i + 2))
             b1.fill_(0.9 - 0.01 * i)
             opt.update(grads, state, params)
         assert counters["stats"]["unique_graphs"] == before
-    for value in (1e-4, 3e-4):  # a float learning rate baked into a new optimizer reuses the same graphs too
+    # a float learning rate baked into a new optimizer: a float64 scalar, so its own variants (compiled by the
+    # first, one graph each), and the same graphs for any other value
+    for value in (1e-4, 3e-4):
         opt = lowbit_fn.adamw(value)
         state = opt.init(params)
-        before = counters["stats"]["unique_graphs"]
+        before = counters["stats"]["unique_graphs"], len(fresh._variants)
         opt.update(grads, state, params)
-        assert counters["stats"]["unique_graphs"] == before
+        new = len(fresh._variants) - before[1]
+        assert counters["stats"]["unique_graphs"] - before[0] == new and (value == 1e-4 or new == 0)
 
 
-def test_graph_count_does_not_grow_with_the_number_of_tensors():
+def test_graph_count_does_not_grow_with_the_number_of_tensors(monkeypatch):
     from torch._dynamo.utils import counters
+
+    fresh = _fresh_compiled_step(monkeypatch)
 
     def run(n):
         params = {f"p{i}": torch.randn(64 + i, 70 + 3 * i) for i in range(n)} | {f"b{i}": torch.randn(7 + i) for i in range(n)}
@@ -264,8 +285,9 @@ def test_graph_count_does_not_grow_with_the_number_of_tensors():
         opt.update({k: torch.randn_like(v) for k, v in params.items()}, state, params)
         return counters["stats"]["unique_graphs"] - before
 
-    run(3)  # warm
-    assert run(40) == 0 and run(7) == 0, "40 differently shaped tensors reuse the graph compiled for 3"
+    # no warm-up: the first call compiles exactly one graph per variant (the weights' epilogue and the biases')
+    assert run(3) == len(fresh._variants) == 2
+    assert run(40) == 0 and run(7) == 0 and run(1) == 0, "differently shaped tensors reuse the graphs compiled for 3"
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------

@@ -63,16 +63,16 @@ def codebook(state_format: str, *, signed: bool) -> Tensor:
 ROUNDINGS = ("nearest", "stochastic")
 
 
-def row_noise(rows: int, length: int, block_size: int, base: Tensor, key: Tensor) -> Tensor:
-    """Stochastic-rounding noise for the ``[rows * blocks per row, block_size]`` blocks of ``rows`` rows of
+def row_noise(rows: int, length: int, block_size: int, base: Tensor, key: Tensor, blocks_per_row: int | None = None) -> Tensor:
+    """Stochastic-rounding noise for the ``[rows, blocks per row, block_size]`` blocks of ``rows`` rows of
     ``length`` elements: element ``c`` of row ``r`` (padding included) draws from ``(key, base + r * length + c)``.
 
     ``base`` (int64 0-d) is the index of the first row's first element in the whole tensor, so a tensor quantized
     whole or in pieces of rows (each with its own ``base``) gets the same codes."""
-    nb = -(-length // block_size)
-    col = torch.arange(nb * block_size, device=key.device, dtype=torch.int64)
+    nb = -(-length // block_size) if blocks_per_row is None else blocks_per_row
+    col = torch.arange(nb * block_size, device=key.device, dtype=torch.int64).view(nb, block_size)
     row = torch.arange(rows, device=key.device, dtype=torch.int64) * length
-    return uniform((row.unsqueeze(1) + col + base).view(rows * nb, block_size), key)
+    return uniform(row.view(rows, 1, 1) + col + base, key)
 
 
 def encode_rows(
@@ -80,32 +80,28 @@ def encode_rows(
     blocks_per_row: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``[rows, R]`` float32 -> (uint8 codes ``[rows, ceil(R / codes_per_byte)]``, float32 scales ``[rows, blocks
-    per row]``). Each row is zero-padded to whole blocks; ``key`` (a stream key) selects stochastic rounding with
+    per row]``). Each row is zero-padded to whole blocks (a pad of width 0 where the block size divides ``R``), seen
+    as ``[rows, blocks per row, block_size]``; ``key`` (a stream key) selects stochastic rounding with
     :func:`row_noise`, ``None`` rounds to nearest. Traced into the compiled step: no data-dependent control flow
-    (``blocks_per_row``, ``ceil(R / block_size)``, may be given as the size of a tensor: one symbol fewer to derive)."""
+    and no branch on sizes, so one graph serves every shape (``blocks_per_row``, ``ceil(R / block_size)``, may be
+    given as the size of a tensor: one symbol fewer to derive)."""
     rows, length = x.shape
     nb = -(-length // block_size) if blocks_per_row is None else blocks_per_row
-    if length % block_size == 0:  # rows of whole blocks: the flat blocks, no padding (plain indexing, fast)
-        blocks = x.reshape(rows * nb, block_size)
-        noise = uniform(torch.arange(rows * length, device=x.device, dtype=torch.int64).view(rows * nb, block_size) + base, key) if key is not None else None
-        codes, scale = fmt.encode(blocks, table, noise)
-        return codes.view(rows, -1), scale.view(rows, nb)
-    blocks = torch.nn.functional.pad(x, (0, nb * block_size - length)).view(rows * nb, block_size)
-    noise = row_noise(rows, length, block_size, base, key) if key is not None else None
+    blocks = torch.nn.functional.pad(x, (0, nb * block_size - length)).view(rows, nb, block_size)
+    noise = row_noise(rows, length, block_size, base, key, nb) if key is not None else None
     codes, scale = fmt.encode(blocks, table, noise)
     per_row = -(-length // fmt.codes_per_byte)
-    return codes.view(rows, -1)[:, :per_row], scale.view(rows, nb)
+    return codes.view(rows, nb * (block_size // fmt.codes_per_byte)).narrow(1, 0, per_row), scale
 
 
 def decode_rows(codes: Tensor, scale: Tensor, fmt: BlockFormat, block_size: int, table: Tensor | None, length: int) -> Tensor:
     """Inverse of :func:`encode_rows`: float32 ``[rows, length]`` from codes ``[rows, ceil(length /
-    codes_per_byte)]`` and scales ``[rows, blocks per row]``."""
+    codes_per_byte)]`` and scales ``[rows, blocks per row]`` (the codes zero-padded to whole blocks, the padding
+    decoded and dropped)."""
     rows, nb = scale.shape
-    if length % block_size == 0:  # rows of whole blocks: no padding
-        return fmt.decode(codes.reshape(rows * nb, -1), scale.reshape(rows * nb), table).view(rows, length)
-    padded = nb * block_size // fmt.codes_per_byte
-    full = torch.nn.functional.pad(codes, (0, padded - codes.shape[1])).view(rows * nb, -1)
-    return fmt.decode(full, scale.reshape(rows * nb), table).view(rows, nb * block_size)[:, :length]
+    width = block_size // fmt.codes_per_byte
+    full = torch.nn.functional.pad(codes, (0, nb * width - codes.shape[1])).view(rows, nb, width)
+    return fmt.decode(full, scale, table).view(rows, nb * block_size).narrow(1, 0, length)
 
 
 @dataclass(frozen=True)

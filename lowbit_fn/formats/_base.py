@@ -18,14 +18,15 @@ from torch import Tensor
 
 
 def block_absmax(blocks: Tensor) -> Tensor:
-    """Per-block max |x| of ``[num_blocks, block_size]`` float32 blocks; NaN where a block holds NaN or Inf."""
-    absmax = blocks.abs().amax(dim=1)
+    """Per-block max |x| of ``[..., block_size]`` float32 blocks (the last dimension); NaN where a block holds NaN
+    or Inf."""
+    absmax = blocks.abs().amax(dim=-1)
     return torch.where(torch.isfinite(absmax), absmax, torch.full_like(absmax, math.nan))
 
 
 def normalize(blocks: Tensor, scale: Tensor) -> Tensor:
     """``blocks / scale`` per block; all-zero blocks (scale 0) divide by 1 instead of 0. No other floor."""
-    return blocks / torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(1)
+    return blocks / torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
 
 
 def nearest_code(y: Tensor, codebook: Tensor) -> Tensor:
@@ -74,7 +75,8 @@ def row_split(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
 class BlockFormat:
     """A quantized state format. Subclasses define the codebook (if any), ``encode`` and ``decode``.
 
-    ``encode``/``decode`` are pure tensor functions on ``[num_blocks, block_size]`` float32 blocks, traced into
+    ``encode``/``decode`` are pure tensor functions on ``[..., block_size]`` float32 blocks (the last dimension;
+    any leading dimensions, e.g. ``[rows, blocks per row]``), traced into
     the compiled optimizer step, so they must stay free of Python-side data-dependent control flow.
     """
 
@@ -124,13 +126,13 @@ class BlockFormat:
         return None
 
     def encode(self, blocks: Tensor, codebook: Tensor | None, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``[nb, bs]`` float32 -> (uint8 codes ``[nb, bs // codes_per_byte]``, float32 scale ``[nb]``).
+        """``[..., bs]`` float32 -> (uint8 codes ``[..., bs // codes_per_byte]``, float32 scale ``[...]``).
 
         ``noise`` (uniform in [0, 1), shaped like ``blocks``) selects stochastic rounding; ``None``, nearest."""
         raise NotImplementedError
 
     def decode(self, codes: Tensor, scale: Tensor, codebook: Tensor | None) -> Tensor:
-        """Inverse of ``encode``: float32 ``[nb, bs]``."""
+        """Inverse of ``encode``: float32 ``[..., bs]``."""
         raise NotImplementedError
 
 
@@ -155,7 +157,7 @@ class CodebookFormat(BlockFormat):
         return self.pack(codes), scale
 
     def decode(self, codes: Tensor, scale: Tensor, codebook: Tensor | None) -> Tensor:
-        return codebook[self.unpack(codes).long()] * scale.unsqueeze(1)
+        return codebook[self.unpack(codes).long()] * scale.unsqueeze(-1)
 
     def pack(self, codes: Tensor) -> Tensor:
         return codes

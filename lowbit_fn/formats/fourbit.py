@@ -34,9 +34,10 @@ class FourBit(CodebookFormat):
         }
 
     def pack(self, codes: Tensor) -> Tensor:
-        """``[nb, bs]`` codes < 16 -> ``[nb, bs // 2]`` bytes, the even element in the high nibble."""
-        pairs = codes.view(codes.shape[0], -1, 2)
-        return (pairs[..., 0] << 4) | pairs[..., 1]
+        """``[..., bs]`` codes < 16 -> ``[..., bs // 2]`` bytes, the even element in the high nibble."""
+        return (codes[..., 0::2] << 4) | codes[..., 1::2]
 
     def unpack(self, codes: Tensor) -> Tensor:
-        return torch.stack((codes >> 4, codes & 15), dim=-1).view(codes.shape[0], -1)
+        """``[..., bs // 2]`` bytes -> ``[..., bs]`` codes (a broadcast shift, no stack: one pointwise kernel)."""
+        shifts = torch.tensor([4, 0], dtype=torch.uint8, device=codes.device)
+        return ((codes.unsqueeze(-1) >> shifts) & 15).view(*codes.shape[:-1], codes.shape[-1] * 2)

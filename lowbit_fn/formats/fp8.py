@@ -42,4 +42,4 @@ class Fp8(BlockFormat):
         return y.to(torch.float8_e4m3fn).view(torch.uint8), scale
 
     def decode(self, codes: Tensor, scale: Tensor, codebook: Tensor | None) -> Tensor:
-        return codes.view(torch.float8_e4m3fn).to(torch.float32) * scale.unsqueeze(1)
+        return codes.view(torch.float8_e4m3fn).to(torch.float32) * scale.unsqueeze(-1)

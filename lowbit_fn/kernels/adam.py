@@ -2,10 +2,10 @@
 one tensor (decode the moments, the math, encode them, weight decay, learning rate and the parameter's update).
 
 :func:`tensor_step` is the reference the native kernel (``native_adam.c``) reproduces bit for bit, and the path
-that runs where the native kernel does not (GPUs, float64, ``LOWBIT_FN_NATIVE=0``). It is compiled once per
-format, dtypes and epilogue with dynamic sizes, so the graph count does not depend on how many tensors or which
-shapes a model has. Scalars (step, betas, eps, weight decay, learning rate) arrive as 0-d tensors, so changing
-them never recompiles.
+that runs where the native kernel does not (GPUs, float64, ``LOWBIT_FN_NATIVE=0``). It is compiled exactly once
+per format, block size, rounding, dtypes and epilogue, with sizes that stay symbols (no branch on a size, no
+0/1 specialization), so the graph count does not depend on how many tensors or which shapes a model has.
+Scalars (step, betas, eps, weight decay, learning rate) arrive as 0-d tensors, so changing them never recompiles.
 """
 
 from __future__ import annotations
@@ -66,13 +66,16 @@ def _sqrt(x: Tensor) -> Tensor:
 
 
 def round_to(x: Tensor, dtype: torch.dtype, key: Tensor | None, base: Tensor) -> Tensor:
-    """float32 ``x`` (a flat tensor) in ``dtype``: rounded to nearest, or, with a stream ``key`` and ``dtype``
-    bfloat16, stochastically: 16 random bits (from ``key`` and ``base`` + each element's index) are added below the
-    bfloat16 mantissa and the sum truncated, so the result is ``x`` in expectation. NaN stays NaN, infinities stay
-    infinite; values within one bfloat16 step of the largest finite value may round to infinity."""
+    """float32 ``x`` (a flat tensor, or ``[rows, R]`` rows of a flat tensor) in ``dtype``: rounded to nearest, or,
+    with a stream ``key`` and ``dtype`` bfloat16, stochastically: 16 random bits (from ``key`` and ``base`` + each
+    element's index in the flat tensor) are added below the bfloat16 mantissa and the sum truncated, so the result
+    is ``x`` in expectation. NaN stays NaN, infinities stay infinite; values within one bfloat16 step of the
+    largest finite value may round to infinity."""
     if key is None or dtype != torch.bfloat16:
         return x.to(dtype)
-    index = torch.arange(x.shape[0], device=x.device, dtype=torch.int64) + base
+    index = torch.arange(x.shape[-1], device=x.device, dtype=torch.int64) + base
+    if x.dim() == 2:  # the rows as they are (flattening them in a graph would store a copy of x)
+        index = torch.arange(x.shape[0], device=x.device, dtype=torch.int64).unsqueeze(1) * x.shape[1] + index
     bits = x.view(torch.int32).to(torch.int64) + (mix(index, key) & 0xFFFF)  # carries raise the magnitude
     rounded = (bits & -0x10000).to(torch.int32).view(torch.float32)
     return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)
@@ -106,14 +109,15 @@ def tensor_step(
 ) -> Tensor | None:
     """One Adam step of one tensor, its moments updated in place.
 
-    ``g`` is the ``[rows, R]`` view of the gradient, ``p`` the flattened parameter (any floating dtypes; the math
-    runs in float32, float64 for float64 state). ``moments`` holds, flattened, per moment (m, v, and vmax with
-    amsgrad), the state tensor of full precision (``fmt=None``) or the ``codes`` (``[rows, bytes per row]``) and
-    ``scale`` (``[rows, blocks per row]``) of the row layout (:func:`lowbit_fn.formats.encode_rows`): the graph
-    views them all in the gradient's sizes, so the kernel indexes them without divisions. ``scalars`` are ``b1, b2, eps, weight_decay, factor`` (0-d tensors),
-    ``mode`` is ``(l2, decoupled, scale, apply)``: L2 adds ``p * weight_decay`` to the gradient, decoupled adds it
-    to the direction, scale multiplies by ``factor`` (the signed learning rate) and apply adds the result to ``p``
-    in place (rounded to ``p``'s dtype; stochastically for bfloat16 with ``param_sr``) instead of returning it.
+    ``g`` is the ``[rows, R]`` view of the gradient, ``p`` the parameter in the same sizes (any floating dtypes;
+    the math runs in float32, float64 for float64 state). ``moments`` holds, flattened, per moment (m, v, and vmax
+    with amsgrad), the state tensor of full precision (``fmt=None``) or the ``codes`` (``[rows, bytes per row]``)
+    and ``scale`` (``[rows, blocks per row]``) of the row layout (:func:`lowbit_fn.formats.encode_rows`): the
+    graph views them all in the gradient's sizes, so the kernel indexes them without divisions. ``scalars`` are
+    ``b1, b2, eps, weight_decay, factor`` (0-d tensors), ``mode`` is ``(l2, decoupled, scale, apply)``: L2 adds
+    ``p * weight_decay`` to the gradient, decoupled adds it to the direction, scale multiplies by ``factor`` (the
+    signed learning rate) and apply adds the result to ``p`` in place (rounded to ``p``'s dtype; stochastically
+    for bfloat16 with ``param_sr``) instead of returning it.
     These are exactly the float32 operations of ``add_decayed_weights``, ``scale_by_learning_rate`` and
     ``apply_updates``.
 
@@ -132,7 +136,6 @@ def tensor_step(
     else:
         widths = (-(-length // fmt.codes_per_byte), -(-length // block_size))
         moments = [t.view(rows, widths[j % 2]) for j, t in enumerate(moments)]
-    p = p.view(rows, length) if p is not None else None
     gw = g.to(work)
     pw = p.to(work) if p is not None else None
     wd = weight_decay.to(work)
@@ -166,5 +169,5 @@ def tensor_step(
     if not apply:
         return u
     key = tensor_key(stream_key(seed, PARAM_STREAM, step), ident) if param_sr else None
-    p.copy_(round_to((pw + u).view(-1), p.dtype, key, base).view(rows, length))
+    p.copy_(round_to(pw + u, p.dtype, key, base))
     return None

@@ -4,8 +4,8 @@ front end and offload alike.
 It takes the tensors of a step (gradients, moments, parameters, outputs) and the hyperparameters, and chooses how
 each tensor runs: the native CPU kernel (all the CPU tensors that share a step count in one call, float32,
 bfloat16 or float16 parameters read and written in the kernel's own pass) or the compiled torch step
-(:func:`lowbit_fn.kernels.adam.tensor_step`, one call per tensor, one graph per format, dtypes and epilogue
-whatever the shapes). Both compute the same bits.
+(:func:`lowbit_fn.kernels.adam.tensor_step`, one call per tensor, exactly one graph per format, block size,
+rounding, dtypes and epilogue, whatever the number and shapes of the tensors). Both compute the same bits.
 """
 
 from __future__ import annotations
@@ -159,16 +159,17 @@ def _scalar(x: Scalar, device: torch.device) -> Tensor:
 def _compiled(config: AdamConfig, item: Item, b1: Tensor, b2: Tensor, eps: Tensor, epilogue: Epilogue) -> Tensor | None:
     g, p, shape = item.grad, item.param, item.grad.shape
     device = g.device
-    rows, length = row_split(shape)
-    if config.fmt is None or length % config.block_size == 0:  # rows of whole blocks: the blocks of one long row
-        rows, length = 1, g.numel()
-    # only the gradient carries its sizes; every other tensor goes in flat, and the graph views it in the
-    # gradient's sizes (tensors of independent sizes would cost the kernel a division per element)
+    # quantized state: the row layout; full precision: one flat row. Sizes are symbols of the graph, so neither
+    # choice adds a graph
+    rows, length = row_split(shape) if config.fmt is not None else (1, g.numel())
+    # the gradient and the parameter carry the sizes (the parameter is written in place: a flat one, viewed in the
+    # graph, would be written through a copy); the moments go in flat, and the graph views them in the gradient's
+    # sizes (tensors of independent sizes would cost the kernel a division per element)
     moments = [t.reshape(-1) for t in item.moments]
     if g.numel() == 0:
         return None if epilogue.apply else (item.out if item.out is not None else torch.empty_like(g))
     target = p.contiguous() if (epilogue.apply and not p.is_contiguous()) else p
-    p2 = target.reshape(-1) if epilogue.needs_params else None
+    p2 = target.reshape(rows, length) if epilogue.needs_params else None
     scalars = [_scalar(x, device) for x in (b1, b2, eps, epilogue.weight_decay, epilogue.factor if epilogue.factor is not None else 0.0)]
     maps = None
     if config.fmt is not None and config.fmt.codebook(True) is not None:
