@@ -87,6 +87,7 @@ def adam_step(
     if (float(wd) if not isinstance(wd, Tensor) else (wd.device.type == "cpu" and float(wd))) == 0.0:
         epilogue = replace(epilogue, l2=False, decoupled=False)  # no decay: no pass over the parameters for it
     results: list[Tensor | None] = [None] * len(items)
+    largest = max((item.grad.numel() for item in items), default=0)
     native: dict[int, list[int]] = {}
     on: dict[torch.device, bool] = {}
     for i, item in enumerate(items):
@@ -96,7 +97,7 @@ def adam_step(
         if on[device] and item.moments[0].dtype != torch.float64 and _native_serves(item, epilogue):
             native.setdefault(int(item.step), []).append(i)
         else:
-            results[i] = _compiled(config, item, b1, b2, eps, epilogue)
+            results[i] = _compiled(config, item, b1, b2, eps, epilogue, largest)
     for step, members in native.items():
         for i, out in zip(members, _native(config, [items[i] for i in members], step, b1, b2, eps, epilogue)):
             results[i] = out
@@ -156,35 +157,54 @@ def _scalar(x: Scalar, device: torch.device) -> Tensor:
     return torch.tensor(float(x), dtype=torch.float64, device=device)
 
 
-def _compiled(config: AdamConfig, item: Item, b1: Tensor, b2: Tensor, eps: Tensor, epilogue: Epilogue) -> Tensor | None:
+# the compiled graphs keep temporaries between their loops (the new moments, the code search's indices, the random
+# bits' indices): per element of the tensor they step, measured on the CPU backend, up to 37 B (8-bit with
+# stochastic rounding; 16 B 8-bit, 26 B 4-bit, 6 B FP8 with their default rounding, none for full precision). So a
+# quantized tensor is stepped in pieces of whole rows of at most an eighth of the step's largest tensor (and at
+# least _MIN_PIECE elements): a step's extra memory stays under 8 B per element of its largest tensor
+_PIECES = 8
+_MIN_PIECE = 1 << 14
+
+
+def _compiled(
+    config: AdamConfig, item: Item, b1: Tensor, b2: Tensor, eps: Tensor, epilogue: Epilogue, largest: int
+) -> Tensor | None:
     g, p, shape = item.grad, item.param, item.grad.shape
     device = g.device
     # quantized state: the row layout; full precision: one flat row. Sizes are symbols of the graph, so neither
     # choice adds a graph
     rows, length = row_split(shape) if config.fmt is not None else (1, g.numel())
+    if g.numel() == 0:
+        return None if epilogue.apply else (item.out if item.out is not None else torch.empty_like(g))
     # the gradient and the parameter carry the sizes (the parameter is written in place: a flat one, viewed in the
     # graph, would be written through a copy); the moments go in flat, and the graph views them in the gradient's
     # sizes (tensors of independent sizes would cost the kernel a division per element)
-    moments = [t.reshape(-1) for t in item.moments]
-    if g.numel() == 0:
-        return None if epilogue.apply else (item.out if item.out is not None else torch.empty_like(g))
+    moments = [t.reshape(rows, -1) for t in item.moments]
     target = p.contiguous() if (epilogue.apply and not p.is_contiguous()) else p
     p2 = target.reshape(rows, length) if epilogue.needs_params else None
+    g2 = g.reshape(rows, length)
     scalars = [_scalar(x, device) for x in (b1, b2, eps, epilogue.weight_decay, epilogue.factor if epilogue.factor is not None else 0.0)]
     maps = None
     if config.fmt is not None and config.fmt.codebook(True) is not None:
         maps = [config.fmt.codebook(True, device), config.fmt.codebook(False, device)]
     mode = (epilogue.l2, epilogue.decoupled, epilogue.factor is not None, epilogue.apply)
-    u = tensor_step(
-        g.reshape(rows, length), p2, moments, item.step.to(device), scalars,
-        torch.tensor(item.ident, dtype=torch.int64, device=device), torch.tensor(item.base, dtype=torch.int64, device=device),
-        config, maps, mode, epilogue.param_sr and epilogue.apply,
-    )
-    if epilogue.apply:
-        if target is not p:
-            p.copy_(target)
-        return None
-    if item.out is not None:
-        item.out.copy_(u.view(shape))
-        return item.out
-    return u.view(shape).to(g.dtype)
+    step, ident = item.step.to(device), torch.tensor(item.ident, dtype=torch.int64, device=device)
+    per_piece = rows if config.fmt is None else max(1, max(largest // _PIECES, _MIN_PIECE) // length)
+    out = item.out
+    if out is None and not epilogue.apply and per_piece < rows:
+        out = torch.empty(shape, dtype=g.dtype, device=device)
+    for start in range(0, rows, per_piece):
+        stop = min(rows, start + per_piece)
+        u = tensor_step(
+            g2[start:stop], None if p2 is None else p2[start:stop], [m[start:stop].reshape(-1) for m in moments],
+            step, scalars, ident, torch.tensor(item.base + start * length, dtype=torch.int64, device=device),
+            config, maps, mode, epilogue.param_sr and epilogue.apply,
+        )
+        if epilogue.apply:
+            continue
+        if out is None:  # one piece: its result is the update
+            return u.view(shape).to(g.dtype)
+        out.view(rows, length)[start:stop].copy_(u)
+    if epilogue.apply and target is not p:
+        p.copy_(target)
+    return None if epilogue.apply else out
