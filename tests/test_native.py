@@ -279,3 +279,53 @@ def test_other_code_paths_equal_the_reference(tmp_path, flags):
     out = subprocess.run([sys.executable, "-c", CODE_PATHS_SCRIPT, os.path.dirname(__file__)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "identical" in out.stdout, out.stderr[-2000:]
+
+
+BUILD_RACE_SCRIPT = textwrap.dedent(
+    """
+    import glob, os, sys, time
+    from lowbit_fn.kernels import native
+    ready, n = sys.argv[1], int(sys.argv[2])
+    open(os.path.join(ready, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + 60
+    while len(os.listdir(ready)) < n and time.monotonic() < deadline:  # start the builds together
+        time.sleep(0.01)
+    lib = native._library()
+    assert lib is not None, "the native kernel did not load"
+    st = os.stat(lib._name)
+    print(os.getpid(), st.st_ino, st.st_mtime_ns, lib._name)
+    """
+)
+
+
+@pytest.mark.slow
+def test_concurrent_processes_build_once_and_load_the_same_library(tmp_path):
+    """Eight processes needing the kernel at once (a torchrun's ranks): one compiles, the others wait and load the
+    same file, which is never replaced; the cache holds that library and its lock file only."""
+    import shutil
+
+    n, cache, ready, log = 8, tmp_path / "cache", tmp_path / "ready", tmp_path / "cc.log"
+    ready.mkdir()
+    cc = tmp_path / "cc"  # counts the compiler's invocations (the parent pid of the exec'd shell is the process)
+    cc.write_text(f'#!/bin/sh\necho "$PPID $*" >> "{log}"\nexec "{shutil.which(os.environ.get("CC", "gcc"))}" "$@"\n')
+    cc.chmod(0o755)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(lowbit_fn.__file__)))
+    env = {**os.environ, "LOWBIT_FN_CACHE": str(cache), "CC": str(cc), "LOWBIT_FN_NATIVE": "1",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD_RACE_SCRIPT, str(ready), str(n)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    outs = []
+    try:
+        for proc in procs:
+            outs.append(proc.communicate(timeout=120))
+    finally:
+        for proc in procs:
+            proc.kill()
+    report = "\n".join(f"[{p.pid}] rc={p.returncode}\n{out}{err[-2000:]}" for p, (out, err) in zip(procs, outs))
+    assert all(p.returncode == 0 for p in procs), report
+    compiles = [line.split()[0] for line in log.read_text().splitlines() if " -o " in line]
+    assert len(compiles) == 1, f"{compiles}\n{report}"
+    loaded = [out.split() for out, _ in outs]
+    assert compiles[0] in [pid for pid, *_ in loaded], report  # the compiling process is one of ours
+    assert len({(ino, mtime, name) for _, ino, mtime, name in loaded}) == 1, report
+    assert sorted(f.suffix for f in cache.iterdir()) == [".lock", ".so"], sorted(os.listdir(cache))

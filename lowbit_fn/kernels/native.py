@@ -5,14 +5,18 @@ learning rate and the in-place parameter update (the *epilogue*), reading and wr
 float16 parameters and gradients block by block (no full-size float32 copy). The build is plain C (no torch headers), so it
 takes under a second: ``$CC`` (default ``gcc``) with ``-O3 -march=native -fopenmp -ffp-contract=off`` (plus
 ``$LOWBIT_FN_NATIVE_FLAGS``), cached under ``$LOWBIT_FN_CACHE`` (default ``~/.cache/lowbit_fn``) by a hash of the
-source, the flags, the compiler and the CPU, and reused across processes. Without a working compiler the compiled
-torch path runs instead, after one warning; ``LOWBIT_FN_NATIVE=0`` selects that path explicitly. The native
+source, the flags, the compiler and the CPU, and reused across processes. When many processes start at once (the
+ranks of a ``torchrun``), one builds while the others wait on a lock file beside the library, then they all load
+the same file; where locks do not work (some network filesystems shared by several nodes) several may build, but
+a cached library is never replaced (see :func:`_build`). Without a working compiler the compiled torch path runs
+instead, after one warning; ``LOWBIT_FN_NATIVE=0`` selects that path explicitly. The native
 kernel computes exactly what the reference path computes (identical codes, scales, directions and parameters).
 Inside a user's ``torch.compile`` the call is a graph break (see ``kernels/step.py``): it runs eagerly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import math
@@ -23,13 +27,18 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from .._random import stream_key_int, tensor_key_int
 from ..formats import BlockFormat
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the create-if-absent link in _build alone keeps a cached library in place
+    fcntl = None
 
 __all__ = ["native_available", "native_adam_step", "NATIVE_DTYPES"]
 
@@ -53,7 +62,48 @@ def _flags() -> list[str]:
     return _FLAGS + os.environ.get("LOWBIT_FN_NATIVE_FLAGS", "").split()
 
 
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Holds an exclusive ``flock`` on ``path`` (created if absent) for the block: one process of the node at a time.
+
+    The kernel releases the lock when its holder exits or dies, so a killed build never leaves the cache locked;
+    the file itself stays in place (deleting it would let a waiter and a newcomer lock two different files). Where
+    locking is unavailable (no ``fcntl``; ``flock`` failing, as on some network filesystems) the block runs
+    unlocked and :func:`_build` relies on its create-if-absent link alone."""
+    if fcntl is None:
+        yield
+        return
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:  # no working locks on this filesystem: the link alone keeps a cached library in place
+            pass
+        yield  # closing the file releases the lock
+
+
+def _compile(cc: str, flags: list[str], target: Path) -> None:
+    """Builds the library into a temporary file beside ``target``, then links it to ``target`` only if that is
+    still absent: a library another process has built (and may have mapped) is never replaced."""
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=target.stem + ".", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        result = subprocess.run([cc, *flags, str(_SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {result.stderr.strip()[:500]}")
+        try:
+            os.link(tmp, target)  # atomic create-if-absent: FileExistsError instead of replacing
+        except FileExistsError:
+            pass  # built meanwhile by a process the lock did not hold back: load that one
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _build() -> ctypes.CDLL:
+    """Compiles ``native_adam.c`` unless the cache holds it (keyed by source, flags, compiler and CPU) and loads it.
+
+    One process builds at a time (:func:`_exclusive` on ``<library>.lock``); a process that waited finds the
+    library its predecessor built and loads it. Raises if the compiler fails or the library does not load."""
     cc = os.environ.get("CC", "gcc")
     flags = _flags()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
@@ -63,12 +113,9 @@ def _build() -> ctypes.CDLL:
     target = cache / f"native_adam_{key}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then move into place atomically
-            out = Path(tmp) / target.name
-            result = subprocess.run([cc, *flags, str(_SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
-            if result.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {result.stderr.strip()[:500]}")
-            os.replace(out, target)
+        with _exclusive(target.with_suffix(".lock")):
+            if not target.exists():  # another process may have built it while this one waited
+                _compile(cc, flags, target)
     lib = ctypes.CDLL(str(target))
     fn = lib.lowbit_adam_step
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
