@@ -31,6 +31,7 @@ from tensordict import TensorDictBase
 from torch import Tensor
 
 from ._random import stream_key, tensor_key
+from ._sharding import Sharding, as_dtensor, is_dtensor, local, local_entry, sharding_of
 from .formats import FORMATS, ROUNDINGS, dequantize, quantize
 from .kernels import Epilogue, Item, adam_step
 from .kernels.adam import PARAM_STREAM, round_to
@@ -48,6 +49,33 @@ _TORCH_NAMES = {"learning_rate": "lr", "eps": "eps", "weight_decay": "weight_dec
 _MOMENTS = {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"}
 _SIGNED = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
 _META = ("state_format", "block_size", "rounding")
+# how state_dict() writes the two string-valued entries of a quantized parameter's state: checkpoints hold only
+# tensors and numbers (torch.distributed.checkpoint's flatten_optimizer_state_dict=True, which torchtitan uses,
+# refuses strings); load_state_dict reads both forms
+STATE_FORMAT_IDS = {"8bit": 1, "4bit": 2, "fp8": 3}
+ROUNDING_IDS = {"nearest": 0, "stochastic": 1}
+_CODES = {"state_format": STATE_FORMAT_IDS, "rounding": ROUNDING_IDS}
+_NAMES = {key: {v: k for k, v in ids.items()} for key, ids in _CODES.items()}
+
+
+def _encoded(entry: dict[str, Any]) -> dict[str, Any]:
+    """A state entry as state_dict() saves it: ``state_format`` and ``rounding`` as their ids."""
+    if not any(isinstance(entry.get(k), str) for k in _CODES):
+        return entry
+    return {k: _CODES[k].get(v, v) if k in _CODES and isinstance(v, str) else v for k, v in entry.items()}
+
+
+def _decoded(entry: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint entry with ``state_format`` and ``rounding`` as names (ids, also as 0-d tensors, are mapped;
+    unknown ids stay as they are and are refused by the checks that read them)."""
+    out = dict(entry)
+    for key, names in _NAMES.items():
+        value = out.get(key)
+        if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            out[key] = names.get(value, value)
+    return out
 # torch.optim.Adam/AdamW group flags: accepted in a loaded checkpoint (at their defaults), never stored here
 _TORCH_FLAGS = {"foreach": None, "maximize": False, "capturable": False, "differentiable": False, "fused": None}
 _KEY = "param"  # the single leaf of a per-parameter core state
@@ -295,6 +323,25 @@ def _restore(core: TensorDictBase, entry: dict[str, Any], shape: torch.Size, lab
             dest.copy_(src)
 
 
+def _check_sharded(param: Tensor, grad: Tensor, transform: GradientTransformation, label: str) -> Sharding | None:
+    """The sharding of a DTensor parameter (``None`` for a plain one), after checking that its gradient is sharded
+    the same way and that the transform steps sharded parameters (adam/adamw: elementwise, row-local state)."""
+    sharding = sharding_of(param, label)
+    if sharding is None:
+        if is_dtensor(grad):
+            raise ValueError(f"{label}: the gradient is a DTensor, the parameter a plain tensor")
+        return None
+    if not is_dtensor(grad) or grad.device_mesh != param.device_mesh or tuple(grad.placements) != sharding.placements:
+        got = f"placements {list(grad.placements)}" if is_dtensor(grad) else "a plain tensor"
+        raise ValueError(f"{label}: the gradient is {got}, not sharded like the parameter ({list(sharding.placements)} on its mesh)")
+    if not isinstance(transform, FusedAdam):
+        raise TypeError(
+            f"{label}: DTensor (sharded) parameters are stepped by the adam/adamw factories (every drop-in class); "
+            "other factories step one parameter at a time through their own update, which does not see shards"
+        )
+    return sharding
+
+
 def evaluate_closure(closure: Callable[[], Any] | None) -> Any:
     """``closure()`` with gradients enabled (``step`` itself runs under ``no_grad``), or ``None``."""
     if closure is None:
@@ -318,36 +365,66 @@ def _work_dtype(param: Tensor) -> torch.dtype:
 
 
 def _record(param: Tensor, transform: GradientTransformation, entry: dict | None, label: str) -> tuple:
-    """A new core state for ``param`` (restored from ``entry`` when given) and its torch-named view."""
-    template = torch.empty((), dtype=_work_dtype(param), device=param.device).expand(param.shape)
-    core = transform.init({_KEY: template})
+    """A new core state for ``param`` (restored from ``entry`` when given) and its torch-named view.
+
+    For a parameter sharded by rows (a DTensor, see :mod:`lowbit_fn._sharding`) the core state holds the local
+    rows, laid out as decided from the global shape (so every rank agrees), and the view shows them as DTensors of
+    the global sizes."""
+    sharding = sharding_of(param, label)
+    if sharding is None:
+        template = torch.empty((), dtype=_work_dtype(param), device=param.device).expand(param.shape)
+        core = transform.init({_KEY: template})
+        shape = param.shape
+    else:
+        core, shape = _local_core(param, transform, sharding), param.to_local().shape
+        entry = local_entry(entry, sharding, label) if entry else entry
     if entry:
-        _restore(core, entry, param.shape, label)
-    fresh = _entries(core, param.shape)
+        _restore(core, entry, shape, label)
+    fresh = _entries(core, shape)
+    if sharding is not None:
+        fresh = {k: as_dtensor(v, sharding) if isinstance(v, Tensor) else v for k, v in fresh.items()}
     return fresh, tuple((k, v) for k, v in fresh.items() if isinstance(v, Tensor)), transform, core
+
+
+def _local_core(param: Tensor, transform: GradientTransformation, sharding: Sharding) -> TensorDictBase:
+    """The core state of a sharded parameter's local rows: initialized for the global shape on the meta device
+    (no memory), then each state tensor made with the local rows (every state tensor's first dimension is the
+    parameter's rows; a fresh Adam state is all zeros)."""
+    device = param.to_local().device
+    template = torch.empty((), dtype=_work_dtype(param), device="meta").expand(param.shape)
+    rows = param.shape[0]
+
+    def made(t: Tensor) -> Tensor:
+        if t.dim() >= 1 and t.shape[0] == rows and t.numel():
+            return torch.zeros((sharding.rows, *t.shape[1:]), dtype=t.dtype, device=device)
+        return torch.zeros(t.shape, dtype=t.dtype, device=device)
+
+    return transform.init({_KEY: template}).apply(made)
 
 
 _QUANT_PARTS = ("codes", "scale")
 
 
-def _fused_adam_step(transform: FusedAdam, jobs: list[tuple[Tensor, Tensor, dict[str, Any], bool, int]]) -> None:
-    """``p += adamw_update(p.grad)`` in place for ``(param, grad, state entry, stochastic rounding, identity)``
-    jobs: one :func:`lowbit_fn.kernels.adam_step` call per state kind (quantized or not) and rounding, on the
-    tensors of ``optimizer.state``; the step counts advance after it."""
+def _fused_adam_step(transform: FusedAdam, jobs: list[tuple[Tensor, Tensor, dict[str, Any], bool, int, int]]) -> None:
+    """``p += adamw_update(p.grad)`` in place for ``(param, grad, state entry, stochastic rounding, identity, base)``
+    jobs (local tensors of sharded parameters, ``base`` the global index of their first element): one
+    :func:`lowbit_fn.kernels.adam_step` call per state kind (quantized or not) and rounding, on the tensors of
+    ``optimizer.state``; the step counts advance after it."""
     core = transform.core
     lr = transform.learning_rate
     factor = -lr if isinstance(lr, Tensor) else -float(lr)
     calls: dict[tuple[bool, bool], list[Item]] = {}
-    for p, g, entry, rounding, ident in jobs:
+    for p, g, entry, rounding, ident, base in jobs:
         quantized = "state_format" in entry
         names = [f"{_MOMENTS[m]}_{part}" for m in core.moments for part in _QUANT_PARTS] if quantized else [_MOMENTS[m] for m in core.moments]
-        calls.setdefault((quantized, rounding), []).append(Item(g, [entry[n] for n in names], entry["step"] + 1, ident, p))
+        moments = [local(entry[n]) for n in names]
+        calls.setdefault((quantized, rounding), []).append(Item(g, moments, entry["step"] + 1, ident, p, base=base))
     for (quantized, rounding), items in calls.items():
         config = core.config if quantized else replace(core.config, fmt=None, block_size=0, stochastic=False)
         epilogue = Epilogue(transform.weight_decay, l2=not transform.decoupled, decoupled=transform.decoupled,
                             factor=factor, apply=True, param_sr=rounding)
         adam_step(config, items, core.b1, core.b2, core.eps, epilogue)
-    for _, _, entry, _, _ in jobs:
+    for _, _, entry, _, _, _ in jobs:
         entry["step"].add_(1)
 
 
@@ -445,6 +522,7 @@ class TransformOptimizer(torch.optim.Optimizer):
                     )
                 if g.device != p.device:
                     raise ValueError(f"{_label(gi, i, group, p)}: gradient on {g.device}, the parameter on {p.device}")
+                sharding = _check_sharded(p, g, built.transform, _label(gi, i, group, p))
                 record, new = self._core(p, built.transform, gi, i, group)
                 rounding = group["bf16_stochastic_round"] and p.dtype == torch.bfloat16
                 if rounding and "step" not in record[0]:
@@ -454,16 +532,19 @@ class TransformOptimizer(torch.optim.Optimizer):
                 state_device = record[0]["step"].device if "step" in record[0] else p.device
                 if state_device != p.device:
                     raise ValueError(f"{_label(gi, i, group, p)}: its state is on {state_device}, the parameter on {p.device}")
-                jobs.append((p, g, built.transform, record, new, rounding, position))
-        for p, _, _, record, new, _, _ in jobs:  # everything checked: from here on nothing raises for bad input
+                jobs.append((p, g, built.transform, record, new, rounding, position, sharding))
+        for p, _, _, record, new, _, _, _ in jobs:  # everything checked: from here on nothing raises for bad input
             if new:
                 self._install(p, record)
         for transform in dict.fromkeys(job[2] for job in jobs):
             mine = [job for job in jobs if job[2] is transform]
             if isinstance(transform, FusedAdam):  # adam/adamw: the kernel entry point, in place, per-parameter state
-                _fused_adam_step(transform, [(p, g, record[0], rounding, position) for p, g, _, record, _, rounding, position in mine])
+                _fused_adam_step(transform, [
+                    (local(p), local(g), record[0], rounding, position, 0 if sharding is None else sharding.base)
+                    for p, g, _, record, _, rounding, position, sharding in mine
+                ])
                 continue
-            for p, g, _, record, _, rounding, position in mine:  # any other transform, one parameter at a time
+            for p, g, _, record, _, rounding, position, _ in mine:  # any other transform, one parameter at a time
                 work = p if _work_dtype(p) == p.dtype else p.to(_work_dtype(p))
                 updates, _ = transform.update({_KEY: g.to(work.dtype)}, record[3], {_KEY: work}, inplace=True)
                 work.add_(updates[_KEY])
@@ -471,6 +552,13 @@ class TransformOptimizer(torch.optim.Optimizer):
                     key = tensor_key(stream_key(0, PARAM_STREAM, record[0]["step"]), position) if rounding else None
                     p.copy_(round_to(work.reshape(-1), p.dtype, key, torch.zeros((), dtype=torch.int64)).view(p.shape))
         return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict``, with each quantized parameter's ``state_format`` and ``rounding`` saved as ids
+        (:data:`STATE_FORMAT_IDS`, :data:`ROUNDING_IDS`) so that a checkpoint holds only tensors and numbers."""
+        saved = super().state_dict()
+        saved["state"] = {k: _encoded(v) for k, v in saved["state"].items()}
+        return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint of this optimizer, of another lowbit_fn format, or of ``torch.optim.Adam``/``AdamW``.
@@ -517,7 +605,7 @@ class TransformOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{_label(gi, i, groups[gi], p)}: its state is a {type(entry).__name__}, not a dict")
             if not entry:
                 continue
-            record = _record(p, built[gi].transform, entry, _label(gi, i, groups[gi], p))
+            record = _record(p, built[gi].transform, _decoded(entry), _label(gi, i, groups[gi], p))
             state[p] = record[0]
             cores[p] = record
         self.param_groups[:] = groups
@@ -587,10 +675,16 @@ def to_torch_state_dict(optimizer: TransformOptimizer) -> dict[str, Any]:
         raise ValueError("to_torch_state_dict needs an optimizer built from lowbit_fn.adam or lowbit_fn.adamw")
     saved = optimizer.state_dict()
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    if any(is_dtensor(p) for p in params):
+        raise ValueError(
+            "to_torch_state_dict needs unsharded parameters; for DTensor (FSDP2) ones use torch.distributed.checkpoint's "
+            "get_optimizer_state_dict(..., options=StateDictOptions(full_state_dict=True)) and load that instead"
+        )
     state = {}
     for index, entry in saved["state"].items():
         if not entry:
             continue
+        entry = _decoded(entry)
         p = params[index]
         label = f"parameter {index} of shape {list(p.shape)}"
         out = {"step": torch.tensor(float(_step_value(entry, label)), dtype=torch.float32)}

@@ -154,7 +154,10 @@ def test_state_dict_layout_and_metadata():
     sd = opt.state_dict()
     assert sorted(sd) == ["param_groups", "state"] and sorted(sd["state"]) == list(range(6))
     big = sd["state"][2]  # the 96x96 weight: quantized
-    assert big["state_format"] == "4bit" and big["block_size"] == 128 and int(big["step"]) == 2
+    ids = lowbit_fn.torch_optim
+    assert big["state_format"] == ids.STATE_FORMAT_IDS["4bit"] and big["rounding"] == ids.ROUNDING_IDS["stochastic"]
+    assert big["block_size"] == 128 and int(big["step"]) == 2
+    assert not any(isinstance(v, str) for e in sd["state"].values() for v in e.values()), "numbers and tensors only"
     assert big["exp_avg_codes"].dtype == torch.uint8 and big["exp_avg_codes"].shape == (96, 48)
     assert big["max_exp_avg_sq_scale"].shape == (96, 1), "one block per row of 96"
     small = sd["state"][1]  # the 96-element bias: float32, exactly torch's keys
@@ -549,7 +552,10 @@ def test_4bit_rounding_schemes_convert_and_old_checkpoints_read_as_nearest():
     nearest = lowbit_fn.as_torch_optimizer(lowbit_fn.adamw, model.parameters(), state_format="4bit", rounding="nearest", min_quant_size=0)
     train(model, nearest, batches(3))
     saved = checkpoint_roundtrip(nearest.state_dict())
-    assert saved["state"][0]["rounding"] == "nearest"
+    # checkpoints hold ids, not strings (torch.distributed.checkpoint's flattening refuses strings)
+    assert saved["state"][0]["rounding"] == lowbit_fn.torch_optim.ROUNDING_IDS["nearest"] == 0
+    assert saved["state"][0]["state_format"] == lowbit_fn.torch_optim.STATE_FORMAT_IDS["4bit"]
+    assert nearest.state[model[0].weight]["rounding"] == "nearest", "the live state keeps the names"
     legacy = copy.deepcopy(saved)  # a checkpoint written before the rounding key existed
     for entry in legacy["state"].values():
         entry.pop("rounding", None)  # (1-D parameters have float32 state, no rounding)

@@ -1,0 +1,148 @@
+"""One rank of the FSDP2 tests (``tests/test_fsdp.py`` starts one process per rank, with a deadline).
+
+``python fsdp_worker.py SCENARIO OUT_DIR [args]``; rank and world size come from the environment (as torchrun
+sets them), the process group is gloo on the CPU. Each scenario writes what the test compares into OUT_DIR:
+``params_<rank>.pt`` (full parameters) and, for checkpoints, the full optimizer state.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp import fully_shard
+
+import lowbit_fn
+
+STEPS = 5
+OPTIMIZERS = {
+    "8bit": lambda params: lowbit_fn.AdamW8bit(params, lr=1e-2, min_quant_size=0),
+    "4bit": lambda params: lowbit_fn.AdamW4bit(params, lr=1e-2, min_quant_size=0),
+    "fp8": lambda params: lowbit_fn.AdamWFp8(params, lr=1e-2, min_quant_size=0),
+    "fp32": lambda params: lowbit_fn.AdamW(params, lr=1e-2),
+    "factory": lambda params: lowbit_fn.as_torch_optimizer(
+        lowbit_fn.adam, params, learning_rate=1e-2, weight_decay=1e-3, state_format="4bit", min_quant_size=0
+    ),
+}
+
+
+class Model(torch.nn.Module):
+    """An embedding, a Linear(512, 33) and a Linear(33, 512) (ragged rows: 33 elements; 33 rows: uneven shards),
+    a LayerNorm, biases, and a head of 3 rows (empty shards at world size 4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(64, 512)
+        self.down = torch.nn.Linear(512, 33)
+        self.norm = torch.nn.LayerNorm(33)
+        self.up = torch.nn.Linear(33, 512)
+        self.head = torch.nn.Linear(512, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens).mean(1)
+        h = torch.tanh(self.norm(self.down(h)))
+        return self.head(torch.tanh(self.up(h)))
+
+
+def model(sharded: bool) -> Model:
+    torch.manual_seed(0)
+    m = Model()
+    if sharded:
+        for part in (m.emb, m.down, m.norm, m.up, m.head):
+            fully_shard(part)
+        fully_shard(m)
+    return m
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)  # the same batch on every rank
+    return torch.randint(0, 64, (16, 8), generator=g), torch.randn(16, 3, generator=g)
+
+
+def train(m: Model, opt: torch.optim.Optimizer, steps: range) -> None:
+    for step in steps:
+        tokens, target = batch(step)
+        loss = torch.nn.functional.mse_loss(m(tokens), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def full_params(m: Model) -> dict[str, torch.Tensor]:
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in m.named_parameters()}
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if scenario == "parity":  # train sharded with each optimizer, save the full params
+        for fmt in sys.argv[3:]:
+            m = model(True)
+            opt = OPTIMIZERS[fmt](m.parameters())
+            train(m, opt, range(STEPS))
+            params = full_params(m)
+            if rank == 0:
+                torch.save(params, os.path.join(out, f"params_{fmt}.pt"))
+    if scenario == "save":  # 3 steps, DCP save (sharded) and a full state dict; then 2 more steps
+        for fmt in sys.argv[3:]:
+            m = model(True)
+            opt = OPTIMIZERS[fmt](m.parameters())
+            train(m, opt, range(3))
+            check_state_is_sharded(m, opt)
+            flat = get_optimizer_state_dict(m, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
+            set_optimizer_state_dict(m, opt, flat, options=StateDictOptions(flatten_optimizer_state_dict=True))
+            sd = {"model": get_model_state_dict(m), "optim": get_optimizer_state_dict(m, opt)}
+            dcp.save(sd, checkpoint_id=os.path.join(out, f"dcp_{fmt}"))
+            full = get_optimizer_state_dict(m, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            model_full = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if rank == 0:
+                torch.save({"optim": full, "model": model_full}, os.path.join(out, f"full_{fmt}.pt"))
+            train(m, opt, range(3, STEPS))
+            params = full_params(m)
+            if rank == 0:
+                torch.save(params, os.path.join(out, f"params_{fmt}.pt"))
+    if scenario == "load":  # DCP load at this world size, the full state as loaded, then the last 2 steps
+        for fmt in sys.argv[3:]:
+            m = model(True)
+            opt = OPTIMIZERS[fmt](m.parameters())
+            sd = {"model": get_model_state_dict(m), "optim": get_optimizer_state_dict(m, opt)}
+            dcp.load(sd, checkpoint_id=os.path.join(out, f"dcp_{fmt}"))
+            set_model_state_dict(m, sd["model"])
+            set_optimizer_state_dict(m, opt, sd["optim"])
+            check_state_is_sharded(m, opt)
+            full = get_optimizer_state_dict(m, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if rank == 0:
+                torch.save(full, os.path.join(out, f"loaded_{fmt}_{world}.pt"))
+            train(m, opt, range(3, STEPS))
+            params = full_params(m)
+            if rank == 0:
+                torch.save(params, os.path.join(out, f"resumed_{fmt}_{world}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def check_state_is_sharded(m: Model, opt: torch.optim.Optimizer) -> None:
+    """optimizer.state_dict() holds DTensors of the global sizes, sharded like the parameters."""
+    state = opt.state_dict()["state"]
+    for index, (name, p) in enumerate(m.named_parameters()):
+        for key, value in state[index].items():
+            if key == "step" or not isinstance(value, torch.Tensor):
+                continue
+            if not isinstance(value, DTensor) or value.placements != p.placements or value.shape[0] != p.shape[0]:
+                raise AssertionError(f"{name}: state {key!r} is {type(value).__name__} {tuple(value.shape)}, not sharded like {tuple(p.shape)}")
+
+
+if __name__ == "__main__":
+    main()
