@@ -143,3 +143,24 @@ def test_dcp_checkpoints_reshard_and_resume(tmp_path):
                 torch.set_num_threads(threads)
             for name, p in m.named_parameters():
                 assert torch.equal(p.detach(), uninterrupted[name]), f"{fmt} {name}: single process after {how}"
+
+
+@pytest.mark.slow
+def test_fsdp_cpu_offload_policy_and_ddp_match_one_process(tmp_path):
+    """FSDP2's own CPU offload (parameters and gradients on the host, the step on the native kernel there) and
+    DDP (replicated parameters, the same optimizer on every rank): 5 steps at world size 2 end bit for bit where a
+    single process does, and every step count is 5."""
+    launch(2, "offload", str(tmp_path), "8bit", "4bit")
+    launch(2, "ddp", str(tmp_path), "8bit")
+    for scenario, fmt in (("offload", "8bit"), ("offload", "4bit"), ("ddp", "8bit")):
+        _, want, _ = reference(fmt)
+        got = torch.load(tmp_path / f"{scenario}_{fmt}.pt")
+        for name, value in want.items():
+            assert torch.equal(got[name], value), f"{scenario} {fmt} {name}"
+
+
+def test_unsupported_sharding_raises_clear_errors(tmp_path):
+    """Replicated and Shard(1) DTensors (tensor parallel), a gradient sharded unlike its parameter, a factory that
+    steps one parameter at a time, and DTensor leaves in the functional API: each raises an error that says what is
+    supported, before anything changes (checked in the worker, at world size 2)."""
+    launch(2, "errors", str(tmp_path))

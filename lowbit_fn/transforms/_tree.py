@@ -9,6 +9,8 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
+from .._sharding import is_dtensor
+
 Key = tuple[str, ...]
 Tree = TensorDictBase | Mapping[str, Any]
 
@@ -86,7 +88,12 @@ def check_like(
 
 
 def check_leaf(key: Key, value: Tensor, what: str) -> None:
-    """Raise ``TypeError`` for sparse or non-floating leaves."""
+    """Raise ``TypeError`` for sparse, non-floating or DTensor leaves."""
+    if is_dtensor(value):
+        raise TypeError(
+            f"{what}[{name(key)!r}] is a DTensor: the functional API steps plain tensors; for FSDP2-sharded parameters "
+            "use the torch.optim front end (lowbit_fn.AdamW8bit, ..., as_torch_optimizer), which steps each rank's rows"
+        )
     if value.layout != torch.strided:
         raise TypeError(f"{what}[{name(key)!r}] is a {value.layout} tensor; sparse gradients are not supported")
     if value.dtype not in SUPPORTED_DTYPES:

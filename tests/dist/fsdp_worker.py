@@ -21,7 +21,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.tensor import DTensor
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
 
 import lowbit_fn
 
@@ -55,13 +56,16 @@ class Model(torch.nn.Module):
         return self.head(torch.tanh(self.up(h)))
 
 
-def model(sharded: bool) -> Model:
+def model(sharded: bool, offload: bool = False) -> Model:
+    """The model, wrapped with fully_shard per layer (with FSDP2's CPU offload policy: parameters and gradients
+    on the host, pinned memory off on a CPU-only build) when ``sharded``."""
     torch.manual_seed(0)
     m = Model()
     if sharded:
+        policy = {"offload_policy": CPUOffloadPolicy(pin_memory=False)} if offload else {}
         for part in (m.emb, m.down, m.norm, m.up, m.head):
-            fully_shard(part)
-        fully_shard(m)
+            fully_shard(part, **policy)
+        fully_shard(m, **policy)
     return m
 
 
@@ -95,6 +99,22 @@ def main() -> None:
             params = full_params(m)
             if rank == 0:
                 torch.save(params, os.path.join(out, f"params_{fmt}.pt"))
+    if scenario in ("offload", "ddp"):  # FSDP2 with its CPU offload policy; DDP (replicated params)
+        for fmt in sys.argv[3:]:
+            if scenario == "ddp":
+                m = torch.nn.parallel.DistributedDataParallel(model(False))
+            else:
+                m = model(True, offload=True)
+            opt = OPTIMIZERS[fmt](m.parameters())
+            train(m, opt, range(STEPS))
+            steps = {int(s["step"]) for s in opt.state.values()}
+            if steps != {STEPS}:
+                raise AssertionError(f"step counts {steps}, expected {STEPS}")
+            params = full_params(m.module if scenario == "ddp" else m)
+            if rank == 0:
+                torch.save(params, os.path.join(out, f"{scenario}_{fmt}.pt"))
+    if scenario == "errors":
+        errors()
     if scenario == "save":  # 3 steps, DCP save (sharded) and a full state dict; then 2 more steps
         for fmt in sys.argv[3:]:
             m = model(True)
@@ -131,6 +151,47 @@ def main() -> None:
                 torch.save(params, os.path.join(out, f"resumed_{fmt}_{world}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def expect(kind: type, match: str, fn) -> None:
+    try:
+        fn()
+    except kind as err:
+        if match not in str(err):
+            raise AssertionError(f"{kind.__name__} without {match!r}: {err}") from err
+        return
+    raise AssertionError(f"no {kind.__name__} ({match!r})")
+
+
+def errors() -> None:
+    """What is not supported raises a clear error naming the parameter, and leaves it as it was."""
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    weight = torch.randn(8, 6)
+
+    def param(placements):
+        p = torch.nn.Parameter(distribute_tensor(weight.clone(), mesh, placements))
+        p.grad = distribute_tensor(torch.ones(8, 6), mesh, placements)
+        return p
+
+    for placements, what in (([Replicate()], "Replicate"), ([Shard(1)], "Shard(dim=1)")):
+        p = param(placements)
+        before = p.detach().full_tensor().clone()
+        expect(ValueError, "not supported", lbs_step(p))
+        expect(ValueError, what, lbs_step(p))
+        if not torch.equal(p.detach().full_tensor(), before):
+            raise AssertionError("a refused step changed the parameter")
+    p = param([Shard(0)])
+    p.grad = distribute_tensor(torch.ones(8, 6), mesh, [Replicate()])
+    expect(ValueError, "not sharded like the parameter", lbs_step(p))
+    p = param([Shard(0)])
+    other = lowbit_fn.as_torch_optimizer(lowbit_fn.scale_by_adam, [p], state_format="8bit")
+    expect(TypeError, "DTensor (sharded) parameters are stepped by the adam/adamw factories", other.step)
+    opt = lowbit_fn.adamw(1e-3)
+    expect(TypeError, "is a DTensor: the functional API steps plain tensors", lambda: opt.init({"w": p.detach()}))
+
+
+def lbs_step(p: torch.nn.Parameter):
+    return lowbit_fn.AdamW8bit([p], lr=1e-2, min_quant_size=0).step
 
 
 def check_state_is_sharded(m: Model, opt: torch.optim.Optimizer) -> None:
