@@ -164,3 +164,27 @@ def test_unsupported_sharding_raises_clear_errors(tmp_path):
     steps one parameter at a time, and DTensor leaves in the functional API: each raises an error that says what is
     supported, before anything changes (checked in the worker, at world size 2)."""
     launch(2, "errors", str(tmp_path))
+
+
+@pytest.mark.slow
+def test_the_fsdp_example_runs_under_torchrun(tmp_path):
+    """``torchrun --nproc-per-node 2 examples/fsdp_train.py``: trains with FSDP2 and AdamW8bit, saves with DCP,
+    resumes at world size 1; it prints each rank's state and the losses beside a single process's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    example = Path(__file__).parents[1] / "examples" / "fsdp_train.py"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", f"--master-port={port}", str(example),
+         "--steps", "6", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=DEADLINE_S,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "FSDP2 at world size 2" in out and "rank 1: optimizer state" in out, out
+    rows = [line.split("|") for line in out.splitlines() if line.strip()[:1].isdigit() and "|" in line]
+    assert [int(r[0]) for r in rows] == [1, 3, 4, 6], out
+    for step, sharded, single, resumed in rows:
+        assert abs(float(sharded) - float(single)) < 1e-3, out  # the same global batches, sharded or not
+        if resumed.strip() != "—":
+            assert abs(float(resumed) - float(single)) < 1e-3, out
