@@ -1,7 +1,7 @@
 """Train the demo's byte-level transformer with FSDP2 and ``lowbit_fn.AdamW8bit``, checkpoint with DCP, and resume
 the checkpoint at another world size.
 
-    torchrun --nproc-per-node 2 examples/fsdp_train.py [--steps 30] [--out fsdp_out]
+    torchrun --nproc-per-node 2 examples/fsdp_train.py [--steps 30] [--width 128] [--layers 2] [--out fsdp_out]
 
 What it does, on the CPU with gloo (or NCCL on GPUs):
 
@@ -42,9 +42,12 @@ from lowbit_fn.demo import CharTransformer, Corpus, stdlib_text
 GLOBAL_BATCH, CONTEXT = 16, 64
 
 
+SIZE = {"width": 128, "layers": 2}  # --width / --layers
+
+
 def build(seed: int = 0) -> CharTransformer:
     torch.manual_seed(seed)
-    return CharTransformer(width=128, layers=2, heads=4, context=CONTEXT)
+    return CharTransformer(width=SIZE["width"], layers=SIZE["layers"], heads=4, context=CONTEXT)
 
 
 def optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -112,7 +115,8 @@ def sharded(args: argparse.Namespace, corpus: Corpus) -> None:
         torch.save(params, os.path.join(args.out, "sharded_params.pt"))
     dist.destroy_process_group()
     if rank == 0:  # world size 1: a fresh process, no process group
-        subprocess.run([sys.executable, __file__, "--single", "--steps", str(args.steps), "--out", args.out], check=True)
+        subprocess.run([sys.executable, __file__, "--single", "--steps", str(args.steps), "--out", args.out,
+                        "--width", str(args.width), "--layers", str(args.layers)], check=True)
 
 
 def single(args: argparse.Namespace, corpus: Corpus) -> None:
@@ -152,8 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="training steps (default 30; the checkpoint at half)")
     parser.add_argument("--out", default="fsdp_out", help="where the checkpoint and the runs' records go")
+    parser.add_argument("--width", type=int, default=128, help="model width (default 128)")
+    parser.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
     parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)  # the world-size-1 part
     args = parser.parse_args(argv)
+    SIZE.update(width=args.width, layers=args.layers)
     if args.steps < 2:
         parser.error("--steps must be >= 2")
     os.makedirs(args.out, exist_ok=True)
