@@ -23,9 +23,26 @@ import fsdp_worker  # noqa: E402
 DEADLINE_S = 240
 
 
+# failures of the transport itself (a port taken between choosing and binding it, gloo's rendezvous), not of the
+# code under test: the launch is retried once with a new port when a rank's output shows one
+TRANSPORT_ERRORS = ("Address already in use", "EADDRINUSE", "Connection refused", "Connection reset by peer",
+                    "Gloo connectFullMesh failed", "DistNetworkError")
+
+
 def launch(world: int, *args: str) -> None:
     """One worker process per rank (the environment torchrun would set), each with a deadline; on failure the
     ranks' output is shown."""
+    for attempt in range(2):
+        failed, outputs = _launch_once(world, args)
+        if not failed:
+            return
+        if attempt == 0 and any(marker in text for text in outputs for marker in TRANSPORT_ERRORS):
+            continue
+        break
+    pytest.fail(f"{' '.join(args)} at world size {world} failed:\n" + "\n".join(outputs))
+
+
+def _launch_once(world: int, args: tuple[str, ...]) -> tuple[bool, list[str]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -45,9 +62,8 @@ def launch(world: int, *args: str) -> None:
             out, _ = proc.communicate()
             out += f"\n[rank {rank} killed after {DEADLINE_S} s]"
         failed |= proc.returncode != 0
-        outputs.append(f"--- rank {rank} (exit {proc.returncode}) ---\n{out[-4000:]}")
-    if failed:
-        pytest.fail(f"{' '.join(args)} at world size {world} failed:\n" + "\n".join(outputs))
+        outputs.append(f"--- rank {rank} (exit {proc.returncode}) ---\n{out[-6000:]}")
+    return failed, outputs
 
 
 def reference(fmt: str, steps: range = range(fsdp_worker.STEPS)) -> tuple[dict, dict, torch.optim.Optimizer]:
@@ -55,7 +71,7 @@ def reference(fmt: str, steps: range = range(fsdp_worker.STEPS)) -> tuple[dict, 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        m = fsdp_worker.model(False)
+        m = fsdp_worker.model(False, fmt=fmt)
         start = {n: p.detach().clone() for n, p in m.named_parameters()}
         opt = fsdp_worker.OPTIMIZERS[fmt](m.parameters())
         fsdp_worker.train(m, opt, steps)
@@ -67,10 +83,12 @@ def reference(fmt: str, steps: range = range(fsdp_worker.STEPS)) -> tuple[dict, 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_sharded_training_matches_one_process(world, tmp_path):
-    """5 steps of every format (and a factory through as_torch_optimizer) on the same batches: bit for bit at world
+    """5 steps of every format (bfloat16 params with stochastic rounding too, and a factory through
+    as_torch_optimizer) on the same batches: bit for bit at world
     sizes 2 and 4 (FSDP2's averaged gradients are then exactly the single process's); at 3 the gradients differ in
     their last bits (a division by 3) and each tensor stays within 1e-3 of its distance moved (L2 norms: nearest
-    rounding amplifies a last-bit difference into a code of the next level for a few elements). Shards are uneven (33 rows), rows ragged (33 elements), and the 3-row head leaves rank 3 of 4 empty."""
+    rounding amplifies a last-bit difference into a code of the next level for a few elements; bfloat16 params
+    within 2**-7 of their norm, one rounding of their own). Shards are uneven (33 rows), rows ragged (33 elements), and the 3-row head leaves rank 3 of 4 empty."""
     formats = list(fsdp_worker.OPTIMIZERS)
     launch(world, "parity", str(tmp_path), *formats)
     for fmt in formats:
@@ -80,9 +98,12 @@ def test_sharded_training_matches_one_process(world, tmp_path):
             if world in (2, 4):
                 assert torch.equal(got[name], value), f"{fmt} {name}: not bit-exact at world size {world}"
             else:
-                moved = float((value - start[name]).norm())
-                err = float((got[name] - value).norm())
-                assert err <= 1e-3 * moved, f"{fmt} {name}: {err:.3g} off, moved {moved:.3g} (L2)"
+                err = float((got[name] - value).float().norm())
+                if value.dtype == torch.bfloat16:  # a last-bit difference is a bfloat16 ulp (2**-8) of a parameter
+                    bound = 2**-7 * float(value.float().norm())
+                else:
+                    bound = 1e-3 * float((value - start[name]).norm())
+                assert err <= bound, f"{fmt} {name}: {err:.3g} off (L2), allowed {bound:.3g}"
 
 
 def same_state(a, b, where: str) -> None:

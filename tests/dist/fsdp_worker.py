@@ -32,10 +32,14 @@ OPTIMIZERS = {
     "4bit": lambda params: lowbit_fn.AdamW4bit(params, lr=1e-2, min_quant_size=0),
     "fp8": lambda params: lowbit_fn.AdamWFp8(params, lr=1e-2, min_quant_size=0),
     "fp32": lambda params: lowbit_fn.AdamW(params, lr=1e-2),
+    "4bit_bf16": lambda params: lowbit_fn.AdamW4bit(params, lr=1e-2, min_quant_size=0, bf16_stochastic_round=True),
     "factory": lambda params: lowbit_fn.as_torch_optimizer(
         lowbit_fn.adam, params, learning_rate=1e-2, weight_decay=1e-3, state_format="4bit", min_quant_size=0
     ),
 }
+
+
+DTYPES = {"4bit_bf16": torch.bfloat16}  # bfloat16 params, written back with stochastic rounding
 
 
 class Model(torch.nn.Module):
@@ -56,11 +60,11 @@ class Model(torch.nn.Module):
         return self.head(torch.tanh(self.up(h)))
 
 
-def model(sharded: bool, offload: bool = False) -> Model:
+def model(sharded: bool, offload: bool = False, fmt: str = "") -> Model:
     """The model, wrapped with fully_shard per layer (with FSDP2's CPU offload policy: parameters and gradients
     on the host, pinned memory off on a CPU-only build) when ``sharded``."""
     torch.manual_seed(0)
-    m = Model()
+    m = Model().to(DTYPES.get(fmt, torch.float32))
     if sharded:
         policy = {"offload_policy": CPUOffloadPolicy(pin_memory=False)} if offload else {}
         for part in (m.emb, m.down, m.norm, m.up, m.head):
@@ -77,7 +81,8 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def train(m: Model, opt: torch.optim.Optimizer, steps: range) -> None:
     for step in steps:
         tokens, target = batch(step)
-        loss = torch.nn.functional.mse_loss(m(tokens), target)
+        out = m(tokens)
+        loss = torch.nn.functional.mse_loss(out, target.to(out.dtype))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -93,7 +98,7 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     if scenario == "parity":  # train sharded with each optimizer, save the full params
         for fmt in sys.argv[3:]:
-            m = model(True)
+            m = model(True, fmt=fmt)
             opt = OPTIMIZERS[fmt](m.parameters())
             train(m, opt, range(STEPS))
             params = full_params(m)
