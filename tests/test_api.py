@@ -136,6 +136,21 @@ def test_updates_on_another_device_than_the_state_are_refused():
     from helpers import same
 
     assert same(state, snap)
+    state["0", "8bit_block256", "mu", "w", "codes"] = torch.empty((96, 300), dtype=torch.uint8, device="meta")
+    with pytest.raises(ValueError, match=r"state\['8bit_block256'\]\['mu'\]\['w'\]\['codes'\] is on meta"):
+        opt.update(make(seed=1), state, params)
+
+
+def test_the_kernel_entry_point_refuses_tensors_on_several_devices():
+    """The last line of defence before raw pointers go to the native kernel."""
+    from lowbit_fn.kernels import AdamConfig, Item, adam_step
+
+    g = torch.zeros(8, 8)
+    moments = [torch.zeros(8, 8), torch.zeros(8, 8, device="meta")]
+    config = AdamConfig(None, 0, False, 0, False)
+    b = torch.tensor(0.9, dtype=torch.float64)
+    with pytest.raises(ValueError, match="not one device"):
+        adam_step(config, [Item(g, moments, torch.tensor(1), 0)], b, b, b)
 
 
 @pytest.mark.slow

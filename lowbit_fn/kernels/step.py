@@ -86,6 +86,10 @@ def adam_step(
     wd = epilogue.weight_decay
     if (float(wd) if not isinstance(wd, Tensor) else (wd.device.type == "cpu" and float(wd))) == 0.0:
         epilogue = replace(epilogue, l2=False, decoupled=False)  # no decay: no pass over the parameters for it
+    for i, item in enumerate(items):  # the front ends check first, with the parameter's name; never a foreign pointer
+        tensors = [item.grad, *item.moments] + [t for t in (item.param, item.out) if t is not None]
+        if any(t.device != item.grad.device for t in tensors):
+            raise ValueError(f"adam_step: item {i} has tensors on {sorted({str(t.device) for t in tensors})}, not one device")
     results: list[Tensor | None] = [None] * len(items)
     largest = max((item.grad.numel() for item in items), default=0)
     native: dict[int, list[int]] = {}

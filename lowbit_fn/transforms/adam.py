@@ -246,6 +246,12 @@ def scale_by_adam(
         for place in places:
             for path, size, dt in place.paths:
                 tensor = flat.get(path)
+                if tensor is not None and tensor.device != flat[("count",)].device:
+                    where = "".join(f"[{p!r}]" for p in path)
+                    raise ValueError(
+                        f"scale_by_adam: state{where} is on {tensor.device}, the state's count on {flat[('count',)].device} "
+                        "(move the whole state to one device)"
+                    )
                 if tensor is None or tensor.shape != size or tensor.dtype != dt:
                     got = "nothing" if tensor is None else f"{tensor.dtype}{list(tensor.shape)}"
                     where = "".join(f"[{p!r}]" for p in path)
