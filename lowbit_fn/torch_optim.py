@@ -15,6 +15,11 @@ How it maps onto the functional core:
   ``exp_avg_codes``/``exp_avg_scale``/... plus ``state_format`` and ``block_size`` for quantized ones.
 - bfloat16 and float16 parameters are updated in float32 and written back rounded to nearest, or stochastically
   (bfloat16, ``bf16_stochastic_round=True``) with counter-based random bits: reproducible and resumable.
+- DTensor parameters sharded by rows (FSDP2's ``Shard(0)``): each rank steps its local rows, with the layout
+  decided from the global shape and random bits drawn by global element index; ``optimizer.state[p]`` holds
+  DTensors of the global sizes (see :mod:`lowbit_fn._sharding`), which ``torch.distributed.checkpoint`` saves and
+  reshards. ``state_dict()`` writes ``state_format`` and ``rounding`` as ids, so checkpoints hold only tensors
+  and numbers.
 """
 
 from __future__ import annotations
