@@ -122,7 +122,8 @@ def test_dcp_checkpoints_reshard_and_resume(tmp_path):
     form): loaded at 1, 3 and 4 ranks the state is bit-identical to the saved one (its full state dict), and the
     last 2 steps end where the uninterrupted run does (bit for bit at 1 and 4 ranks; at 3 within 1e-3 of the
     distance moved, as above). The full state dict, saved with torch.save, loads into a plain single-process
-    optimizer through set_optimizer_state_dict and through its own load_state_dict (FQN keys), and continues."""
+    optimizer through set_optimizer_state_dict and through its own load_state_dict (FQN keys), and continues; it
+    also loads into a sharded optimizer through that optimizer's own load_state_dict (each rank takes its rows)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
     formats = ["8bit", "4bit", "fp32"]
@@ -135,6 +136,8 @@ def test_dcp_checkpoints_reshard_and_resume(tmp_path):
         start, _, _ = reference(fmt)
         for world in (1, 3, 4):
             same_state(saved["optim"], torch.load(tmp_path / f"loaded_{fmt}_{world}.pt", weights_only=True), f"{fmt} at {world}")
+            same_state(saved["optim"], torch.load(tmp_path / f"direct_{fmt}_{world}.pt", weights_only=True),
+                       f"{fmt} full state dict through load_state_dict at {world}")
             resumed = torch.load(tmp_path / f"resumed_{fmt}_{world}.pt")
             for name, value in uninterrupted.items():
                 if world in (1, 4):

@@ -150,6 +150,13 @@ def main() -> None:
             full = get_optimizer_state_dict(m, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if rank == 0:
                 torch.save(full, os.path.join(out, f"loaded_{fmt}_{world}.pt"))
+            # the gathered (full) state dict, saved with torch.save, through the sharded optimizer's own
+            # load_state_dict: each rank keeps its rows
+            direct = OPTIMIZERS[fmt](m.parameters())
+            direct.load_state_dict(torch.load(os.path.join(out, f"full_{fmt}.pt"), weights_only=True)["optim"])
+            again = get_optimizer_state_dict(m, direct, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if rank == 0:
+                torch.save(again, os.path.join(out, f"direct_{fmt}_{world}.pt"))
             train(m, opt, range(3, STEPS))
             params = full_params(m)
             if rank == 0:
