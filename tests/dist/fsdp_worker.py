@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.tensor import DTensor
-from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
 
 import lowbit_fn
@@ -60,13 +60,16 @@ class Model(torch.nn.Module):
         return self.head(torch.tanh(self.up(h)))
 
 
-def model(sharded: bool, offload: bool = False, fmt: str = "") -> Model:
-    """The model, wrapped with fully_shard per layer (with FSDP2's CPU offload policy: parameters and gradients
-    on the host, pinned memory off on a CPU-only build) when ``sharded``."""
+def model(sharded: bool, offload: bool = False, fmt: str = "", mixed: bool = False) -> Model:
+    """The model, wrapped with fully_shard per layer when ``sharded``: with FSDP2's CPU offload policy (parameters
+    and gradients on the host, pinned memory off on a CPU-only build), or its mixed precision (bfloat16 compute,
+    float32 sharded parameters and gradient reduction)."""
     torch.manual_seed(0)
     m = Model().to(DTYPES.get(fmt, torch.float32))
     if sharded:
         policy = {"offload_policy": CPUOffloadPolicy(pin_memory=False)} if offload else {}
+        if mixed:
+            policy["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for part in (m.emb, m.down, m.norm, m.up, m.head):
             fully_shard(part, **policy)
         fully_shard(m, **policy)
@@ -118,6 +121,21 @@ def main() -> None:
             params = full_params(m.module if scenario == "ddp" else m)
             if rank == 0:
                 torch.save(params, os.path.join(out, f"{scenario}_{fmt}.pt"))
+    if scenario == "mixed":  # bfloat16 compute, gradient clipping on DTensors: the state stays float32-sharded
+        m = model(True, mixed=True)
+        opt = OPTIMIZERS["8bit"](m.parameters())
+        losses = []
+        for step in range(STEPS):
+            tokens, target = batch(step)
+            loss = torch.nn.functional.mse_loss(m(tokens).float(), target)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+        check_state_is_sharded(m, opt)
+        if rank == 0:
+            torch.save(losses, os.path.join(out, "mixed_losses.pt"))
     if scenario == "errors":
         errors()
     if scenario == "save":  # 3 steps, DCP save (sharded) and a full state dict; then 2 more steps
