@@ -14,7 +14,7 @@ from tensordict import TensorDictBase
 
 from ._tree import Tree, as_tensordict
 from .alias import FusedAdam
-from .base import Chain, CheckedTransformation, GradientTransformation, apply_updates
+from .base import Chain, GradientTransformation, apply_updates, step_member
 
 __all__ = ["apply_gradients"]
 
@@ -87,15 +87,9 @@ def apply_gradients(
     head, fused_path, fused = tail
     grads = as_tensordict(grads)
     params = as_tensordict(params, "params")
-    if isinstance(transform, CheckedTransformation):
-        transform.check(grads, state, params)  # every member, before any of them steps
+    transform.check(grads, state, params)  # a Chain or a FusedAdam: every member, before any of them steps
     for path, member in head:
-        if isinstance(member, CheckedTransformation):
-            grads, new = member.step(grads, state[path], params, inplace)
-        else:
-            grads, new = member.update(grads, state[path], params)
-        if new is not state[path]:
-            state[path] = new
+        grads = step_member(member, grads, state, path, params, inplace)
     targets = params if inplace else params.clone()
     fused.apply(grads, state[fused_path] if fused_path else state, targets, bf16_stochastic_round)
     return targets, state

@@ -120,15 +120,26 @@ def chain(*transforms: GradientTransformation) -> Chain:
 
     def step(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None, inplace: bool):
         for i, t in enumerate(transforms):
-            if isinstance(t, CheckedTransformation):
-                updates, new = t.step(updates, state[str(i)], params, inplace)
-            else:
-                updates, new = t.update(updates, state[str(i)], params)
-            if new is not state[str(i)]:
-                state[str(i)] = new
+            updates = step_member(t, updates, state, str(i), params, inplace)
         return updates, state
 
     return Chain(init, step, check, transforms=tuple(transforms))
+
+
+def step_member(
+    transform: GradientTransformation, updates: TensorDictBase, state: TensorDictBase, key: str | tuple[str, ...],
+    params: TensorDictBase | None, inplace: bool,
+) -> TensorDictBase:
+    """One member's update on input its container has checked (a :class:`CheckedTransformation` steps without
+    checking again; a plain one runs its own ``update``), with its state at ``state[key]``, replaced there when the
+    member returns a new one. Returns the updates."""
+    if isinstance(transform, CheckedTransformation):
+        updates, new = transform.step(updates, state[key], params, inplace)
+    else:
+        updates, new = transform.update(updates, state[key], params)
+    if new is not state[key]:
+        state[key] = new
+    return updates
 
 
 def apply_updates(

@@ -11,7 +11,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from ._tree import Key, Tree, as_tensordict, build, check_like, leaves, signature
-from .base import CheckedTransformation, GradientTransformation
+from .base import CheckedTransformation, GradientTransformation, step_member
 
 __all__ = ["offload"]
 
@@ -103,22 +103,14 @@ def offload(
         for (keys, u, p), name in zip(parts(updates, params), ("host", "device")):
             inner.check(build(keys, u), state[name], None if p is None else build(keys, p))
 
-    def run(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None, inplace: bool):
-        if isinstance(inner, CheckedTransformation):
-            return inner.step(updates, state, params, inplace)
-        return inner.update(updates, state, params)
-
     def step(updates: TensorDictBase, state: TensorDictBase, params: TensorDictBase | None, inplace: bool):
         (hk, hu, hp), (dk, du, dp) = parts(updates, params)
         devices = [u.device for u in hu]
         moved = to_host(hu + (hp or []), host, pin_memory)
         # on the host the updates may always reuse the copies' buffers; on the device only when asked to
-        new_h, state_h = run(build(hk, moved[: len(hu)]), state["host"], None if hp is None else build(hk, moved[len(hu):]),
-                             inplace or (bool(hu) and all(m is not u for m, u in zip(moved, hu))))
-        new_d, state_d = run(build(dk, du), state["device"], None if dp is None else build(dk, dp), inplace)
-        for name, new in (("host", state_h), ("device", state_d)):
-            if new is not state[name]:
-                state[name] = new
+        new_h = step_member(inner, build(hk, moved[: len(hu)]), state, "host", None if hp is None else build(hk, moved[len(hu):]),
+                            inplace or (bool(hu) and all(m is not u for m, u in zip(moved, hu))))
+        new_d = step_member(inner, build(dk, du), state, "device", None if dp is None else build(dk, dp), inplace)
         _, back = leaves(new_h)
         back = [u if u.device == d else u.to(d, non_blocking=pin_memory) for u, d in zip(back, devices)]
         _, rest = leaves(new_d)
