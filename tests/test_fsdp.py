@@ -190,16 +190,7 @@ def test_fsdp_mixed_precision_and_clipping_train(tmp_path):
     torch.set_num_threads(1)
     try:
         m = fsdp_worker.model(False)
-        opt = fsdp_worker.OPTIMIZERS["8bit"](m.parameters())
-        want = []
-        for step in range(fsdp_worker.STEPS):
-            tokens, target = fsdp_worker.batch(step)
-            loss = torch.nn.functional.mse_loss(m(tokens), target)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-            opt.step()
-            want.append(float(loss.detach()))
+        want = fsdp_worker.train(m, fsdp_worker.OPTIMIZERS["8bit"](m.parameters()), range(fsdp_worker.STEPS), clip=1.0)
     finally:
         torch.set_num_threads(threads)
     assert all(abs(a - b) <= 0.05 * abs(b) for a, b in zip(losses, want)), (losses, want)

@@ -81,14 +81,21 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(0, 64, (16, 8), generator=g), torch.randn(16, 3, generator=g)
 
 
-def train(m: Model, opt: torch.optim.Optimizer, steps: range) -> None:
+def train(m: Model, opt: torch.optim.Optimizer, steps: range, clip: float | None = None) -> list[float]:
+    """The steps' losses; the loss in float32 (the model's output may be bfloat16); with ``clip`` the gradients'
+    global norm is clipped first (``clip_grad_norm_``, DTensor gradients included)."""
+    losses = []
     for step in steps:
         tokens, target = batch(step)
         out = m(tokens)
-        loss = torch.nn.functional.mse_loss(out, target.to(out.dtype))
+        loss = torch.nn.functional.mse_loss(out.float(), target)
         opt.zero_grad()
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(m.parameters(), clip)
         opt.step()
+        losses.append(float(loss.detach()))
+    return losses
 
 
 def full_params(m: Model) -> dict[str, torch.Tensor]:
@@ -124,15 +131,7 @@ def main() -> None:
     if scenario == "mixed":  # bfloat16 compute, gradient clipping on DTensors: the state stays float32-sharded
         m = model(True, mixed=True)
         opt = OPTIMIZERS["8bit"](m.parameters())
-        losses = []
-        for step in range(STEPS):
-            tokens, target = batch(step)
-            loss = torch.nn.functional.mse_loss(m(tokens).float(), target)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-            opt.step()
-            losses.append(float(loss.detach()))
+        losses = train(m, opt, range(STEPS), clip=1.0)
         check_state_is_sharded(m, opt)
         if rank == 0:
             torch.save(losses, os.path.join(out, "mixed_losses.pt"))
