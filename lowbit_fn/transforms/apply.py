@@ -2,10 +2,10 @@
 step's own pass where the transform allows it.
 
 ``update`` followed by ``apply_updates`` makes two passes over memory: the second reads every parameter and update
-again and writes the parameter (12 B per float32 element), which is about a third of a low-bit Adam step on a
-CPU. ``apply_gradients`` does the step in one pass for :func:`lowbit_fn.adam` / :func:`lowbit_fn.adamw`, alone or as
-the last member of a :func:`lowbit_fn.chain`, as the torch.optim front end does (flax's
-``TrainState.apply_gradients`` is the same idea).
+again and writes the parameter (12 B per float32 element; ``benchmarks/step_speed.py`` measures the two calls at
+1.15-2x the torch.optim step on this project's CPU). ``apply_gradients`` does the step in one pass for
+:func:`lowbit_fn.adam` / :func:`lowbit_fn.adamw`, alone or as the last member of a :func:`lowbit_fn.chain`, as the
+torch.optim front end does (flax's ``TrainState.apply_gradients`` is the same idea).
 """
 
 from __future__ import annotations
