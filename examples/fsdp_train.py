@@ -20,6 +20,7 @@ and where the resumed run ends against the uninterrupted one.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import subprocess
 import sys
@@ -76,9 +77,20 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
 
 
 def sharded(args: argparse.Namespace, corpus: Corpus) -> None:
+    dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+    train_sharded(args, corpus)
+    gc.collect()  # the model, optimizer and DTensors go before their process group (gloo can abort otherwise)
+    dist.barrier()
+    rank = dist.get_rank()
+    dist.destroy_process_group()
+    if rank == 0:  # world size 1: a fresh process, no process group
+        subprocess.run([sys.executable, __file__, "--single", "--steps", str(args.steps), "--out", args.out,
+                        "--width", str(args.width), "--layers", str(args.layers)], check=True)
+
+
+def train_sharded(args: argparse.Namespace, corpus: Corpus) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     if GLOBAL_BATCH % world:
         raise SystemExit(f"the global batch ({GLOBAL_BATCH}) must divide among {world} ranks")
@@ -113,10 +125,6 @@ def sharded(args: argparse.Namespace, corpus: Corpus) -> None:
     params = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
     if rank == 0:
         torch.save(params, os.path.join(args.out, "sharded_params.pt"))
-    dist.destroy_process_group()
-    if rank == 0:  # world size 1: a fresh process, no process group
-        subprocess.run([sys.executable, __file__, "--single", "--steps", str(args.steps), "--out", args.out,
-                        "--width", str(args.width), "--layers", str(args.layers)], check=True)
 
 
 def single(args: argparse.Namespace, corpus: Corpus) -> None:

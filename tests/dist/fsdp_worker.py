@@ -7,6 +7,7 @@ sets them), the process group is gloo on the CPU. Each scenario writes what the 
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -103,8 +104,16 @@ def full_params(m: Model) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    scenario, out = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
+    run(sys.argv[1], sys.argv[2])
+    # every model, optimizer and DTensor of the scenario is released before the process group goes: a gloo
+    # group destroyed while tensors still refer to it can abort the process at exit
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(scenario: str, out: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     if scenario == "parity":  # train sharded with each optimizer, save the full params
         for fmt in sys.argv[3:]:
@@ -178,8 +187,6 @@ def main() -> None:
             params = full_params(m)
             if rank == 0:
                 torch.save(params, os.path.join(out, f"resumed_{fmt}_{world}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def expect(kind: type, match: str, fn) -> None:
