@@ -38,11 +38,11 @@ from torch import Tensor
 from ._random import stream_key, tensor_key
 from ._sharding import Sharding, as_dtensor, is_dtensor, local, local_entry, sharding_of
 from .formats import FORMATS, ROUNDINGS, dequantize, quantize
-from .kernels import Epilogue, Item, adam_step
-from .kernels.adam import PARAM_STREAM, round_to
+from .kernels import Epilogue, Item, moment_step
+from .kernels.reference import PARAM_STREAM, round_to
 from .transforms import GradientTransformation, adam, adamw
-from .transforms.adam import parse_group_name
-from .transforms.alias import FusedAdam
+from .transforms._moments import parse_group_name
+from .transforms.alias import FusedChain
 
 __all__ = [
     "TransformOptimizer", "as_torch_optimizer", "to_torch_state_dict",
@@ -339,7 +339,7 @@ def _check_sharded(param: Tensor, grad: Tensor, transform: GradientTransformatio
     if not is_dtensor(grad) or grad.device_mesh != param.device_mesh or tuple(grad.placements) != sharding.placements:
         got = f"placements {list(grad.placements)}" if is_dtensor(grad) else "a plain tensor"
         raise ValueError(f"{label}: the gradient is {got}, not sharded like the parameter ({list(sharding.placements)} on its mesh)")
-    if not isinstance(transform, FusedAdam):
+    if not isinstance(transform, FusedChain):
         raise TypeError(
             f"{label}: DTensor (sharded) parameters are stepped by the adam/adamw factories (every drop-in class); "
             "other factories step one parameter at a time through their own update, which does not see shards"
@@ -410,10 +410,10 @@ def _local_core(param: Tensor, transform: GradientTransformation, sharding: Shar
 _QUANT_PARTS = ("codes", "scale")
 
 
-def _fused_adam_step(transform: FusedAdam, jobs: list[tuple[Tensor, Tensor, dict[str, Any], bool, int, int]]) -> None:
-    """``p += adamw_update(p.grad)`` in place for ``(param, grad, state entry, stochastic rounding, identity, base)``
+def _fused_step(transform: FusedChain, jobs: list[tuple[Tensor, Tensor, dict[str, Any], bool, int, int]]) -> None:
+    """``p += update(p.grad)`` in place for ``(param, grad, state entry, stochastic rounding, identity, base)``
     jobs (local tensors of sharded parameters, ``base`` the global index of their first element): one
-    :func:`lowbit_fn.kernels.adam_step` call per state kind (quantized or not) and rounding, on the tensors of
+    :func:`lowbit_fn.kernels.moment_step` call per state kind (quantized or not) and rounding, on the tensors of
     ``optimizer.state``; the step counts advance after it."""
     core = transform.core
     lr = transform.learning_rate
@@ -421,14 +421,14 @@ def _fused_adam_step(transform: FusedAdam, jobs: list[tuple[Tensor, Tensor, dict
     calls: dict[tuple[bool, bool], list[Item]] = {}
     for p, g, entry, rounding, ident, base in jobs:
         quantized = "state_format" in entry
-        names = [f"{_MOMENTS[m]}_{part}" for m in core.moments for part in _QUANT_PARTS] if quantized else [_MOMENTS[m] for m in core.moments]
+        names = [f"{m}_{part}" for m in core.torch_names for part in _QUANT_PARTS] if quantized else list(core.torch_names)
         moments = [local(entry[n]) for n in names]
         calls.setdefault((quantized, rounding), []).append(Item(g, moments, entry["step"] + 1, ident, p, base=base))
     for (quantized, rounding), items in calls.items():
         config = core.config if quantized else replace(core.config, fmt=None, block_size=0, stochastic=False)
         epilogue = Epilogue(transform.weight_decay, l2=not transform.decoupled, decoupled=transform.decoupled,
                             factor=factor, apply=True, param_sr=rounding)
-        adam_step(config, items, core.b1, core.b2, core.eps, epilogue)
+        moment_step(config, items, core.hyper, epilogue)
     for _, _, entry, _, _, _ in jobs:
         entry["step"].add_(1)
 
@@ -543,8 +543,8 @@ class TransformOptimizer(torch.optim.Optimizer):
                 self._install(p, record)
         for transform in dict.fromkeys(job[2] for job in jobs):
             mine = [job for job in jobs if job[2] is transform]
-            if isinstance(transform, FusedAdam):  # adam/adamw: the kernel entry point, in place, per-parameter state
-                _fused_adam_step(transform, [
+            if isinstance(transform, FusedChain):  # adam/adamw: the kernel entry point, in place, per-parameter state
+                _fused_step(transform, [
                     (local(p), local(g), record[0], rounding, position, 0 if sharding is None else sharding.base)
                     for p, g, _, record, _, rounding, position, sharding in mine
                 ])

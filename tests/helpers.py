@@ -48,7 +48,7 @@ def same(td: TensorDictBase, snap: dict) -> bool:
 
 def group_key(fmt: str, rounding: str | None = None) -> str:
     """The state group name of a format with its default block size (and its default rounding)."""
-    from lowbit_fn.transforms.adam import DEFAULT_ROUNDING, group_name
+    from lowbit_fn.transforms._moments import DEFAULT_ROUNDING, group_name
 
     f = lowbit_fn.FORMATS[fmt]
     return group_name(f, f.default_block_size, rounding or DEFAULT_ROUNDING[fmt])

@@ -42,7 +42,7 @@ def test_drop_in_signatures_show_their_defaults():
 
 
 def test_each_input_is_validated_once_per_step(monkeypatch):
-    adam_module = sys.modules["lowbit_fn.transforms.adam"]  # (lowbit_fn.transforms.adam is the alias function)
+    adam_module = sys.modules["lowbit_fn.transforms._moments"]
     calls = []
     real = adam_module.check_like
     monkeypatch.setattr(adam_module, "check_like", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
@@ -143,14 +143,15 @@ def test_updates_on_another_device_than_the_state_are_refused():
 
 def test_the_kernel_entry_point_refuses_tensors_on_several_devices():
     """The last line of defence before raw pointers go to the native kernel."""
-    from lowbit_fn.kernels import AdamConfig, Item, adam_step
+    from lowbit_fn.kernels import Item, StepConfig, moment_step
+    from lowbit_fn.kernels.rules import Adam
 
     g = torch.zeros(8, 8)
     moments = [torch.zeros(8, 8), torch.zeros(8, 8, device="meta")]
-    config = AdamConfig(None, 0, False, 0, False)
+    config = StepConfig(Adam(), None, 0, False, 0)
     b = torch.tensor(0.9, dtype=torch.float64)
     with pytest.raises(ValueError, match="not one device"):
-        adam_step(config, [Item(g, moments, torch.tensor(1), 0)], b, b, b)
+        moment_step(config, [Item(g, moments, torch.tensor(1), 0)], (b, b, b))
 
 
 @pytest.mark.slow
@@ -164,7 +165,7 @@ def test_compiled_path_compiles_once_per_format_and_dtype(fmt, monkeypatch):
 
     import lowbit_fn.kernels.step as step_module
     from lowbit_fn._compile import compiled
-    from lowbit_fn.kernels.adam import tensor_step
+    from lowbit_fn.kernels.reference import tensor_step
 
     fresh = compiled(tensor_step.fn)
     monkeypatch.setattr(step_module, "tensor_step", fresh)
@@ -205,7 +206,7 @@ def test_compiled_path_steps_large_tensors_in_pieces(fmt, monkeypatch):
 
     import lowbit_fn.kernels.step as step_module
     from lowbit_fn._compile import compiled
-    from lowbit_fn.kernels.adam import tensor_step
+    from lowbit_fn.kernels.reference import tensor_step
 
     shapes = {"w": (512, 512), "v": (300, 301), "t": (40, 3, 700), "b": (512,)}  # pieces of 64, 108 and 15 rows
     gen = torch.Generator().manual_seed(0)

@@ -5,8 +5,7 @@ import torch
 
 import lowbit_fn
 from lowbit_fn._random import tensor_id
-from lowbit_fn.kernels import adam_math
-from lowbit_fn.kernels.adam import _sqrt
+from lowbit_fn.kernels.rules import Adam, sqrt
 from helpers import batches, group_key, loss_fn, mlp, run_functional
 
 
@@ -103,14 +102,15 @@ def test_one_step_moments_within_round_trip_bound(state_format):
     g = grads["w"]
     one = torch.ones((), dtype=torch.int64)
     f64 = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
-    _, m, v, _ = adam_math(g, torch.zeros_like(g), torch.zeros_like(g), None, one, f64(0.9), f64(0.999), f64(1e-8))
-    assert torch.allclose(m, 0.1 * g) and torch.allclose(v, 0.001 * g * g)  # adam_math is checked against torch above
+    scalars = Adam().scalars(one, (f64(0.9), f64(0.999), f64(1e-8)), torch.float32)
+    _, (m, v) = Adam().math(g, [torch.zeros_like(g), torch.zeros_like(g)], scalars)
+    assert torch.allclose(m, 0.1 * g) and torch.allclose(v, 0.001 * g * g)  # the rule is checked against torch above
     assert torch.allclose(direction["w"], (m / 0.1) / ((v.sqrt() / 0.001**0.5) + 1e-8), rtol=1e-5)
     group = state[group_key(state_format)]
     stochastic = state_format == "4bit"  # the 4-bit default: stochastic rounding, v stored as sqrt(v)
     for moment, value, signed in (("mu", m, True), ("nu", v, False)):
         if stochastic and not signed:
-            value = _sqrt(value)  # the kernel's correctly rounded sqrt
+            value = sqrt(value)  # the kernel's correctly rounded sqrt
         rounding = "stochastic" if stochastic else "nearest"
         codes, scale = lowbit_fn.quantize(value, state_format, signed=signed, rounding=rounding, step=1,
                                           tensor_id=tensor_id("w"))

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lowbit_fn
-from lowbit_fn.kernels import AdamConfig, Epilogue, Item, adam_step
+from lowbit_fn.kernels import Epilogue, Item, StepConfig, moment_step
+from lowbit_fn.kernels.rules import Adam
 from lowbit_fn.kernels.native import native_available, nearest_thresholds, prefix_table, threshold_table
 
 pytestmark = pytest.mark.skipif(not native_available(torch.device("cpu")), reason="no C compiler here")
@@ -26,14 +27,14 @@ def both(fmt_name, g, moments, step, stochastic, b1=0.9, b2=0.999, eps=1e-8, see
     """Run the compiled reference and the native kernel (through the one entry point) on copies of the same
     state and parameter; returns both ``(update or parameter, moments)``."""
     fmt = lowbit_fn.FORMATS[fmt_name] if fmt_name != "fp32" else None
-    config = AdamConfig(fmt, fmt.default_block_size if fmt else 0, stochastic, seed, len(moments) > 4)
+    config = StepConfig(Adam(len(moments) > (4 if fmt else 2)), fmt, fmt.default_block_size if fmt else 0, stochastic, seed)
     out = []
     for native in ("0", "1"):
         os.environ["LOWBIT_FN_NATIVE"] = native
         try:
             state = [t.clone() for t in moments]
             p = None if param is None else param.clone()
-            (d,) = adam_step(config, [Item(g, state, torch.tensor(step), 1234, p)], f64(b1), f64(b2), f64(eps), epilogue)
+            (d,) = moment_step(config, [Item(g, state, torch.tensor(step), 1234, p)], (f64(b1), f64(b2), f64(eps)), epilogue)
         finally:
             del os.environ["LOWBIT_FN_NATIVE"]
         out.append((p if epilogue.apply else d, state))

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from lowbit_fn._compile import compiled
 from lowbit_fn._random import hash32, mix, stream_key, tensor_key, tensor_key_int
-from lowbit_fn.kernels.adam import round_to
+from lowbit_fn.kernels.reference import round_to
 
 _ZERO = torch.zeros((), dtype=torch.int64)
 

@@ -234,7 +234,7 @@ def _fresh_compiled_step(monkeypatch):
     cannot hide a recompile; returns the wrapper (its ``_variants``: the variants compiled so far)."""
     import lowbit_fn.kernels.step as step_module
     from lowbit_fn._compile import compiled
-    from lowbit_fn.kernels.adam import tensor_step
+    from lowbit_fn.kernels.reference import tensor_step
 
     fresh = compiled(tensor_step.fn)
     monkeypatch.setattr(step_module, "tensor_step", fresh)

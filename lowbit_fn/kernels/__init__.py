@@ -1,7 +1,8 @@
-"""Step kernels. The Adam math lives once in :func:`adam_math`; :func:`adam_step` is the one entry point of a step
-(native CPU kernel or compiled torch step, chosen per tensor)."""
+"""Step kernels. Each rule's math lives once in :mod:`lowbit_fn.kernels.rules`; :func:`moment_step` is the one
+entry point of a step over codec state (native CPU kernel or compiled torch step, chosen per tensor)."""
 
-from .adam import adam_math, tensor_step
-from .step import AdamConfig, Epilogue, Item, adam_step
+from . import rules
+from .reference import tensor_step
+from .step import Epilogue, Item, StepConfig, moment_step
 
-__all__ = ["adam_math", "tensor_step", "adam_step", "AdamConfig", "Epilogue", "Item"]
+__all__ = ["rules", "tensor_step", "moment_step", "StepConfig", "Epilogue", "Item"]

@@ -32,15 +32,20 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from typing import TYPE_CHECKING
+
 from .._random import stream_key_int, tensor_key_int
-from ..formats import BlockFormat
+
+if TYPE_CHECKING:
+    from .rules import Rule
+    from .step import StepConfig
 
 try:
     import fcntl
 except ImportError:  # Windows: no flock; the create-if-absent link in _build alone keeps a cached library in place
     fcntl = None
 
-__all__ = ["native_available", "native_adam_step", "NATIVE_DTYPES"]
+__all__ = ["native_available", "native_step", "native_serves_rule", "NATIVE_DTYPES"]
 
 _SOURCE = Path(__file__).with_name("native_adam.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
@@ -233,12 +238,18 @@ _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 NATIVE_DTYPES = tuple(_DTYPES)  # parameter, gradient and output dtypes the kernel reads and writes
 
 
-def native_adam_step(
+def native_serves_rule(rule: "Rule") -> bool:
+    """Whether the kernel implements ``rule`` (the others run the compiled reference)."""
+    return rule.native_id == 0
+
+
+def native_step(
     grads: list[Tensor], moments: list[list[Tensor]], rows: list[int], bases: list[int], idents: list[int], step: int,
-    scalars: Tensor, fmt: BlockFormat | None, block_size: int, stochastic: bool, seed: int, *,
+    scalars: Tensor, config: "StepConfig", *,
     params: list[Tensor] | None = None, outs: list[Tensor] | None = None, mode: int = 0, param_sr: bool = False,
 ) -> None:
-    """One Adam step over several tensors (*segments*) in one call; see :func:`lowbit_fn.kernels.adam_step`.
+    """One step of ``config.rule`` over several tensors (*segments*) in one call; see
+    :func:`lowbit_fn.kernels.moment_step`.
 
     Segment ``s``: gradient ``grads[s]`` (contiguous float32, bfloat16 or float16), its moments ``moments[s]``
     (``[codes, scale]`` per moment in the row layout of :mod:`lowbit_fn.formats`; with ``fmt=None``, one float32
@@ -246,13 +257,14 @@ def native_adam_step(
     state, where blocks only divide the work), the index of its first element in the whole tensor ``bases[s]``
     and its 32-bit identity ``idents[s]`` (both select its stochastic rounding), and, depending on ``mode``
     (``EPILOGUE_*`` bits), its parameter ``params[s]`` and output ``outs[s]`` (contiguous, any of the three
-    dtypes). ``scalars`` holds ``adam_scalars``' six values, the weight decay and the signed learning rate
-    (float32). Mode 0 writes the direction ``m_hat / (sqrt(v_hat) + eps)``; ``EPILOGUE_L2`` adds ``p *
-    weight_decay`` to the gradient first, ``EPILOGUE_DECOUPLED`` adds it to the direction, ``EPILOGUE_SCALE``
-    multiplies by the learning rate factor, and ``EPILOGUE_APPLY`` adds the result to the parameter in place (no
-    output), rounded to its dtype (stochastically for bfloat16 with ``param_sr``): exactly the float32 operations of
-    :func:`lowbit_fn.kernels.adam.tensor_step`. The caller checks dtypes, devices and contiguity.
+    dtypes). ``scalars`` holds the rule's scalars, the weight decay and the signed learning rate (float32). Mode 0
+    writes the direction; ``EPILOGUE_L2`` adds ``p * weight_decay`` to the gradient first,
+    ``EPILOGUE_DECOUPLED`` adds it to the direction, ``EPILOGUE_SCALE`` multiplies by the learning rate factor,
+    and ``EPILOGUE_APPLY`` adds the result to the parameter in place (no output), rounded to its dtype
+    (stochastically for bfloat16 with ``param_sr``): exactly the float32 operations of
+    :func:`lowbit_fn.kernels.reference.tensor_step`. The caller checks dtypes, devices and contiguity.
     """
+    fmt, block_size, stochastic, seed = config.fmt, config.block_size if config.fmt is not None else 256, config.stochastic, config.seed
     if not grads:
         return
     lib = _library()

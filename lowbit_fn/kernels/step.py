@@ -1,11 +1,12 @@
-"""The one entry point of an Adam step: :func:`adam_step`, called by the functional transforms, the torch.optim
-front end and offload alike.
+"""The one entry point of an optimizer step over codec state: :func:`moment_step`, called by the functional
+transforms, the torch.optim front end and offload alike, for every rule of :mod:`lowbit_fn.kernels.rules`.
 
-It takes the tensors of a step (gradients, moments, parameters, outputs) and the hyperparameters, and chooses how
-each tensor runs: the native CPU kernel (all the CPU tensors that share a step count in one call, float32,
-bfloat16 or float16 parameters read and written in the kernel's own pass) or the compiled torch step
-(:func:`lowbit_fn.kernels.adam.tensor_step`, one call per tensor, exactly one graph per format, block size,
-rounding, dtypes and epilogue, whatever the number and shapes of the tensors). Both compute the same bits.
+It takes the tensors of a step (gradients, moments, parameters, outputs), the rule's hyperparameters and the
+epilogue, and chooses how each tensor runs: the native CPU kernel (all the CPU tensors that share a step count in
+one call, float32, bfloat16 or float16 parameters read and written in the kernel's own pass) or the compiled
+torch step (:func:`lowbit_fn.kernels.reference.tensor_step`, one call per tensor, exactly one graph per rule,
+format, block size, rounding, dtypes and epilogue, whatever the number and shapes of the tensors). Both compute
+the same bits.
 """
 
 from __future__ import annotations
@@ -16,28 +17,30 @@ import torch
 from torch import Tensor
 
 from ..formats import BlockFormat, row_split
-from .adam import adam_scalars, tensor_step
-from .native import EPILOGUE_APPLY, EPILOGUE_DECOUPLED, EPILOGUE_L2, EPILOGUE_SCALE, NATIVE_DTYPES, native_adam_step, native_available
+from .native import EPILOGUE_APPLY, EPILOGUE_DECOUPLED, EPILOGUE_L2, EPILOGUE_SCALE, NATIVE_DTYPES, native_available, native_serves_rule, native_step
+from .reference import tensor_step
+from .rules import Rule
 
-__all__ = ["AdamConfig", "Epilogue", "Item", "adam_step"]
+__all__ = ["StepConfig", "Epilogue", "Item", "moment_step"]
 
 Scalar = float | Tensor
 
 
 @dataclass(frozen=True)
-class AdamConfig:
-    """What an Adam state is: its format (``None``: full precision), block size, rounding, seed and moments."""
+class StepConfig:
+    """What a state is: its rule (the moments and their math), format (``None``: full precision), block size,
+    rounding and seed."""
 
+    rule: Rule
     fmt: BlockFormat | None
     block_size: int
     stochastic: bool
     seed: int
-    amsgrad: bool
 
 
 @dataclass(frozen=True)
 class Epilogue:
-    """What follows the Adam direction ``d`` in the same pass: ``l2`` (``g += p * weight_decay`` first, Adam) or
+    """What follows the rule's direction ``d`` in the same pass: ``l2`` (``g += p * weight_decay`` first, Adam) or
     ``decoupled`` (``d += p * weight_decay``, AdamW), then ``d *= factor`` (the signed learning rate, unless
     ``None``), then with ``apply`` ``p += d`` in place (rounded to ``p``'s dtype; stochastically for bfloat16 with
     ``param_sr``) instead of returning ``d``. The float32 operations of ``add_decayed_weights``,
@@ -59,7 +62,7 @@ class Epilogue:
 class Item:
     """One tensor of a step.
 
-    ``moments``: per moment (m, v, and vmax with amsgrad), its full-precision tensor (the parameter's shape), or its
+    ``moments``: per moment of the rule, its full-precision tensor (the parameter's shape), or its
     ``codes`` and ``scale`` (:mod:`lowbit_fn.formats`' row layout). ``step``: the step count of this update (int64
     0-d, 1 on the first). ``ident`` (32-bit) and ``base`` (the index of the tensor's first element in the whole
     parameter, for a shard) select its stochastic rounding. ``out``: where the update goes (e.g. the gradient's own
@@ -74,10 +77,11 @@ class Item:
     base: int = 0
 
 
-def adam_step(
-    config: AdamConfig, items: list[Item], b1: Tensor, b2: Tensor, eps: Tensor, epilogue: Epilogue = Epilogue()
+def moment_step(
+    config: StepConfig, items: list[Item], hyper: tuple[Tensor, ...], epilogue: Epilogue = Epilogue()
 ) -> list[Tensor | None]:
-    """One Adam step of every item; returns each item's update (``None`` where it was applied to the parameter).
+    """One step of every item by ``config.rule`` with its hyperparameters ``hyper`` (0-d tensors); returns each
+    item's update (``None`` where it was applied to the parameter).
 
     The caller has validated shapes, dtypes and devices. Items the native kernel serves (CPU, float32 state,
     float32/bfloat16/float16 tensors) run in one native call per distinct step count; the others one compiled
@@ -89,23 +93,44 @@ def adam_step(
     for i, item in enumerate(items):  # the front ends check first, with the parameter's name; never a foreign pointer
         tensors = [item.grad, *item.moments] + [t for t in (item.param, item.out) if t is not None]
         if any(t.device != item.grad.device for t in tensors):
-            raise ValueError(f"adam_step: item {i} has tensors on {sorted({str(t.device) for t in tensors})}, not one device")
+            raise ValueError(f"moment_step: item {i} has tensors on {sorted({str(t.device) for t in tensors})}, not one device")
     results: list[Tensor | None] = [None] * len(items)
     largest = max((item.grad.numel() for item in items), default=0)
     native: dict[int, list[int]] = {}
     on: dict[torch.device, bool] = {}
+    scalars: dict[tuple, list[Tensor]] = {}  # per step count (CPU) or step tensor, dtype and device
     for i, item in enumerate(items):
         device = item.grad.device
         if device not in on:
             on[device] = native_available(device)
-        if on[device] and item.moments[0].dtype != torch.float64 and _native_serves(item, epilogue):
+        if on[device] and native_serves_rule(config.rule) and _work_dtype(config, item) == torch.float32 and _native_serves(item, epilogue):
             native.setdefault(int(item.step), []).append(i)
         else:
-            results[i] = _compiled(config, item, b1, b2, eps, epilogue, largest)
+            work = _work_dtype(config, item)
+            key = (int(item.step) if item.step.device.type == "cpu" else id(item.step), work, device)
+            if key not in scalars:
+                scalars[key] = _scalars(config.rule, item.step, hyper, epilogue, work, device)
+            results[i] = _compiled(config, item, scalars[key], epilogue, largest)
     for step, members in native.items():
-        for i, out in zip(members, _native(config, [items[i] for i in members], step, b1, b2, eps, epilogue)):
+        for i, out in zip(members, _native(config, [items[i] for i in members], step, hyper, epilogue)):
             results[i] = out
     return results
+
+
+def _work_dtype(config: StepConfig, item: Item) -> torch.dtype:
+    """The math dtype: float64 for float64 gradients with full-precision state, else float32."""
+    return torch.float64 if config.fmt is None and item.grad.dtype == torch.float64 else torch.float32
+
+
+def _scalars(
+    rule: Rule, step: Tensor, hyper: tuple[Tensor, ...], epilogue: Epilogue, dtype: torch.dtype, device: torch.device
+) -> list[Tensor]:
+    """The rule's scalars, the weight decay and the learning rate factor, as 0-d ``dtype`` tensors on ``device``
+    (computed in float64 where the step and hyperparameters are, rounded once)."""
+    values = list(rule.scalars(step, tuple(_scalar(h, step.device) for h in hyper), dtype))
+    values.append(_scalar(epilogue.weight_decay, step.device).to(dtype))
+    values.append(_scalar(epilogue.factor if epilogue.factor is not None else 0.0, step.device).to(dtype))
+    return [v.to(device) for v in values]
 
 
 def _native_serves(item: Item, epilogue: Epilogue) -> bool:
@@ -119,22 +144,14 @@ def _native_serves(item: Item, epilogue: Epilogue) -> bool:
     return not epilogue.apply or item.param.is_contiguous()
 
 
-def _f32(x: Scalar) -> Tensor:
-    """A scalar as the kernel receives it: a float32 0-d CPU tensor (rounded once, from float64 for a float)."""
-    return _scalar(x, torch.device("cpu")).to(torch.float32)
-
-
 @torch.compiler.disable  # inside a user's torch.compile: a graph break, run eagerly on the real tensors
 def _native(
-    config: AdamConfig, items: list[Item], step: int, b1: Tensor, b2: Tensor, eps: Tensor, epilogue: Epilogue
+    config: StepConfig, items: list[Item], step: int, hyper: tuple[Tensor, ...], epilogue: Epilogue
 ) -> list[Tensor | None]:
     mode = (EPILOGUE_L2 if epilogue.l2 else 0) | (EPILOGUE_DECOUPLED if epilogue.decoupled else 0)
     mode |= (EPILOGUE_SCALE if epilogue.factor is not None else 0) | (EPILOGUE_APPLY if epilogue.apply else 0)
-    step_t = torch.tensor(step, dtype=torch.int64)
-    scalars = torch.stack([
-        *adam_scalars(step_t, b1, b2, eps, torch.float32), _f32(epilogue.weight_decay),
-        _f32(epilogue.factor if epilogue.factor is not None else 0.0),
-    ])
+    cpu = torch.device("cpu")
+    scalars = torch.stack(_scalars(config.rule, torch.tensor(step, dtype=torch.int64), hyper, epilogue, torch.float32, cpu))
     grads, moments, rows, params, outs, results = [], [], [], [], [], []
     with_params = epilogue.needs_params
     for item in items:
@@ -147,9 +164,8 @@ def _native(
             out = item.out if item.out is not None else torch.empty_like(item.grad, memory_format=torch.contiguous_format)
             outs.append(out)
         results.append(None if epilogue.apply else outs[-1])
-    native_adam_step(
-        grads, moments, rows, [it.base for it in items], [it.ident for it in items], step, scalars, config.fmt,
-        config.block_size if config.fmt is not None else 256, config.stochastic, config.seed,
+    native_step(
+        grads, moments, rows, [it.base for it in items], [it.ident for it in items], step, scalars, config,
         params=params or None, outs=outs or None, mode=mode, param_sr=epilogue.param_sr,
     )
     return results
@@ -170,9 +186,7 @@ _PIECES = 8
 _MIN_PIECE = 1 << 14
 
 
-def _compiled(
-    config: AdamConfig, item: Item, b1: Tensor, b2: Tensor, eps: Tensor, epilogue: Epilogue, largest: int
-) -> Tensor | None:
+def _compiled(config: StepConfig, item: Item, scalars: list[Tensor], epilogue: Epilogue, largest: int) -> Tensor | None:
     g, p, shape = item.grad, item.param, item.grad.shape
     device = g.device
     # quantized state: the row layout; full precision: one flat row. Sizes are symbols of the graph, so neither
@@ -187,7 +201,6 @@ def _compiled(
     target = p.contiguous() if (epilogue.apply and not p.is_contiguous()) else p
     p2 = target.reshape(rows, length) if epilogue.needs_params else None
     g2 = g.reshape(rows, length)
-    scalars = [_scalar(x, device) for x in (b1, b2, eps, epilogue.weight_decay, epilogue.factor if epilogue.factor is not None else 0.0)]
     maps = None
     if config.fmt is not None and config.fmt.codebook(True) is not None:
         maps = [config.fmt.codebook(True, device), config.fmt.codebook(False, device)]
@@ -201,7 +214,7 @@ def _compiled(
         stop = min(rows, start + per_piece)
         u = tensor_step(
             g2[start:stop], None if p2 is None else p2[start:stop], [m[start:stop].reshape(-1) for m in moments],
-            step, scalars, ident, torch.tensor(item.base + start * length, dtype=torch.int64, device=device),
+            scalars, ident, torch.tensor(item.base + start * length, dtype=torch.int64, device=device), step,
             config, maps, mode, epilogue.param_sr and epilogue.apply,
         )
         if epilogue.apply:

@@ -1,17 +1,23 @@
 """Optax-style gradient transformations over TensorDicts."""
 
+from ._moments import STATE_FORMATS, MomentTransformation
 from ._tree import params_from_module
-from .adam import STATE_FORMATS, ScaleByAdam, scale_by_adam
-from .alias import FusedAdam, adam, adamw
+from .adam import scale_by_adam
+from .ademamix import ademamix, scale_by_ademamix
+from .alias import FusedChain, adam, adamw
 from .apply import apply_gradients
 from .base import Chain, CheckedTransformation, GradientTransformation, apply_updates, chain, identity
-from .convert import convert_state
-from .offload import offload
 from .basic import Schedule, add_decayed_weights, clip_by_global_norm, scale_by_learning_rate
+from .convert import convert_state
+from .lion import lion, scale_by_lion
+from .offload import offload
+from .rms import rmsprop, scale_by_rms
+from .sgd import sgd, trace
 
 __all__ = [
     "GradientTransformation", "chain", "identity", "apply_updates", "params_from_module",
-    "scale_by_adam", "add_decayed_weights", "scale_by_learning_rate", "clip_by_global_norm",
-    "adam", "adamw", "Schedule", "STATE_FORMATS", "offload", "CheckedTransformation", "ScaleByAdam", "FusedAdam",
-    "convert_state", "apply_gradients", "Chain",
+    "scale_by_adam", "scale_by_lion", "trace", "scale_by_rms", "scale_by_ademamix",
+    "add_decayed_weights", "scale_by_learning_rate", "clip_by_global_norm",
+    "adam", "adamw", "lion", "sgd", "rmsprop", "ademamix", "Schedule", "STATE_FORMATS", "offload",
+    "CheckedTransformation", "MomentTransformation", "FusedChain", "convert_state", "apply_gradients", "Chain",
 ]

@@ -1,4 +1,6 @@
-"""Adam and AdamW as chains of building blocks (no maths here), with torch.optim's semantics."""
+"""Adam and AdamW as chains of building blocks (no maths here), with torch.optim's semantics, and
+:class:`FusedChain`, the one-pass form every elementwise alias of the family (``lion``, ``sgd``, ``rmsprop``,
+``ademamix``) shares."""
 
 from __future__ import annotations
 
@@ -8,11 +10,12 @@ from tensordict import TensorDictBase
 
 from ..kernels import Epilogue
 from ._tree import build
-from .adam import Scalar, scale_by_adam
+from ._moments import MomentTransformation, Scalar
+from .adam import scale_by_adam
 from .base import CheckedTransformation, chain
 from .basic import Schedule, add_decayed_weights, advance_schedule, learning_rate_factor, scale_by_learning_rate
 
-__all__ = ["adam", "adamw", "FusedAdam"]
+__all__ = ["adam", "adamw", "FusedChain", "fused_chain"]
 
 
 def adam(
@@ -28,11 +31,11 @@ def adam(
     min_quant_size: int = 4096,
     rounding: str | None = None,
     seed: int = 0,
-) -> "FusedAdam":
+) -> "FusedChain":
     """Adam with L2 weight decay added to the gradient, like ``torch.optim.Adam`` (not bitsandbytes' decoupled).
 
     ``chain(add_decayed_weights(weight_decay), scale_by_adam(...), scale_by_learning_rate(learning_rate))``, run as
-    one fused pass (:class:`FusedAdam`). See :func:`scale_by_adam` for the state formats; ``state_format="fp32"``
+    one fused pass (:class:`FusedChain`). See :func:`scale_by_adam` for the state formats; ``state_format="fp32"``
     is plain Adam. With ``weight_decay=0`` (the default) ``update`` needs no params.
 
     Example:
@@ -48,7 +51,7 @@ def adam(
         b1, b2, eps, amsgrad=amsgrad, state_format=state_format, block_size=block_size,
         min_quant_size=min_quant_size, rounding=rounding, seed=seed,
     )
-    return _fused((add_decayed_weights(weight_decay), core, scale_by_learning_rate(learning_rate)),
+    return fused_chain((add_decayed_weights(weight_decay), core, scale_by_learning_rate(learning_rate)),
                   1, 2, learning_rate, weight_decay, decoupled=False)
 
 
@@ -65,11 +68,11 @@ def adamw(
     min_quant_size: int = 4096,
     rounding: str | None = None,
     seed: int = 0,
-) -> "FusedAdam":
+) -> "FusedChain":
     """AdamW (decoupled weight decay, scaled by the learning rate), like ``torch.optim.AdamW``.
 
     ``chain(scale_by_adam(...), add_decayed_weights(weight_decay), scale_by_learning_rate(learning_rate))``, run as
-    one fused pass (:class:`FusedAdam`). Decay, learning rate and (for bfloat16/float16 params) the rounding of
+    one fused pass (:class:`FusedChain`). Decay, learning rate and (for bfloat16/float16 params) the rounding of
     the update to the params' dtype happen in float32 in that pass.
 
     References:
@@ -92,29 +95,33 @@ def adamw(
         b1, b2, eps, amsgrad=amsgrad, state_format=state_format, block_size=block_size,
         min_quant_size=min_quant_size, rounding=rounding, seed=seed,
     )
-    return _fused((core, add_decayed_weights(weight_decay), scale_by_learning_rate(learning_rate)),
+    return fused_chain((core, add_decayed_weights(weight_decay), scale_by_learning_rate(learning_rate)),
                   0, 2, learning_rate, weight_decay, decoupled=True)
 
 
-class FusedAdam(CheckedTransformation):
-    """What :func:`adam` and :func:`adamw` return: the chain's :class:`CheckedTransformation` (same state, same
-    results bit for bit) whose update runs weight decay and the learning rate inside the Adam step's own pass.
+class FusedChain(CheckedTransformation):
+    """What :func:`adam`, :func:`adamw`, ``lion``, ``sgd``, ``rmsprop`` and ``ademamix`` return: the chain's
+    :class:`CheckedTransformation` (same state, same results bit for bit) whose update runs weight decay and the
+    learning rate inside the core's step, in one pass.
 
     It names its parts for the torch.optim front end, which calls the same kernel entry point on per-parameter
-    states: ``core`` (the :class:`ScaleByAdam`), ``weight_decay``, ``decoupled``, ``learning_rate``, and the
-    chain positions ``core_index`` and ``lr_index``. ``apply(updates, state, params, param_sr)`` is the step of
+    states: ``core`` (the :class:`~lowbit_fn.transforms.MomentTransformation`), ``weight_decay``, ``decoupled``,
+    ``learning_rate``, and the chain positions ``core_index`` and ``lr_index``. ``apply(updates, state, params, param_sr)`` is the step of
     :func:`lowbit_fn.apply_gradients`: checked input, the update added into ``params`` in place within the same
     pass (rounded once to each param's dtype, stochastically for bfloat16 with ``param_sr``); returns the state."""
 
 
-def _fused(
+def fused_chain(
     members: tuple[CheckedTransformation, ...], core_index: int, lr_index: int,
     learning_rate: float | Scalar | Schedule, weight_decay: float | Scalar, decoupled: bool,
-) -> FusedAdam:
+) -> FusedChain:
     """``chain(*members)`` with one fused update: the decay and the learning rate run inside the core's step (in
     the native kernel, one pass over memory), with the same float32 operations, so the results are the chain's
-    bit for bit. The state is the chain's."""
+    bit for bit. The state is the chain's. ``members[core_index]`` is a :class:`MomentTransformation`, the
+    member at ``lr_index`` a ``scale_by_learning_rate``, and the others ``add_decayed_weights`` (before the
+    core: L2, ``decoupled=False``; after it: decoupled)."""
     chained, core = chain(*members), members[core_index]
+    assert isinstance(core, MomentTransformation)
 
     def epilogue(state: TensorDictBase) -> Epilogue:  # the schedule's count advances after the step
         factor = learning_rate_factor(learning_rate, state[str(lr_index)], advance=False)
@@ -132,7 +139,7 @@ def _fused(
         advance_schedule(learning_rate, state[str(lr_index)])
         return state
 
-    return FusedAdam(
+    return FusedChain(
         chained.init, step, chained.check, core=core, weight_decay=weight_decay, decoupled=decoupled,
         learning_rate=learning_rate, core_index=core_index, lr_index=lr_index, apply=apply,
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 from tensordict import TensorDictBase
 
 from ._tree import Tree, as_tensordict
-from .alias import FusedAdam
+from .alias import FusedChain
 from .base import Chain, GradientTransformation, apply_updates, step_member
 
 __all__ = ["apply_gradients"]
@@ -22,8 +22,8 @@ __all__ = ["apply_gradients"]
 Path = tuple[str, ...]
 
 
-def _fused_tail(transform: GradientTransformation) -> tuple[list[tuple[Path, GradientTransformation]], Path, FusedAdam] | None:
-    """When the update of ``transform`` ends with a :class:`FusedAdam` (itself, or the last member of a chain,
+def _fused_tail(transform: GradientTransformation) -> tuple[list[tuple[Path, GradientTransformation]], Path, FusedChain] | None:
+    """When the update of ``transform`` ends with a :class:`FusedChain` (itself, or the last member of a chain,
     nested chains included): the members before it and the fused Adam, each with the path of its state inside
     ``transform``'s state; else ``None``."""
     head: list[tuple[Path, GradientTransformation]] = []
@@ -32,7 +32,7 @@ def _fused_tail(transform: GradientTransformation) -> tuple[list[tuple[Path, Gra
         *members, transform = transform.transforms
         head += [(path + (str(i),), m) for i, m in enumerate(members)]
         path += (str(len(members)),)
-    return (head, path, transform) if isinstance(transform, FusedAdam) else None
+    return (head, path, transform) if isinstance(transform, FusedChain) else None
 
 
 def apply_gradients(
@@ -87,7 +87,7 @@ def apply_gradients(
     head, fused_path, fused = tail
     grads = as_tensordict(grads)
     params = as_tensordict(params, "params")
-    transform.check(grads, state, params)  # a Chain or a FusedAdam: every member, before any of them steps
+    transform.check(grads, state, params)  # a Chain or a FusedChain: every member, before any of them steps
     for path, member in head:
         grads = step_member(member, grads, state, path, params, inplace)
     targets = params if inplace else params.clone()

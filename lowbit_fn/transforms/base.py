@@ -13,7 +13,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import Tensor
 
 from .._random import stream_key, tensor_id, tensor_key
-from ..kernels.adam import PARAM_STREAM, add_rounded
+from ..kernels.reference import PARAM_STREAM, add_rounded
 from ._tree import Tree, as_tensordict, build, check_like, leaves, name, signature
 
 __all__ = ["GradientTransformation", "CheckedTransformation", "Chain", "chain", "apply_updates", "identity"]

@@ -9,7 +9,7 @@ from torch import Tensor
 from .._random import tensor_id
 from ..formats import FORMATS, dequantize, quantize
 from ._tree import Key, build, leaves, name
-from .adam import parse_group_name
+from ._moments import parse_group_name
 from .base import GradientTransformation
 
 __all__ = ["convert_state"]
