@@ -12,7 +12,12 @@ Example:
 from ._compile import compile_enabled
 from .cpu_offload import CPUOffloadOptimizer
 from .formats import FORMATS, codebook, dequantize, quantize
-from .torch_optim import (
+from .optimizers import (
+    SGD,
+    AdEMAMix,
+    AdEMAMix4bit,
+    AdEMAMix8bit,
+    AdEMAMixFp8,
     Adam4bit,
     Adam8bit,
     AdamFp8,
@@ -20,10 +25,19 @@ from .torch_optim import (
     AdamW4bit,
     AdamW8bit,
     AdamWFp8,
-    TransformOptimizer,
-    as_torch_optimizer,
-    to_torch_state_dict,
+    Lion,
+    Lion4bit,
+    Lion8bit,
+    LionFp8,
+    RMSprop,
+    RMSprop4bit,
+    RMSprop8bit,
+    RMSpropFp8,
+    SGD4bit,
+    SGD8bit,
+    SGDFp8,
 )
+from .torch_optim import TransformOptimizer, as_torch_optimizer, to_torch_state_dict
 from .transforms import (
     STATE_FORMATS,
     CheckedTransformation,
@@ -65,4 +79,6 @@ __all__ = [
     "compile_enabled",
     "as_torch_optimizer", "TransformOptimizer", "to_torch_state_dict", "CPUOffloadOptimizer",
     "Adam8bit", "AdamW8bit", "Adam4bit", "AdamW4bit", "AdamFp8", "AdamWFp8", "AdamW",
+    "Lion8bit", "Lion4bit", "LionFp8", "Lion", "SGD8bit", "SGD4bit", "SGDFp8", "SGD",
+    "RMSprop8bit", "RMSprop4bit", "RMSpropFp8", "RMSprop", "AdEMAMix8bit", "AdEMAMix4bit", "AdEMAMixFp8", "AdEMAMix",
 ]

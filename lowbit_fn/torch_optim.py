@@ -1,5 +1,6 @@
-"""torch.optim front end: any transform factory as a ``torch.optim.Optimizer``, the drop-in low-bit classes, and
-checkpoints that move between state formats (and to and from ``torch.optim.Adam``/``AdamW``).
+"""torch.optim front end: any transform factory as a ``torch.optim.Optimizer`` (the drop-in classes of
+:mod:`lowbit_fn.optimizers` are built on it), and checkpoints that move between state formats and to and from
+``torch.optim``'s Adam, AdamW, SGD, RMSprop and Muon.
 
 How it maps onto the functional core:
 
@@ -40,19 +41,22 @@ from ._sharding import Sharding, as_dtensor, is_dtensor, local, local_entry, sha
 from .formats import FORMATS, ROUNDINGS, dequantize, quantize
 from .kernels import Epilogue, Item, moment_step
 from .kernels.reference import PARAM_STREAM, round_to
-from .transforms import GradientTransformation, adam, adamw
+from .transforms import Chain, GradientTransformation, MomentTransformation, adam, adamw, rmsprop, sgd
 from .transforms._moments import parse_group_name
 from .transforms.alias import FusedChain
 
-__all__ = [
-    "TransformOptimizer", "as_torch_optimizer", "to_torch_state_dict",
-    "Adam8bit", "AdamW8bit", "Adam4bit", "AdamW4bit", "AdamFp8", "AdamWFp8", "AdamW",
-]
+__all__ = ["TransformOptimizer", "as_torch_optimizer", "to_torch_state_dict"]
 
 # factory argument -> torch param-group key; these become 0-d tensors refreshed from the group before each step
-_TORCH_NAMES = {"learning_rate": "lr", "eps": "eps", "weight_decay": "weight_decay"}
-_MOMENTS = {"mu": "exp_avg", "nu": "exp_avg_sq", "nu_max": "max_exp_avg_sq"}
-_SIGNED = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
+_TORCH_NAMES = {"learning_rate": "lr", "eps": "eps", "weight_decay": "weight_decay", "momentum": "momentum",
+                "dampening": "dampening", "alpha": "alpha"}
+_BETAS = ("b1", "b2", "b3")
+# whether a moment (by its torch.optim name, the same meaning in every optimizer) takes negative values; unsigned
+# ones are second moments, stored as their square roots with stochastic rounding
+_SIGNED = {"exp_avg": True, "exp_avg_slow": True, "momentum_buffer": True, "grad_avg": True, "exp_avg_sq": False,
+           "max_exp_avg_sq": False, "square_avg": False}
+# hyperparameters whose zero value means "no such state" (momentum: no buffer): a change to or from 0 rebuilds
+_ZERO_IS_STRUCTURAL = ("momentum",)
 _META = ("state_format", "block_size", "rounding")
 # how state_dict() writes the two string-valued entries of a quantized parameter's state: checkpoints hold only
 # tensors and numbers (torch.distributed.checkpoint's flatten_optimizer_state_dict=True, which torchtitan uses,
@@ -95,15 +99,15 @@ class _Spec:
         sig = inspect.signature(factory)
         kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
         self.args = {n: p.default for n, p in sig.parameters.items() if p.kind in kinds}
-        self.betas = "b1" in self.args and "b2" in self.args
-        self.scalars = [n for n in self.args if n in _TORCH_NAMES or (self.betas and n in ("b1", "b2"))]
+        self.betas = tuple(n for n in _BETAS if n in self.args) if "b1" in self.args and "b2" in self.args else ()
+        self.scalars = [n for n in self.args if n in _TORCH_NAMES or n in self.betas]
         self.structural = [n for n in self.args if n not in self.scalars]
 
     def defaults(self, hyperparams: dict[str, Any]) -> dict[str, Any]:
         """torch-style defaults from the factory's keyword arguments (its own defaults filled in)."""
         unknown = sorted(set(hyperparams) - set(self.args))
         if unknown:
-            hint = {"lr": "learning_rate", "betas": "b1, b2"}
+            hint = {"lr": "learning_rate", "betas": ", ".join(self.betas) or "b1, b2"}
             extra = "; ".join(f"use {hint[n]!r} instead of {n!r}" for n in unknown if n in hint)
             raise TypeError(
                 f"unknown hyperparameter(s) {unknown} for this factory; it accepts {sorted(self.args)}"
@@ -115,17 +119,17 @@ class _Spec:
             raise TypeError(f"missing required hyperparameter(s) {missing}")
         out: dict[str, Any] = {}
         for name, value in values.items():
-            if name in ("b1", "b2") and self.betas:
+            if name in self.betas:
                 continue
             if name in self.scalars and callable(value):
                 raise TypeError(f"{name} must be a number here; for a schedule use a torch.optim.lr_scheduler")
             out[_TORCH_NAMES.get(name, name) if name in self.scalars else name] = value
         if self.betas:
-            out["betas"] = (values["b1"], values["b2"])
+            out["betas"] = tuple(values[n] for n in self.betas)
         return out
 
 
-def _check_group(group: dict[str, Any], where: str) -> None:
+def _check_group(group: dict[str, Any], where: str, nbetas: int = 2) -> None:
     """torch's validation of the hyperparameters, with the value in the message."""
     def number(key: str, value: Any) -> float:
         if isinstance(value, Tensor):
@@ -136,13 +140,14 @@ def _check_group(group: dict[str, Any], where: str) -> None:
             raise TypeError(f"{where}: {key} must be a number, got {type(value).__name__}")
         return float(value)
 
-    for key in ("lr", "eps", "weight_decay"):
+    for key in ("lr", "eps", "weight_decay", "momentum", "dampening", "alpha"):
         if key in group and not number(key, group[key]) >= 0.0:
             raise ValueError(f"{where}: invalid {key} {group[key]!r} (must be >= 0)")
     if "betas" in group:
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
+        betas, n = group["betas"], nbetas
+        if not isinstance(betas, (tuple, list)) or len(betas) != n:
+            what = "a pair (beta1, beta2)" if n == 2 else f"a tuple of {n} (beta1, ..., beta{n})"
+            raise ValueError(f"{where}: betas must be {what}, got {betas!r}")
         for i, b in enumerate(betas):
             if not 0.0 <= number(f"betas[{i}]", b) < 1.0:
                 raise ValueError(f"{where}: invalid beta parameter at index {i}: {b!r} (must be in [0, 1))")
@@ -154,6 +159,7 @@ class _Built:
     def __init__(self, spec: _Spec, factory: Callable[..., GradientTransformation], group: dict[str, Any]):
         self.key = _structural_key(spec, group)
         self.scalars = {n: torch.zeros((), dtype=torch.float64) for n in spec.scalars}
+        self.refresh(group)  # the factory sees the group's values (momentum 0: no buffer)
         self.transform = factory(**self.scalars, **{n: group[n] for n in spec.structural})
         if not isinstance(self.transform, GradientTransformation):
             raise TypeError(f"the factory returned {type(self.transform).__name__}, not a GradientTransformation")
@@ -161,7 +167,7 @@ class _Built:
     def refresh(self, group: dict[str, Any]) -> None:
         values = dict(group)
         if "betas" in group:
-            values["b1"], values["b2"] = group["betas"]
+            values.update(zip(_BETAS, group["betas"]))
         for name, tensor in self.scalars.items():
             value = values[_TORCH_NAMES.get(name, name)]
             if isinstance(value, Tensor):
@@ -171,28 +177,43 @@ class _Built:
 
 
 def _structural_key(spec: _Spec, group: dict[str, Any]) -> tuple:
-    return tuple(repr(group[n]) for n in spec.structural)
+    zero = tuple(float(group[_TORCH_NAMES[n]]) == 0.0 for n in _ZERO_IS_STRUCTURAL if n in spec.scalars)
+    return tuple(repr(group[n]) for n in spec.structural) + zero
 
 
 # --------------------------------------------------------------------------------------------------------------
 # one parameter's core state <-> torch's names
 
 
-def _adam_prefix(core: TensorDictBase) -> tuple[str, ...] | None:
-    """Where the Adam state (the sub-TensorDict with ``layout`` and ``count``) sits in a chain's state."""
+def moment_core(transform: GradientTransformation) -> MomentTransformation | None:
+    """The transform's state codec core (a :class:`MomentTransformation`: its own, a fused alias's, or a chain's
+    member's), whose moments ``optimizer.state`` shows under torch's names; ``None`` if it has none."""
+    if isinstance(transform, MomentTransformation):
+        return transform
+    if isinstance(transform, FusedChain):
+        return transform.core
+    if isinstance(transform, Chain):
+        found = [c for c in map(moment_core, transform.transforms) if c is not None]
+        return found[0] if found else None
+    return None
+
+
+def _state_prefix(core: TensorDictBase) -> tuple[str, ...] | None:
+    """Where the codec state (the sub-TensorDict with ``layout`` and ``count``) sits in a chain's state."""
     found = set()
     for path in core.keys(include_nested=True, leaves_only=True):
         path = path if isinstance(path, tuple) else (path,)
         if "layout" in path:
             found.add(path[: path.index("layout")])
     if len(found) > 1:
-        raise ValueError("as_torch_optimizer supports transforms with at most one scale_by_adam in them")
+        raise ValueError("as_torch_optimizer supports transforms with at most one moment transform (scale_by_adam, ...) in them")
     return next(iter(found), None)
 
 
-def _entries(core: TensorDictBase, shape: torch.Size) -> dict[str, Any]:
-    """The torch-named view of one parameter's core state: ``{name: tensor}`` sharing storage, plus metadata."""
-    prefix = _adam_prefix(core)
+def _entries(core: TensorDictBase, shape: torch.Size, names: dict[str, str]) -> dict[str, Any]:
+    """The torch-named view of one parameter's core state: ``{name: tensor}`` sharing storage, plus metadata
+    (``names``: the moments' torch names by their functional ones)."""
+    prefix = _state_prefix(core)
     out: dict[str, Any] = {}
     for path, value in core.items(include_nested=True, leaves_only=True):
         path = path if isinstance(path, tuple) else (path,)
@@ -203,7 +224,7 @@ def _entries(core: TensorDictBase, shape: torch.Size) -> dict[str, Any]:
             if rest == ("count",):
                 out["step"] = value
                 continue
-            group, moment, part = rest[0], _MOMENTS[rest[1]], rest[3:]  # rest[2] is the parameter's key
+            group, moment, part = rest[0], names[rest[1]], rest[3:]  # rest[2] is the parameter's key
             quant = parse_group_name(group)
             if quant is None:
                 out[moment] = value
@@ -224,6 +245,8 @@ def _label(group_index: int, index: int, group: dict[str, Any], param: Tensor) -
 
 
 def _step_value(entry: dict[str, Any], label: str) -> int:
+    if "step" not in entry and any(isinstance(entry.get(n), Tensor) for n in _SIGNED):
+        return 1  # torch.optim.SGD and Muon keep no step count: their buffers are past the first update
     if "step" not in entry:
         raise ValueError(f"{label}: the checkpoint has no 'step' (keys: {sorted(entry)})")
     step = entry["step"]
@@ -262,7 +285,7 @@ def _moment(entry: dict[str, Any], name: str, shape: torch.Size, label: str) -> 
                 value = dequantize(codes, scale, fmt, signed=_SIGNED[name], shape=shape, block_size=block)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{label}: corrupt {name} in the checkpoint: {err}") from None
-        return value * value if rounding == "stochastic" and name != "exp_avg" else value  # v stored as sqrt(v)
+        return value * value if rounding == "stochastic" and not _SIGNED[name] else value  # v stored as sqrt(v)
     if name == "max_exp_avg_sq":  # saved without amsgrad: the running max starts at the current second moment
         return _moment(entry, "exp_avg_sq", shape, label)
     raise ValueError(f"{label}: the checkpoint has no {name!r} (keys: {sorted(entry)})")
@@ -285,9 +308,9 @@ def _aligned_v010(entry: dict[str, Any], moment: str, shape: torch.Size) -> bool
             and _is_flat_v010(entry[f"{moment}_codes"], entry.get(f"{moment}_scale"), fmt, block, shape))
 
 
-def _restore(core: TensorDictBase, entry: dict[str, Any], shape: torch.Size, label: str) -> None:
+def _restore(core: TensorDictBase, entry: dict[str, Any], shape: torch.Size, names: dict[str, str], label: str) -> None:
     """Fill a freshly initialized core state from a checkpoint entry of any format (bit-exact when it matches)."""
-    target = _entries(core, shape)
+    target = _entries(core, shape, names)
     done = set()
     for name, dest in target.items():
         if name in _META or name in done:
@@ -312,7 +335,7 @@ def _restore(core: TensorDictBase, entry: dict[str, Any], shape: torch.Size, lab
             else:  # convert: dequantize the checkpoint's moment, quantize it with this state's scheme
                 value = _moment(entry, moment, shape, label)
                 stochastic = target["rounding"] == "stochastic"
-                if stochastic and moment != "exp_avg":
+                if stochastic and not _SIGNED[moment]:
                     value = value.float().sqrt()
                 c, s = quantize(
                     value, target["state_format"], signed=_SIGNED[moment], block_size=target["block_size"],
@@ -330,7 +353,8 @@ def _restore(core: TensorDictBase, entry: dict[str, Any], shape: torch.Size, lab
 
 def _check_sharded(param: Tensor, grad: Tensor, transform: GradientTransformation, label: str) -> Sharding | None:
     """The sharding of a DTensor parameter (``None`` for a plain one), after checking that its gradient is sharded
-    the same way and that the transform steps sharded parameters (adam/adamw: elementwise, row-local state)."""
+    the same way and that the transform steps sharded parameters (the fused elementwise aliases: row-local
+    state)."""
     sharding = sharding_of(param, label)
     if sharding is None:
         if is_dtensor(grad):
@@ -341,8 +365,9 @@ def _check_sharded(param: Tensor, grad: Tensor, transform: GradientTransformatio
         raise ValueError(f"{label}: the gradient is {got}, not sharded like the parameter ({list(sharding.placements)} on its mesh)")
     if not isinstance(transform, FusedChain):
         raise TypeError(
-            f"{label}: DTensor (sharded) parameters are stepped by the adam/adamw factories (every drop-in class); "
-            "other factories step one parameter at a time through their own update, which does not see shards"
+            f"{label}: DTensor (sharded) parameters are stepped by the elementwise factories (adam, adamw, lion, sgd, "
+            "rmsprop, ademamix and their drop-in classes); other factories step one parameter at a time through "
+            "their own update, which does not see shards (Muon needs whole matrices: keep its parameters unsharded)"
         )
     return sharding
 
@@ -383,9 +408,11 @@ def _record(param: Tensor, transform: GradientTransformation, entry: dict | None
     else:
         core, shape = _local_core(param, transform, sharding), param.to_local().shape
         entry = local_entry(entry, sharding, label) if entry else entry
+    mc = moment_core(transform)
+    names = dict(zip(mc.moments, mc.torch_names)) if mc is not None else {}
     if entry:
-        _restore(core, entry, shape, label)
-    fresh = _entries(core, shape)
+        _restore(core, entry, shape, names, label)
+    fresh = _entries(core, shape, names)
     if sharding is not None:
         fresh = {k: as_dtensor(v, sharding) if isinstance(v, Tensor) else v for k, v in fresh.items()}
     return fresh, tuple((k, v) for k, v in fresh.items() if isinstance(v, Tensor)), transform, core
@@ -450,7 +477,7 @@ class TransformOptimizer(torch.optim.Optimizer):
         self._spec = _Spec(factory)
         defaults = self._spec.defaults(hyperparams)
         defaults["bf16_stochastic_round"] = bf16_stochastic_round
-        _check_group(defaults, type(self).__name__)
+        _check_group(defaults, type(self).__name__, len(self._spec.betas))
         self._reset_caches()
         super().__init__(params, defaults)
 
@@ -473,7 +500,7 @@ class TransformOptimizer(torch.optim.Optimizer):
         group = self.param_groups[-1]
         where = f"param_groups[{len(self.param_groups) - 1}]"
         try:
-            _check_group(group, where)
+            _check_group(group, where, len(self._spec.betas))
             for i, p in enumerate(group["params"]):
                 if p.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
                     raise TypeError(f"{_label(len(self.param_groups) - 1, i, group, p)} has unsupported dtype {p.dtype}")
@@ -595,7 +622,7 @@ class TransformOptimizer(torch.optim.Optimizer):
             new = dict(group)
             keep = set(self._spec.structural) | {"params", "bf16_stochastic_round"}
             new.update({k: v for k, v in saved.items() if k not in keep and k not in _TORCH_FLAGS and k != "decoupled_weight_decay"})
-            _check_group(new, f"param_groups[{gi}] of the checkpoint")
+            _check_group(new, f"param_groups[{gi}] of the checkpoint", len(self._spec.betas))
             groups.append(new)
             id_map.update(zip(saved["params"], ((gi, i) for i in range(len(group["params"])))))
         state: defaultdict[Tensor, dict] = defaultdict(dict)
@@ -661,9 +688,18 @@ def as_torch_optimizer(
     return TransformOptimizer(factory, params, bf16_stochastic_round=bf16_stochastic_round, **hyperparams)
 
 
+# the torch.optim class each factory's checkpoints load into, and whether that class keeps a step count
+_TORCH_CLASSES: dict[Callable[..., GradientTransformation], tuple[type[torch.optim.Optimizer], bool]] = {
+    adam: (torch.optim.Adam, True), adamw: (torch.optim.AdamW, True), sgd: (torch.optim.SGD, False),
+    rmsprop: (torch.optim.RMSprop, True),
+}
+
+
 def to_torch_state_dict(optimizer: TransformOptimizer) -> dict[str, Any]:
-    """The optimizer's ``state_dict`` as ``torch.optim.Adam``/``AdamW`` would save it: float32 ``exp_avg``/``exp_avg_sq``
-    (dequantized), a float32 ``step`` and torch's group flags, ready for ``torch.optim.AdamW.load_state_dict``.
+    """The optimizer's ``state_dict`` as the matching ``torch.optim`` optimizer would save it (``Adam``, ``AdamW``,
+    ``SGD``, ``RMSprop``, ``Muon`` for the factories of those names and their drop-in classes): float32 moments
+    under torch's names (dequantized), a float32 ``step`` where torch keeps one, and torch's group keys (ours,
+    then torch's defaults for the flags we do not have), ready for that class's ``load_state_dict``.
 
     Example:
         >>> import torch, lowbit_fn
@@ -676,8 +712,11 @@ def to_torch_state_dict(optimizer: TransformOptimizer) -> dict[str, Any]:
         >>> reference.state[model.weight]["exp_avg"].dtype
         torch.float32
     """
-    if not isinstance(optimizer, TransformOptimizer) or optimizer._factory not in (adam, adamw):
-        raise ValueError("to_torch_state_dict needs an optimizer built from lowbit_fn.adam or lowbit_fn.adamw")
+    known = _TORCH_CLASSES.get(optimizer._factory) if isinstance(optimizer, TransformOptimizer) else None
+    if known is None:
+        names = ", ".join(f"lowbit_fn.{f.__name__}" for f in _TORCH_CLASSES)
+        raise ValueError(f"to_torch_state_dict needs an optimizer built from {names}")
+    torch_class, keeps_step = known
     saved = optimizer.state_dict()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if any(is_dtensor(p) for p in params):
@@ -692,168 +731,17 @@ def to_torch_state_dict(optimizer: TransformOptimizer) -> dict[str, Any]:
         entry = _decoded(entry)
         p = params[index]
         label = f"parameter {index} of shape {list(p.shape)}"
-        out = {"step": torch.tensor(float(_step_value(entry, label)), dtype=torch.float32)}
+        out = {"step": torch.tensor(float(_step_value(entry, label)), dtype=torch.float32)} if keeps_step else {}
         for name in _SIGNED:
             if name in entry or f"{name}_codes" in entry:
                 out[name] = _moment(entry, name, p.shape, label).to(torch.float32, copy=True)
-        state[index] = out
+        if out:
+            state[index] = out
+    torch_defaults = torch_class([torch.zeros(1)]).param_groups[0]
+    drop = (set(optimizer._spec.structural) - set(torch_defaults)) | {"bf16_stochastic_round"}
     groups = []
-    drop = set(optimizer._spec.structural) | {"bf16_stochastic_round"}
     for group in saved["param_groups"]:
-        new = {k: v for k, v in group.items() if k not in drop}
-        new.update(_TORCH_FLAGS, amsgrad=bool(group.get("amsgrad", False)))
-        new["decoupled_weight_decay"] = optimizer._factory is adamw
+        new = {k: v for k, v in group.items() if k not in drop}  # ours (and a scheduler's initial_lr), then torch's flags
+        new.update({k: v for k, v in torch_defaults.items() if k not in new and k != "params"})
         groups.append(new)
     return {"state": state, "param_groups": groups}
-
-
-class _LowBitAdam(TransformOptimizer):
-    """What the drop-in classes share: the factory and state format are class attributes, the signature is each
-    class's own (written out so that it shows the defaults)."""
-
-    _factory_fn: Callable[..., GradientTransformation] = staticmethod(adamw)
-    _state_format = "8bit"
-
-    def _setup(
-        self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float | Tensor, betas: tuple[float, float],
-        eps: float, weight_decay: float, amsgrad: bool, block_size: int | None, min_quant_size: int,
-        bf16_stochastic_round: bool,
-    ) -> None:
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        TransformOptimizer.__init__(
-            self, type(self)._factory_fn, params, learning_rate=lr, b1=betas[0], b2=betas[1], eps=eps,
-            weight_decay=weight_decay, amsgrad=amsgrad, state_format=self._state_format, block_size=block_size,
-            min_quant_size=min_quant_size, bf16_stochastic_round=bf16_stochastic_round,
-        )
-
-
-_DOC = """{title} with {what}, a drop-in for ``torch.optim.{torch}`` ({decay}).
-
-    Same signature as torchao's ``{name}``. Parameters of two or more dimensions with at least
-    ``min_quant_size`` elements get quantized state (blocks of ``block_size`` inside each row); the others keep
-    float32 state. See :func:`as_torch_optimizer` for the behaviour and :func:`lowbit_fn.scale_by_adam` for the
-    formats.
-
-    Example:
-        >>> import torch, lowbit_fn
-        >>> model = torch.nn.Linear(256, 256)
-        >>> opt = lowbit_fn.{name}(model.parameters(), lr=1e-3)
-        >>> model(torch.randn(4, 256)).sum().backward()
-        >>> opt.step(); opt.zero_grad()
-        >>> opt.state[model.weight]["state_format"]
-        '{fmt}'
-    """
-_WHAT = {"8bit": "8-bit (dynamic-tree map) moments", "4bit": "4-bit moments", "fp8": "FP8 (e4m3) moments"}
-
-
-def _doc(name: str, state_format: str, decoupled: bool) -> str:
-    return _DOC.format(
-        title="AdamW" if decoupled else "Adam", what=_WHAT[state_format], torch="AdamW" if decoupled else "Adam",
-        decay="decoupled weight decay" if decoupled else "L2 weight decay added to the gradient", name=name, fmt=state_format,
-    )
-
-
-class Adam8bit(_LowBitAdam):
-    __doc__ = _doc("Adam8bit", "8bit", False)
-    _factory_fn = staticmethod(adam)
-    _state_format = "8bit"
-
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float | Tensor = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
-                 bf16_stochastic_round: bool = False):
-        self._setup(params, lr, betas, eps, weight_decay, amsgrad, block_size, min_quant_size, bf16_stochastic_round)
-
-
-class AdamW8bit(_LowBitAdam):
-    __doc__ = _doc("AdamW8bit", "8bit", True)
-    _factory_fn = staticmethod(adamw)
-    _state_format = "8bit"
-
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float | Tensor = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
-                 bf16_stochastic_round: bool = False):
-        self._setup(params, lr, betas, eps, weight_decay, amsgrad, block_size, min_quant_size, bf16_stochastic_round)
-
-
-class Adam4bit(_LowBitAdam):
-    __doc__ = _doc("Adam4bit", "4bit", False)
-    _factory_fn = staticmethod(adam)
-    _state_format = "4bit"
-
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float | Tensor = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
-                 bf16_stochastic_round: bool = False):
-        self._setup(params, lr, betas, eps, weight_decay, amsgrad, block_size, min_quant_size, bf16_stochastic_round)
-
-
-class AdamW4bit(_LowBitAdam):
-    __doc__ = _doc("AdamW4bit", "4bit", True)
-    _factory_fn = staticmethod(adamw)
-    _state_format = "4bit"
-
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float | Tensor = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
-                 bf16_stochastic_round: bool = False):
-        self._setup(params, lr, betas, eps, weight_decay, amsgrad, block_size, min_quant_size, bf16_stochastic_round)
-
-
-class AdamFp8(_LowBitAdam):
-    __doc__ = _doc("AdamFp8", "fp8", False)
-    _factory_fn = staticmethod(adam)
-    _state_format = "fp8"
-
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float | Tensor = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
-                 bf16_stochastic_round: bool = False):
-        self._setup(params, lr, betas, eps, weight_decay, amsgrad, block_size, min_quant_size, bf16_stochastic_round)
-
-
-class AdamWFp8(_LowBitAdam):
-    __doc__ = _doc("AdamWFp8", "fp8", True)
-    _factory_fn = staticmethod(adamw)
-    _state_format = "fp8"
-
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float | Tensor = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
-                 bf16_stochastic_round: bool = False):
-        self._setup(params, lr, betas, eps, weight_decay, amsgrad, block_size, min_quant_size, bf16_stochastic_round)
-
-
-class AdamW(TransformOptimizer):
-    """``torch.optim.AdamW`` with float32 state, run by lowbit_fn's step: for bfloat16 parameters with
-    ``bf16_stochastic_round=True`` (float32 math, unbiased write-back) without quantized state.
-
-    Example:
-        >>> import torch, lowbit_fn
-        >>> model = torch.nn.Linear(16, 16).to(torch.bfloat16)
-        >>> opt = lowbit_fn.AdamW(model.parameters(), lr=1e-3, bf16_stochastic_round=True)
-        >>> model(torch.randn(4, 16, dtype=torch.bfloat16)).float().sum().backward()
-        >>> opt.step()
-        >>> opt.state[model.weight]["exp_avg"].dtype
-        torch.float32
-    """
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-        amsgrad: bool = False,
-        *,
-        bf16_stochastic_round: bool = False,
-    ):
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        super().__init__(
-            adamw, params, learning_rate=lr, b1=betas[0], b2=betas[1], eps=eps, weight_decay=weight_decay,
-            amsgrad=amsgrad, state_format="fp32", bf16_stochastic_round=bf16_stochastic_round,
-        )
