@@ -29,6 +29,10 @@ from .optimizers import (
     Lion4bit,
     Lion8bit,
     LionFp8,
+    Muon,
+    Muon4bit,
+    Muon8bit,
+    MuonFp8,
     RMSprop,
     RMSprop4bit,
     RMSprop8bit,
@@ -84,4 +88,5 @@ __all__ = [
     "Adam8bit", "AdamW8bit", "Adam4bit", "AdamW4bit", "AdamFp8", "AdamWFp8", "AdamW",
     "Lion8bit", "Lion4bit", "LionFp8", "Lion", "SGD8bit", "SGD4bit", "SGDFp8", "SGD",
     "RMSprop8bit", "RMSprop4bit", "RMSpropFp8", "RMSprop", "AdEMAMix8bit", "AdEMAMix4bit", "AdEMAMixFp8", "AdEMAMix",
+    "Muon8bit", "Muon4bit", "MuonFp8", "Muon",
 ]

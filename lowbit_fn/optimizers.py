@@ -7,15 +7,17 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Iterable
 
+import torch
 from torch import Tensor
 
 from .torch_optim import TransformOptimizer
-from .transforms import GradientTransformation, ademamix, adam, adamw, lion, rmsprop, sgd
+from .transforms import GradientTransformation, ademamix, adam, adamw, lion, muon, rmsprop, sgd
 
 __all__ = [
     "Adam8bit", "AdamW8bit", "Adam4bit", "AdamW4bit", "AdamFp8", "AdamWFp8", "AdamW",
     "Lion8bit", "Lion4bit", "LionFp8", "Lion", "SGD8bit", "SGD4bit", "SGDFp8", "SGD",
     "RMSprop8bit", "RMSprop4bit", "RMSpropFp8", "RMSprop", "AdEMAMix8bit", "AdEMAMix4bit", "AdEMAMixFp8", "AdEMAMix",
+    "Muon8bit", "Muon4bit", "MuonFp8", "Muon",
 ]
 
 Params = Iterable[Tensor] | Iterable[dict[str, Any]]
@@ -426,3 +428,85 @@ class AdEMAMix(_DropIn):
                  weight_decay: float = 1e-2, *, bf16_stochastic_round: bool = False):
         self._build(params, lr, betas, bf16_stochastic_round, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, eps=eps,
                     weight_decay=weight_decay)
+
+
+# Muon: torch.optim.Muon's signature and defaults (2-D parameters only, as torch's); ns_dtype selects the
+# Newton-Schulz iteration's dtype (torch's bfloat16 by default)
+
+_NS = (3.4445, -4.775, 2.0315)
+_MUON_DOC = """Muon with {what}, a drop-in for ``torch.optim.Muon`` (2-D parameters only; give the others to an
+    AdamW, as torch's Muon requires).
+
+    The momentum buffer is stored quantized (blocks of ``block_size`` inside each row, matrices of at least
+    ``min_quant_size`` elements); the Newton-Schulz orthogonalization runs per matrix as torch's does, in
+    ``ns_dtype``. The math is :func:`lowbit_fn.muon`'s. Sharded (DTensor) parameters are refused: the iteration
+    needs whole matrices.
+
+    Example:
+        >>> import torch, lowbit_fn
+        >>> model = torch.nn.Linear(256, 256, bias=False)
+        >>> opt = lowbit_fn.{name}(model.parameters(), lr=0.02)
+        >>> model(torch.randn(4, 256)).sum().backward()
+        >>> opt.step(); opt.zero_grad()
+        >>> sorted(k for k in opt.state[model.weight] if k.startswith("momentum"))
+        {keys}
+    """
+
+
+class Muon8bit(_DropIn):
+    __doc__ = _MUON_DOC.format(what=_WHAT["8bit"].replace("moments", "momentum"), name="Muon8bit",
+                               keys=["momentum_buffer_codes", "momentum_buffer_scale"])
+    _factory_fn = staticmethod(muon)
+    _state_format = "8bit"
+
+    def __init__(self, params: Params, lr: float | Tensor = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = _NS, eps: float = 1e-7,
+                 ns_steps: int = 5, adjust_lr_fn: str | None = None, *, ns_dtype: torch.dtype = torch.bfloat16,
+                 block_size: int | None = None, min_quant_size: int = 4096, bf16_stochastic_round: bool = False):
+        self._build(params, lr, None, bf16_stochastic_round, weight_decay=weight_decay, momentum=momentum,
+                    nesterov=nesterov, ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
+                    adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, block_size=block_size, min_quant_size=min_quant_size)
+
+
+class Muon4bit(_DropIn):
+    __doc__ = _MUON_DOC.format(what=_WHAT["4bit"].replace("moments", "momentum"), name="Muon4bit",
+                               keys=["momentum_buffer_codes", "momentum_buffer_scale"])
+    _factory_fn = staticmethod(muon)
+    _state_format = "4bit"
+
+    def __init__(self, params: Params, lr: float | Tensor = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = _NS, eps: float = 1e-7,
+                 ns_steps: int = 5, adjust_lr_fn: str | None = None, *, ns_dtype: torch.dtype = torch.bfloat16,
+                 block_size: int | None = None, min_quant_size: int = 4096, bf16_stochastic_round: bool = False):
+        self._build(params, lr, None, bf16_stochastic_round, weight_decay=weight_decay, momentum=momentum,
+                    nesterov=nesterov, ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
+                    adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, block_size=block_size, min_quant_size=min_quant_size)
+
+
+class MuonFp8(_DropIn):
+    __doc__ = _MUON_DOC.format(what=_WHAT["fp8"].replace("moments", "momentum"), name="MuonFp8",
+                               keys=["momentum_buffer_codes", "momentum_buffer_scale"])
+    _factory_fn = staticmethod(muon)
+    _state_format = "fp8"
+
+    def __init__(self, params: Params, lr: float | Tensor = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = _NS, eps: float = 1e-7,
+                 ns_steps: int = 5, adjust_lr_fn: str | None = None, *, ns_dtype: torch.dtype = torch.bfloat16,
+                 block_size: int | None = None, min_quant_size: int = 4096, bf16_stochastic_round: bool = False):
+        self._build(params, lr, None, bf16_stochastic_round, weight_decay=weight_decay, momentum=momentum,
+                    nesterov=nesterov, ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
+                    adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, block_size=block_size, min_quant_size=min_quant_size)
+
+
+class Muon(_DropIn):
+    __doc__ = _MUON_DOC.format(what="float32 momentum", name="Muon", keys=["momentum_buffer"])
+    _factory_fn = staticmethod(muon)
+    _state_format = "fp32"
+
+    def __init__(self, params: Params, lr: float | Tensor = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = _NS, eps: float = 1e-7,
+                 ns_steps: int = 5, adjust_lr_fn: str | None = None, *, ns_dtype: torch.dtype = torch.bfloat16,
+                 bf16_stochastic_round: bool = False):
+        self._build(params, lr, None, bf16_stochastic_round, weight_decay=weight_decay, momentum=momentum,
+                    nesterov=nesterov, ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
+                    adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype)

@@ -41,7 +41,8 @@ from ._sharding import Sharding, as_dtensor, is_dtensor, local, local_entry, sha
 from .formats import FORMATS, ROUNDINGS, dequantize, quantize
 from .kernels import Epilogue, Item, moment_step
 from .kernels.reference import PARAM_STREAM, round_to
-from .transforms import Chain, GradientTransformation, MomentTransformation, adam, adamw, rmsprop, sgd
+from .transforms import Chain, GradientTransformation, MomentTransformation, adam, adamw, muon, rmsprop, sgd
+from .transforms.muon import MuonTransformation
 from .transforms._moments import parse_group_name
 from .transforms.alias import FusedChain
 
@@ -190,7 +191,7 @@ def moment_core(transform: GradientTransformation) -> MomentTransformation | Non
     member's), whose moments ``optimizer.state`` shows under torch's names; ``None`` if it has none."""
     if isinstance(transform, MomentTransformation):
         return transform
-    if isinstance(transform, FusedChain):
+    if isinstance(transform, (FusedChain, MuonTransformation)):
         return transform.core
     if isinstance(transform, Chain):
         found = [c for c in map(moment_core, transform.transforms) if c is not None]
@@ -691,7 +692,7 @@ def as_torch_optimizer(
 # the torch.optim class each factory's checkpoints load into, and whether that class keeps a step count
 _TORCH_CLASSES: dict[Callable[..., GradientTransformation], tuple[type[torch.optim.Optimizer], bool]] = {
     adam: (torch.optim.Adam, True), adamw: (torch.optim.AdamW, True), sgd: (torch.optim.SGD, False),
-    rmsprop: (torch.optim.RMSprop, True),
+    rmsprop: (torch.optim.RMSprop, True), muon: (torch.optim.Muon, False),
 }
 
 
@@ -737,7 +738,7 @@ def to_torch_state_dict(optimizer: TransformOptimizer) -> dict[str, Any]:
                 out[name] = _moment(entry, name, p.shape, label).to(torch.float32, copy=True)
         if out:
             state[index] = out
-    torch_defaults = torch_class([torch.zeros(1)]).param_groups[0]
+    torch_defaults = torch_class([torch.zeros(1, 1)]).param_groups[0]  # a 2-D placeholder (Muon takes no other)
     drop = (set(optimizer._spec.structural) - set(torch_defaults)) | {"bf16_stochastic_round"}
     groups = []
     for group in saved["param_groups"]:

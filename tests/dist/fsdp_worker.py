@@ -37,6 +37,12 @@ OPTIMIZERS = {
     "factory": lambda params: lowbit_fn.as_torch_optimizer(
         lowbit_fn.adam, params, learning_rate=1e-2, weight_decay=1e-3, state_format="4bit", min_quant_size=0
     ),
+    # the rest of the elementwise family, each in another format
+    "lion_8bit": lambda params: lowbit_fn.Lion8bit(params, lr=1e-3, weight_decay=1e-2, min_quant_size=0),
+    "sgd_4bit": lambda params: lowbit_fn.SGD4bit(params, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-3,
+                                                 min_quant_size=0),
+    "rmsprop_8bit": lambda params: lowbit_fn.RMSprop8bit(params, lr=1e-3, momentum=0.5, centered=True, min_quant_size=0),
+    "ademamix_fp8": lambda params: lowbit_fn.AdEMAMixFp8(params, lr=1e-2, t_alpha=10, t_beta3=10, min_quant_size=0),
 }
 
 
@@ -221,7 +227,12 @@ def errors() -> None:
     expect(ValueError, "not sharded like the parameter", lbs_step(p))
     p = param([Shard(0)])
     other = lowbit_fn.as_torch_optimizer(lowbit_fn.scale_by_adam, [p], state_format="8bit")
-    expect(TypeError, "DTensor (sharded) parameters are stepped by the adam/adamw factories", other.step)
+    expect(TypeError, "DTensor (sharded) parameters are stepped by the elementwise factories", other.step)
+    muon = lowbit_fn.Muon8bit([p], min_quant_size=0)  # Newton-Schulz needs whole matrices: refused, not gathered
+    before = p.detach().full_tensor()
+    expect(TypeError, "Muon needs whole matrices", muon.step)
+    if not torch.equal(p.detach().full_tensor(), before) or muon.state:
+        raise AssertionError("a refused Muon step changed the parameter or made state")
     opt = lowbit_fn.adamw(1e-3)
     expect(TypeError, "is a DTensor: the functional API steps plain tensors", lambda: opt.init({"w": p.detach()}))
 
