@@ -343,3 +343,70 @@ def test_state_layout_and_bytes_per_element():
     quant_bytes = sum(x.numel() * x.element_size() for x in group.values(include_nested=True, leaves_only=True))
     assert quant_bytes / (1000 * 1024) == 1.0 + 4 / 256  # codes 1 B + a float32 scale per 256
     assert state["fp32", "mu", "small"].shape == (10, 10)  # under min_quant_size: full precision
+
+
+# --- the drop-in classes ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_the_muon_class_equals_torch_optim_muon_with_a_scheduler(nesterov):
+    """lowbit_fn.Muon (fp32 state) and torch.optim.Muon on float64 matrices, 20 steps with StepLR: 1e-10."""
+    init, grads = least_squares()
+    ours = {k: torch.nn.Parameter(v.clone()) for k, v in init.items()}
+    theirs = {k: torch.nn.Parameter(v.clone()) for k, v in init.items()}
+    a = lowbit_fn.Muon(ours.values(), lr=0.02, weight_decay=0.05, nesterov=nesterov)
+    b = torch.optim.Muon(theirs.values(), lr=0.02, weight_decay=0.05, nesterov=nesterov)
+    sa, sb = (torch.optim.lr_scheduler.StepLR(o, step_size=5, gamma=0.5) for o in (a, b))
+    for _ in range(20):
+        for params, opt, sched in ((ours, a, sa), (theirs, b, sb)):
+            for k, g in grads({k: p.detach() for k, p in params.items()}).items():
+                params[k].grad = g
+            opt.step()
+            sched.step()
+    for k in init:
+        assert rel_err(ours[k].detach(), theirs[k].detach()) < 1e-10, k
+
+
+def test_muon_checkpoints_to_and_from_torch_optim_muon():
+    """to_torch_state_dict -> torch.optim.Muon continues exactly as lowbit_fn.Muon does; torch's checkpoint loads
+    into Muon8bit (quantized) and Muon (exact); Muon8bit's own checkpoint resumes bit for bit."""
+    init, grads = least_squares()
+    init32, grads32 = least_squares(torch.float32)
+
+    def run(opt, params, steps):
+        fn = grads if next(iter(params.values())).dtype == torch.float64 else grads32
+        for _ in range(steps):
+            for k, g in fn({k: p.detach() for k, p in params.items()}).items():
+                params[k].grad = g
+            opt.step()
+
+    ours = {k: torch.nn.Parameter(v.clone()) for k, v in init.items()}
+    a = lowbit_fn.Muon(ours.values(), lr=0.02)
+    run(a, ours, 3)
+    theirs = {k: torch.nn.Parameter(p.detach().clone()) for k, p in ours.items()}
+    b = torch.optim.Muon(theirs.values(), lr=0.02)
+    b.load_state_dict(lowbit_fn.to_torch_state_dict(a))
+    assert set(b.state[theirs["tall"]]) == {"momentum_buffer"}
+    run(a, ours, 3)
+    run(b, theirs, 3)
+    for k in init:
+        assert rel_err(ours[k].detach(), theirs[k].detach()) < 1e-10, k
+
+    exact = lowbit_fn.Muon([p for p in ours.values()], lr=0.02)
+    exact.load_state_dict(b.state_dict())
+    assert torch.equal(exact.state[ours["tall"]]["momentum_buffer"], b.state[theirs["tall"]]["momentum_buffer"])
+    low = {k: torch.nn.Parameter(v.clone()) for k, v in init32.items()}
+    q = lowbit_fn.Muon8bit(low.values(), lr=0.02, min_quant_size=0)
+    q.load_state_dict(b.state_dict())
+    buf = b.state[theirs["tall"]]["momentum_buffer"].float()
+    back = lowbit_fn.to_torch_state_dict(q)["state"][0]["momentum_buffer"]
+    assert rel_err(back, buf) < 0.02  # 8-bit codes of the converted buffer
+
+    run(q, low, 2)
+    again = {k: torch.nn.Parameter(p.detach().clone()) for k, p in low.items()}
+    r = lowbit_fn.Muon8bit(again.values(), lr=0.02, min_quant_size=0)
+    r.load_state_dict(q.state_dict())
+    run(q, low, 2)
+    run(r, again, 2)
+    for k in init:
+        assert torch.equal(low[k], again[k]), k
