@@ -560,7 +560,7 @@ class TransformOptimizer(torch.optim.Optimizer):
                 rounding = group["bf16_stochastic_round"] and p.dtype == torch.bfloat16
                 if rounding and "step" not in record[0]:
                     raise ValueError(
-                        f"{_label(gi, i, group, p)}: bf16_stochastic_round needs a transform with a step count (scale_by_adam)"
+                        f"{_label(gi, i, group, p)}: bf16_stochastic_round needs a transform with a step count (a moment transform such as scale_by_adam)"
                     )
                 state_device = record[0]["step"].device if "step" in record[0] else p.device
                 if state_device != p.device:
@@ -571,7 +571,7 @@ class TransformOptimizer(torch.optim.Optimizer):
                 self._install(p, record)
         for transform in dict.fromkeys(job[2] for job in jobs):
             mine = [job for job in jobs if job[2] is transform]
-            if isinstance(transform, FusedChain):  # adam/adamw: the kernel entry point, in place, per-parameter state
+            if isinstance(transform, FusedChain):  # the elementwise aliases: the kernel entry point, in place
                 _fused_step(transform, [
                     (local(p), local(g), record[0], rounding, position, 0 if sharding is None else sharding.base)
                     for p, g, _, record, _, rounding, position, sharding in mine
@@ -659,11 +659,12 @@ def as_torch_optimizer(
     """Wrap a transform factory as a ``torch.optim.Optimizer``.
 
     ``hyperparams`` are the factory's keyword arguments. In the param groups, ``learning_rate`` appears under
-    torch's name ``lr`` and ``b1``/``b2`` as ``betas``, so LR schedulers (including ``OneCycleLR``'s momentum
-    cycling), per-group settings and ``add_param_group`` work as with ``torch.optim.AdamW``. The step runs the same
-    transforms and kernels as the functional API on torch.optim's per-parameter state: for the ``adam``/``adamw``
-    factories on the CPU, one native call per param group updates the parameters in place; other factories run
-    one parameter at a time (transforms that couple parameters, such as ``clip_by_global_norm``, see one
+    torch's name ``lr`` and ``b1``/``b2`` (``b3``) as ``betas``; ``momentum``, ``dampening`` and ``alpha`` keep
+    their names, so LR schedulers (including ``OneCycleLR``'s momentum cycling), per-group settings and
+    ``add_param_group`` work as with ``torch.optim``'s classes. The step runs the same transforms and kernels as
+    the functional API on torch.optim's per-parameter state: for the fused elementwise factories (``adam``,
+    ``adamw``, ``lion``, ``sgd``, ``rmsprop``, ``ademamix``) on the CPU, one native call per param group updates
+    the parameters in place; other factories (``muon``, chains of your own) run one parameter at a time (transforms that couple parameters, such as ``clip_by_global_norm``, see one
     parameter here; clip with ``torch.nn.utils.clip_grad_norm_`` before ``step()`` instead).
 
     Args:

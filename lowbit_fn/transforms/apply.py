@@ -1,11 +1,11 @@
-"""``apply_gradients``: one whole optimizer step of the functional API, the parameter update fused into the Adam
-step's own pass where the transform allows it.
+"""``apply_gradients``: one whole optimizer step of the functional API, the parameter update fused into the
+codec step's own pass where the transform allows it.
 
 ``update`` followed by ``apply_updates`` makes two passes over memory: the second reads every parameter and update
 again and writes the parameter (12 B per float32 element; ``benchmarks/step_speed.py`` measures the two calls at
-1.15-2x the torch.optim step on this project's CPU). ``apply_gradients`` does the step in one pass for
-:func:`lowbit_fn.adam` / :func:`lowbit_fn.adamw`, alone or as the last member of a :func:`lowbit_fn.chain`, as the
-torch.optim front end does (flax's ``TrainState.apply_gradients`` is the same idea).
+1.15-2x the torch.optim step on this project's CPU). ``apply_gradients`` does the step in one pass for the fused
+elementwise aliases (:class:`~lowbit_fn.FusedChain`: ``adam``, ``adamw``, ``lion``, ``sgd``, ``rmsprop``,
+``ademamix``), alone or as the last member of a :func:`lowbit_fn.chain`, as the torch.optim front end does (flax's ``TrainState.apply_gradients`` is the same idea).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ Path = tuple[str, ...]
 
 def _fused_tail(transform: GradientTransformation) -> tuple[list[tuple[Path, GradientTransformation]], Path, FusedChain] | None:
     """When the update of ``transform`` ends with a :class:`FusedChain` (itself, or the last member of a chain,
-    nested chains included): the members before it and the fused Adam, each with the path of its state inside
+    nested chains included): the members before it and the fused alias, each with the path of its state inside
     ``transform``'s state; else ``None``."""
     head: list[tuple[Path, GradientTransformation]] = []
     path: Path = ()
@@ -48,8 +48,9 @@ def apply_gradients(
 
     The same as ``updates, state = transform.update(grads, state, params, inplace=inplace)`` followed by
     ``params = apply_updates(params, updates, inplace=inplace)``, in one pass over memory when the transform's
-    update ends with :func:`lowbit_fn.adam` or :func:`lowbit_fn.adamw` (alone or last in a :func:`chain`): the
-    update is added to each parameter inside the Adam step, in float32, and rounded once to the parameter's dtype
+    update ends with a fused alias (:class:`~lowbit_fn.FusedChain`: ``adam``, ``adamw``, ``lion``, ``sgd``,
+    ``rmsprop``, ``ademamix``; alone or last in a :func:`chain`): the update is added to each parameter inside
+    the codec step, in float32, and rounded once to the parameter's dtype
     (stochastically for bfloat16 with ``bf16_stochastic_round=True``, with the random bits of
     ``apply_updates(..., bf16_stochastic_round=True)`` under the transform's seed). For float32 and float64 params
     the results are the two calls' bit for bit; for half-precision ones the two calls round the update to the
@@ -59,7 +60,7 @@ def apply_gradients(
     Input is checked before anything changes: a bad gradient, state or parameter raises and leaves all of them as
     they were. With ``inplace=False`` the params and grads are not modified (the state is donated, as always);
     with ``inplace=True`` the params are updated in their own tensors and returned, and the gradients' buffers may
-    be overwritten (they are, by the chain members before the Adam step).
+    be overwritten (they are, by the chain members before the fused step).
 
     Example:
         >>> import torch, lowbit_fn
@@ -79,7 +80,8 @@ def apply_gradients(
     if tail is None:
         if bf16_stochastic_round:
             raise ValueError(
-                "apply_gradients: bf16_stochastic_round=True needs a transform ending with lowbit_fn.adam/adamw; "
+                "apply_gradients: bf16_stochastic_round=True needs a transform ending with a fused alias (adam, adamw, "
+                "lion, sgd, rmsprop, ademamix); "
                 "for others call update, then apply_updates(..., bf16_stochastic_round=True, step=...)"
             )
         updates, state = transform.update(grads, state, params, inplace=inplace)
