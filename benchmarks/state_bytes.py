@@ -1,4 +1,5 @@
-"""Optimizer-state bytes per parameter element of lowbit_fn's AdamW, per state format, on three models.
+"""Optimizer-state bytes per parameter element of lowbit_fn's AdamW (and, with ``--optimizers``, the rest of the
+family), per state format, on three models.
 
 What is computed
     For each state format (``fp32``, ``8bit``, ``4bit``, ``fp8``) and model, the state that
@@ -19,8 +20,12 @@ Models
     (``lowbit_fn.demo.SIZES[lowbit_fn.demo.Config().size]``), its ``named_parameters`` shapes. ``mlp``:
     ``Linear(4096, 11008)`` + ``Linear(11008, 4096)``, weights and biases (an LLM's MLP block). All params float32.
 
+The family (``--optimizers adamw lion sgd rmsprop rmsprop_centered ademamix muon``): SGD with momentum 0.9,
+RMSprop plain and centered with momentum 0.9, Muon on the models' 2-D parameters only (torch's Muon takes no
+others).
+
 Usage:
-    python benchmarks/state_bytes.py [--markdown PATH]
+    python benchmarks/state_bytes.py [--optimizers adamw ...] [--markdown PATH]
 """
 
 from __future__ import annotations
@@ -44,6 +49,16 @@ __all__ = ["MODELS", "state_bytes", "main"]
 
 Shape = tuple[int, ...]
 FORMATS = ("fp32", "8bit", "4bit", "fp8")
+# each family's factory, with the options that give it its full state (momentum buffers)
+OPTIMIZERS = {
+    "adamw": lambda fmt: lowbit_fn.adamw(state_format=fmt),
+    "lion": lambda fmt: lowbit_fn.lion(state_format=fmt),
+    "sgd": lambda fmt: lowbit_fn.sgd(momentum=0.9, state_format=fmt),
+    "rmsprop": lambda fmt: lowbit_fn.rmsprop(state_format=fmt),
+    "rmsprop_centered": lambda fmt: lowbit_fn.rmsprop(momentum=0.9, centered=True, state_format=fmt),
+    "ademamix": lambda fmt: lowbit_fn.ademamix(state_format=fmt),
+    "muon": lambda fmt: lowbit_fn.muon(state_format=fmt),
+}
 MIN_QUANT_SIZE = 4096  # lowbit_fn's default min_quant_size
 _QUANT_GROUP = re.compile(r"_block\d+$")
 
@@ -68,9 +83,9 @@ MODELS = {
 }
 
 
-def _init(fmt: str, shapes: list[Shape]) -> tuple[TensorDict, str]:
-    """The AdamW state of ``fmt`` for params of ``shapes``, and the device it was built on."""
-    opt = lowbit_fn.adamw(state_format=fmt)
+def _init(fmt: str, shapes: list[Shape], optimizer: str = "adamw") -> tuple[TensorDict, str]:
+    """The state of ``optimizer`` in ``fmt`` for params of ``shapes``, and the device it was built on."""
+    opt = OPTIMIZERS[optimizer](fmt)
     for device in ("meta", "cpu"):
         params = TensorDict({f"p{i:03d}": torch.zeros(s, device=device) for i, s in enumerate(shapes)}, batch_size=[])
         try:
@@ -85,12 +100,25 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def state_bytes(fmt: str, shapes: list[Shape]) -> dict[str, Any]:
-    """Bytes of the AdamW state of ``fmt`` for params of ``shapes``: totals and per element (see the module doc)."""
-    state, device = _init(fmt, shapes)
+def _core_state(state: TensorDict) -> TensorDict:
+    """The moment transform's part of a chain's state (the sub-TensorDict holding ``layout``)."""
+    for key in state.keys():
+        if key == "layout":
+            return state
+        if isinstance(state[key], TensorDict) and "layout" in state[key].keys(include_nested=True):
+            return _core_state(state[key])
+    raise AssertionError("no moment transform state")
+
+
+def state_bytes(fmt: str, shapes: list[Shape], optimizer: str = "adamw") -> dict[str, Any]:
+    """Bytes of the ``optimizer`` state of ``fmt`` for params of ``shapes``: totals and per element (see the
+    module doc)."""
+    if optimizer == "muon":
+        shapes = [s for s in shapes if len(s) == 2]
+    state, device = _init(fmt, shapes, optimizer)
     numel = sum(torch.Size(s).numel() for s in shapes)
     total = sum(_nbytes(t) for t in state.values(include_nested=True, leaves_only=True))
-    adam = state["0"]
+    adam = _core_state(state)
     groups = [key for key in adam.keys() if _QUANT_GROUP.search(key)]
     qbytes = scale_bytes = 0
     for group in groups:
@@ -99,7 +127,8 @@ def state_bytes(fmt: str, shapes: list[Shape]) -> dict[str, Any]:
             if (path if isinstance(path, tuple) else (path,))[-1] == "scale":
                 scale_bytes += _nbytes(t)
     keys = {f"p{i:03d}": torch.Size(s).numel() for i, s in enumerate(shapes)}
-    in_groups = {key for group in groups for key in adam[group, "mu"].keys()}  # the params whose state is quantized
+    # the params whose state is quantized (the keys of the groups' first moment)
+    in_groups = {key for group in groups for key in adam[group, next(iter(adam[group].keys()))].keys()}
     qnumel = sum(keys[k] for k in in_groups)
     expected = {k for k, s in zip(keys, shapes) if len(s) >= 2 and keys[k] >= MIN_QUANT_SIZE}
     if groups and in_groups != expected:
@@ -108,6 +137,7 @@ def state_bytes(fmt: str, shapes: list[Shape]) -> dict[str, Any]:
             f"the rule (>= 2 dims, >= 4096 elements) {sorted(expected)[:5]}..."
         )
     return {
+        "optimizer": optimizer,
         "format": fmt,
         "device": device,
         "params": numel,
@@ -126,13 +156,13 @@ def _num(value: float | None) -> str:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | params (M) | quantized params (M) | format | state B/elem (all state / all params) "
+        "| optimizer | model | params (M) | quantized params (M) | format | state B/elem (all state / all params) "
         "| state B/elem (quantized groups / quantized params) | scale overhead B/elem | state MiB |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['params'] / 1e6:.3f} | {r['quantized_params'] / 1e6:.3f} | {r['format']} | {_num(r['all'])} "
+            f"| {r['optimizer']} | {r['model']} | {r['params'] / 1e6:.3f} | {r['quantized_params'] / 1e6:.3f} | {r['format']} | {_num(r['all'])} "
             f"| {_num(r['quantized'])} | {_num(r['scale'])} | {r['state_bytes'] / 2**20:.2f} |"
         )
     return "\n".join(lines)
@@ -143,14 +173,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ``model``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--markdown", metavar="PATH", help="also write the table to this file")
+    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=["adamw"],
+                        help="families to measure (default adamw)")
     args = parser.parse_args(argv)
     rows = []
-    for model, shapes_of in MODELS.items():
-        shapes = shapes_of()
-        rows += [{"model": model, **state_bytes(fmt, shapes)} for fmt in FORMATS]
+    for optimizer in args.optimizers:
+        for model, shapes_of in MODELS.items():
+            shapes = shapes_of()
+            rows += [{"model": model, **state_bytes(fmt, shapes, optimizer)} for fmt in FORMATS]
     devices = sorted({r["device"] for r in rows})
     report = "\n".join([
-        f"lowbit_fn AdamW state bytes per parameter element (float32 params, default block sizes and min_quant_size; "
+        f"lowbit_fn optimizer state bytes per parameter element (float32 params, default block sizes and min_quant_size; "
         f"states built on {', '.join(devices)}), torch {torch.__version__}",
         "",
         markdown_table(rows),

@@ -143,19 +143,28 @@ def test_step_speed_paths_and_rss() -> None:
 def test_state_bytes_smoke(tmp_path: Path) -> None:
     report = tmp_path / "state.md"
     out = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "state_bytes.py"), "--markdown", str(report)],
+        [sys.executable, str(BENCHMARKS / "state_bytes.py"), "--markdown", str(report), "--optimizers", "adamw", "lion",
+         "rmsprop_centered", "muon"],
         capture_output=True, text=True, check=True, timeout=120,
     ).stdout
-    table: dict[tuple[str, str], list[str]] = {}
+    tables: dict[str, dict[tuple[str, str], list[str]]] = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 8 and cells[3] in ("fp32", "8bit", "4bit", "fp8"):
-            table[cells[0], cells[3]] = cells
+        if len(cells) == 9 and cells[4] in ("fp32", "8bit", "4bit", "fp8"):
+            tables.setdefault(cells[0], {})[cells[1], cells[4]] = cells[1:]
+    assert set(tables) == {"adamw", "lion", "rmsprop_centered", "muon"}
+    table = tables["adamw"]
     assert set(table) == {(m, f) for m in ("tlike100", "demo", "mlp") for f in ("fp32", "8bit", "4bit", "fp8")}
 
-    def value(model: str, fmt: str, column: int) -> float | None:
-        cell = table[model, fmt][column]
+    def value(model: str, fmt: str, column: int, family: str = "adamw") -> float | None:
+        cell = tables[family][model, fmt][column]
         return None if cell == "—" else float(cell)
+
+    # one moment (Lion, Muon) is half of Adam's two; three (RMSprop centered with momentum) one and a half times
+    for fmt in ("8bit", "4bit", "fp8"):
+        adam = value("mlp", fmt, 5)  # the table's 5 decimals
+        assert value("mlp", fmt, 5, "lion") == pytest.approx(adam / 2, abs=1e-5) == value("mlp", fmt, 5, "muon")
+        assert value("mlp", fmt, 5, "rmsprop_centered") == pytest.approx(adam * 1.5, abs=1e-5)
 
     # tlike100 and the MLP: every quantized row is a multiple of 256 (and 128) elements, so the ratios are exact
     for model in ("tlike100", "mlp"):
@@ -167,7 +176,7 @@ def test_state_bytes_smoke(tmp_path: Path) -> None:
         assert value(model, "fp32", 5) is None and value(model, "fp32", 6) is None
         assert value(model, "8bit", 4) >= value(model, "8bit", 5) * 0.99  # the small tensors keep fp32 state
         assert value(model, "8bit", 5) >= EIGHT_BIT  # narrower rows than 256 only add scales
-    assert report.read_text(encoding="utf-8").count("\n| ") >= 13
+    assert report.read_text(encoding="utf-8").count("\n| ") >= 4 * 12 + 1
 
 
 def test_offload_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:
