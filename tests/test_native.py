@@ -209,7 +209,7 @@ def test_without_a_c_compiler_one_warning_then_the_compiled_path(tmp_path):
     native = run("native")
     assert broken["n"] == 1 and broken["native"] is False
     assert native["n"] == 0 and native["native"] is True
-    assert list((tmp_path / "native-native").glob("native_adam_*.so")), "the build is cached"
+    assert list((tmp_path / "native-native").glob("native_*.so")), "the build is cached"
     for fmt, want in native["out"].items():
         assert torch.equal(broken["out"][fmt], want), fmt
 
