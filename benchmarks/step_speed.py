@@ -417,7 +417,7 @@ def start_runners(
 def peak_step_bytes(step: Callable[[], None]) -> int | None:
     """Peak bytes of the torch allocations made during one ``step()`` and live at the same time (from the torch
     profiler's memory events), or ``None`` where the profiler gives none. Memory outside torch's allocator (the
-    native kernel's scratch: six blocks of float32 per thread) is not included."""
+    native kernel's scratch: eight blocks of float32 per thread) is not included."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

@@ -1,4 +1,5 @@
-"""The native CPU kernel against the reference path: identical codes, scales and directions; the fallback."""
+"""The native CPU kernel against the reference path, for every rule: identical codes, scales, directions and
+parameters; the fallback."""
 
 import math
 import os
@@ -12,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lowbit_fn
+import lowbit_fn.kernels.step as step_module
 from lowbit_fn.kernels import Epilogue, Item, StepConfig, moment_step
-from lowbit_fn.kernels.rules import Adam
+from lowbit_fn.kernels.rules import RMS, AdEMAMix, Adam, Lion, MuonMomentum, Trace
 from lowbit_fn.kernels.native import native_available, nearest_thresholds, prefix_table, threshold_table
 
 pytestmark = pytest.mark.skipif(not native_available(torch.device("cpu")), reason="no C compiler here")
@@ -23,46 +25,84 @@ def f64(x):
     return torch.tensor(x, dtype=torch.float64)
 
 
-def both(fmt_name, g, moments, step, stochastic, b1=0.9, b2=0.999, eps=1e-8, seed=0, param=None, epilogue=Epilogue()):
-    """Run the compiled reference and the native kernel (through the one entry point) on copies of the same
-    state and parameter; returns both ``(update or parameter, moments)``."""
+def both(fmt_name, g, moments, step, stochastic, rule=None, hyper=None, b1=0.9, b2=0.999, eps=1e-8, seed=0,
+         param=None, epilogue=Epilogue(), compiled=True):
+    """Run the reference and the native kernel (through the one entry point) on copies of the same state and
+    parameter; returns both ``(update or parameter, moments)``. ``rule`` (default: Adam, with amsgrad when there
+    are three moments) and its hyperparameters ``hyper`` (floats; default ``(b1, b2, eps)``). The reference is
+    compiled, or with ``compiled=False`` the same function run eagerly (no graph to compile: the wide matrices).
+    Checks that the native kernel ran the second and only the second."""
     fmt = lowbit_fn.FORMATS[fmt_name] if fmt_name != "fp32" else None
-    config = StepConfig(Adam(len(moments) > (4 if fmt else 2)), fmt, fmt.default_block_size if fmt else 0, stochastic, seed)
+    if rule is None:
+        rule = Adam(len(moments) > (4 if fmt else 2))
+    hyper = tuple(f64(h) for h in (hyper if hyper is not None else (b1, b2, eps)))
+    config = StepConfig(rule, fmt, fmt.default_block_size if fmt else 0, stochastic, seed)
+    calls, real = [], step_module.native_step
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
     out = []
     for native in ("0", "1"):
-        os.environ["LOWBIT_FN_NATIVE"] = native
+        env = {"LOWBIT_FN_NATIVE": native, **({"LOWBIT_FN_COMPILE": "0"} if native == "0" and not compiled else {})}
+        os.environ.update(env)
+        step_module.native_step = counted
         try:
             state = [t.clone() for t in moments]
             p = None if param is None else param.clone()
-            (d,) = moment_step(config, [Item(g, state, torch.tensor(step), 1234, p)], (f64(b1), f64(b2), f64(eps)), epilogue)
+            (d,) = moment_step(config, [Item(g, state, torch.tensor(step), 1234, p)], hyper, epilogue)
         finally:
-            del os.environ["LOWBIT_FN_NATIVE"]
+            step_module.native_step = real
+            for name in env:
+                del os.environ[name]
+        assert len(calls) == int(native), f"native calls: {len(calls)} with LOWBIT_FN_NATIVE={native}"
         out.append((p if epilogue.apply else d, state))
     return out
 
 
-def random_state(fmt_name, shape, nmom, gen):
+def random_state(fmt_name, shape, signed, gen):
+    """Moments of ``shape``: ``signed`` per moment (a tuple of bools; an int n: Adam's n moments, the first
+    signed), with magnitudes over six decades; quantized in ``fmt_name``, or float32 tensors for ``"fp32"``."""
+    if isinstance(signed, int):
+        signed = (True,) + (False,) * (signed - 1)
     moments = []
     n = math.prod(shape)
-    for i in range(nmom):
+    for s in signed:
         x = (torch.randn(n, generator=gen) * torch.logspace(-6, 0, n)).view(shape)
-        moments += list(lowbit_fn.quantize(x if i == 0 else x.abs(), fmt_name, signed=i == 0))
+        x = x if s else x.abs()
+        moments += [x] if fmt_name == "fp32" else list(lowbit_fn.quantize(x, fmt_name, signed=s))
     return moments
 
 
+def same_bits(a, b):
+    """Equal NaN positions and, elsewhere, equal bit patterns (so +0 and -0 differ; NaN payloads may)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    nan = torch.isnan(a)
+    if not torch.equal(nan, torch.isnan(b)):
+        return False
+    bits = {4: torch.int32, 2: torch.int16, 1: torch.uint8}[a.element_size()]
+    return torch.equal(a.view(bits)[~nan], b.view(bits)[~nan])
+
+
 def assert_identical(ref, nat, fmt_name):
-    f = lowbit_fn.FORMATS[fmt_name]
     (d1, m1), (d2, m2) = ref, nat
-    assert torch.equal(torch.isnan(d1), torch.isnan(d2)) and torch.equal(d1.nan_to_num(), d2.nan_to_num())
+    assert same_bits(d1, d2)
+    if fmt_name == "fp32":
+        for i, (a, b) in enumerate(zip(m1, m2)):
+            assert same_bits(a, b), f"moment {i}"
+        return
+    f = lowbit_fn.FORMATS[fmt_name]
     for i in range(0, len(m1), 2):
         s1, s2 = m1[i + 1], m2[i + 1]
-        assert torch.equal(torch.isnan(s1), torch.isnan(s2)) and torch.equal(s1.nan_to_num(), s2.nan_to_num())
+        assert same_bits(s1, s2), f"scales of moment {i // 2}"
         rows, per_row = s1.shape
         ok = ~torch.isnan(s1)  # inside a NaN-poisoned block the codes are unspecified: every one decodes to NaN
         c1, c2 = m1[i].reshape(rows, -1), m2[i].reshape(rows, -1)
         cols = torch.arange(c1.shape[1]) // (f.default_block_size // f.codes_per_byte)  # each code's block
         keep = ok[:, cols]
-        assert torch.equal(c1[keep], c2[keep])
+        assert torch.equal(c1[keep], c2[keep]), f"codes of moment {i // 2}"
 
 
 @pytest.mark.parametrize("fmt", ["8bit", "4bit", "fp8"])
@@ -126,6 +166,132 @@ def test_native_equals_reference_on_arbitrary_gradients(values, fmt, stochastic,
     g = torch.nn.functional.pad(g, (0, -g.numel() % 3)).view(3, -1)  # three rows, ragged blocks
     moments = random_state(fmt, tuple(g.shape), 2, torch.Generator().manual_seed(step))
     assert_identical(*both(fmt, g, moments, step, stochastic, b1=b1), fmt)
+
+
+# every rule variant: (id, rule, hyperparameters in the order of its scalars' inputs)
+RULES = [
+    ("adam", Adam(), (0.9, 0.999, 1e-8)),
+    ("amsgrad", Adam(amsgrad=True), (0.8, 0.99, 1e-6)),
+    ("lion", Lion(), (0.9, 0.99)),
+    ("sgd", Trace(momentum=False), (0.0, 0.0)),
+    ("momentum", Trace(), (0.9, 0.1)),
+    ("nesterov", Trace(nesterov=True), (0.9, 0.0)),
+    ("rms", RMS(), (0.99, 1e-8, 0.0)),
+    ("rms_centered", RMS(centered=True), (0.9, 1e-8, 0.0)),
+    ("rms_momentum", RMS(momentum=True), (0.99, 1e-8, 0.9)),
+    ("rms_centered_momentum", RMS(centered=True, momentum=True), (0.9, 0.0, 0.5)),
+    ("ademamix", AdEMAMix(), (0.9, 0.999, 0.9999, 5.0, 1e-8)),
+    ("ademamix_warmup", AdEMAMix(t_alpha=10, t_beta3=10), (0.9, 0.999, 0.999, 8.0, 1e-8)),
+    ("muon", MuonMomentum(), (0.95,)),
+    ("muon_plain", MuonMomentum(nesterov=False), (0.95,)),
+]
+FORMAT_ROUNDINGS = [(f, r) for f in ("8bit", "4bit", "fp8") for r in (False, True)] + [("fp32", False)]
+EPILOGUES = ["direction", "decoupled_bf16", "l2_apply", "decoupled_apply_bf16_sr"]
+
+
+def rule_inputs(shape, epilogue_name, gen):
+    """A gradient of ``shape`` over 15 decades with a NaN (one poisoned block), an all-zero row, subnormals and huge
+    values (their squares overflow); the parameter and the epilogue of ``epilogue_name`` (``EPILOGUES``):
+    float32 or bfloat16 gradient and parameter, the update returned or applied (bfloat16 stochastically)."""
+    n = math.prod(shape)
+    g = (torch.randn(n, generator=gen) * torch.logspace(-12, 3, n)).view(shape)
+    flat = g.view(-1)
+    flat[min(n - 1, 7 * 33 + 5)] = float("nan")
+    flat[n // 2 : n // 2 + 3] = torch.tensor([1e-40, -3e-42, 1e-45])
+    flat[-4:] = torch.tensor([3e38, -1e20, 2e19, -5.0])
+    if shape[0] > 2:
+        g[1] = 0.0
+    p = torch.randn(shape, generator=gen)
+    wd, lr = torch.tensor(0.1, dtype=torch.float64), torch.tensor(-1e-2, dtype=torch.float64)
+    epilogue = {
+        "direction": Epilogue(),
+        "decoupled_bf16": Epilogue(wd, decoupled=True, factor=lr),
+        "l2_apply": Epilogue(wd, l2=True, factor=lr, apply=True),
+        "decoupled_apply_bf16_sr": Epilogue(wd, decoupled=True, factor=lr, apply=True, param_sr=True),
+    }[epilogue_name]
+    dtype = torch.bfloat16 if "bf16" in epilogue_name else torch.float32
+    return g.to(dtype), p.to(dtype), epilogue
+
+
+def check_rule(fmt, stochastic, rule, hyper, shape, epilogue_name, steps, gen, compiled):
+    g, p, epilogue = rule_inputs(shape, epilogue_name, gen)
+    moments = random_state(fmt, shape, rule.signed(), gen)
+    for step in steps:
+        ref, nat = both(fmt, g, moments, step, stochastic, rule=rule, hyper=hyper, param=p, epilogue=epilogue,
+                        compiled=compiled)
+        try:
+            assert_identical(ref, nat, fmt)
+        except AssertionError as err:
+            raise AssertionError(f"{rule} {fmt} stochastic={stochastic} {epilogue_name} step {step}: {err}") from None
+        assert ref[0].dtype == g.dtype
+        moments = ref[1]
+
+
+@pytest.mark.parametrize("k", range(len(RULES)), ids=[name for name, _, _ in RULES])
+def test_every_rule_equals_the_compiled_reference(k):
+    """Each rule against the compiled reference (one graph each: the format, rounding, epilogue and shape rotate
+    over the rules); the wide matrix below uses the eager reference, which these cases tie to the compiled one."""
+    _, rule, hyper = RULES[k]
+    fmt, stochastic = FORMAT_ROUNDINGS[k % len(FORMAT_ROUNDINGS)]
+    shape = [(41, 256), (37, 33), (3, 5, 301)][k % 3]
+    check_rule(fmt, stochastic, rule, hyper, shape, EPILOGUES[k % len(EPILOGUES)], (1, 2, 1000),
+               torch.Generator().manual_seed(k), compiled=True)
+
+
+@pytest.mark.parametrize("fmt", ["8bit", "4bit", "fp8", "fp32"])
+@pytest.mark.parametrize("k", range(len(RULES)), ids=[name for name, _, _ in RULES])
+def test_every_rule_rounding_and_epilogue_equals_the_reference(k, fmt):
+    """Every rule x format x rounding x epilogue (float32 or bfloat16 tensors, update or applied, bfloat16
+    stochastic rounding), ragged rows and a short last block, a NaN, subnormal and huge gradients, the first step
+    and later ones: the native kernel's bits are the reference's (run eagerly: no graph per case)."""
+    _, rule, hyper = RULES[k]
+    gen = torch.Generator().manual_seed(100 + k)
+    for stochastic in (False, True) if fmt != "fp32" else (False,):
+        for name in EPILOGUES:
+            check_rule(fmt, stochastic, rule, hyper, (5, 545), name, (1, 3), gen, compiled=False)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    values=st.lists(st.floats(-(2.0**100), 2.0**100, allow_nan=False, width=32), min_size=1, max_size=600),
+    k=st.integers(0, len(RULES) - 1),
+    fmt=st.sampled_from(["8bit", "4bit", "fp8", "fp32"]),
+    stochastic=st.booleans(),
+    step=st.integers(1, 10**6),
+    beta=st.floats(0.0, 0.999),
+)
+def test_every_rule_equals_the_reference_on_arbitrary_gradients(values, k, fmt, stochastic, step, beta):
+    _, rule, hyper = RULES[k]
+    hyper = (beta,) + hyper[1:]  # the first hyperparameter of every rule is a decay rate in [0, 1)
+    g = torch.tensor(values, dtype=torch.float32)
+    g = torch.nn.functional.pad(g, (0, -g.numel() % 3)).view(3, -1)  # three rows, ragged blocks
+    moments = random_state(fmt, tuple(g.shape), rule.signed(), torch.Generator().manual_seed(step))
+    ref, nat = both(fmt, g, moments, step, stochastic and fmt != "fp32", rule=rule, hyper=hyper, compiled=False)
+    assert_identical(ref, nat, fmt)
+
+
+def test_the_kernel_refuses_a_rule_it_does_not_know():
+    """A rule number or moments the C kernel does not know are refused before anything is written."""
+    from dataclasses import dataclass, replace
+    from typing import ClassVar
+
+    from lowbit_fn.kernels.native import native_serves_rule, native_step
+
+    @dataclass(frozen=True)
+    class Unknown(Lion):
+        native_id: ClassVar[int] = 99
+
+    assert all(native_serves_rule(rule) for _, rule, _ in RULES) and not native_serves_rule(Unknown())
+    g = torch.randn(4, 300)
+    moments = random_state("8bit", (4, 300), (True,), torch.Generator().manual_seed(0))
+    before = [t.clone() for t in moments]
+    out = torch.zeros_like(g)
+    config = StepConfig(Unknown(), lowbit_fn.FORMATS["8bit"], 256, False, 0)
+    with pytest.raises(ValueError, match="not a rule it knows"):
+        native_step([g], [moments], [300], [0], [1], 1, torch.zeros(10), config, outs=[out])
+    assert all(torch.equal(a, b) for a, b in zip(before, moments)) and not out.any()
+    with pytest.raises(ValueError, match="moments"):  # Lion has one moment, not two
+        native_step([g], [moments + moments], [300], [0], [1], 1, torch.zeros(10), replace(config, rule=Lion()), outs=[out])
 
 
 @given(st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=200))
@@ -209,7 +375,7 @@ def test_without_a_c_compiler_one_warning_then_the_compiled_path(tmp_path):
     native = run("native")
     assert broken["n"] == 1 and broken["native"] is False
     assert native["n"] == 0 and native["native"] is True
-    assert list((tmp_path / "native-native").glob("native_adam_*.so")), "the build is cached"
+    assert list((tmp_path / "native-native").glob("native_*.so")), "the build is cached"
     for fmt, want in native["out"].items():
         assert torch.equal(broken["out"][fmt], want), fmt
 
@@ -250,7 +416,7 @@ CODE_PATHS_SCRIPT = textwrap.dedent(
     """
     import sys, torch, lowbit_fn
     sys.path.insert(0, sys.argv[1])
-    from test_native import assert_identical, both, random_state
+    from test_native import EPILOGUES, FORMAT_ROUNDINGS, RULES, assert_identical, both, check_rule, random_state
     from lowbit_fn.kernels.native import native_available
     assert native_available(torch.device("cpu"))
     gen = torch.Generator().manual_seed(3)
@@ -267,6 +433,11 @@ CODE_PATHS_SCRIPT = textwrap.dedent(
                     ref, nat = both(fmt, g, moments, step, stochastic)
                     assert_identical(ref, nat, fmt)
                     moments = ref[1]
+    # every rule, format and rounding, the epilogues in turn (the eager reference: no graph per case)
+    for k, (_, rule, hyper) in enumerate(RULES):
+        for j, (fmt, stochastic) in enumerate(FORMAT_ROUNDINGS):
+            epilogue = EPILOGUES[(k + j) % len(EPILOGUES)]
+            check_rule(fmt, stochastic, rule, hyper, (5, 545), epilogue, (1, 7), gen, compiled=False)
     print("identical")
     """
 )
@@ -275,7 +446,8 @@ CODE_PATHS_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", ["-DLOWBIT_PORTABLE", "-mno-avx512vbmi"])
 def test_other_code_paths_equal_the_reference(tmp_path, flags):
-    """The kernel's other builds (portable C; AVX-512 without VBMI byte permutes) give the reference's bits too."""
+    """The kernel's other builds (portable C; AVX-512 without VBMI byte permutes) give the reference's bits too,
+    for every rule."""
     env = {**os.environ, "LOWBIT_FN_CACHE": str(tmp_path), "LOWBIT_FN_NATIVE_FLAGS": flags}
     out = subprocess.run([sys.executable, "-c", CODE_PATHS_SCRIPT, os.path.dirname(__file__)], env=env,
                          capture_output=True, text=True, timeout=600)

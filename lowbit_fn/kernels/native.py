@@ -1,7 +1,7 @@
-"""The native CPU kernel: ``native_adam.c`` built on first use for this machine and called through ctypes.
+"""The native CPU kernel: ``native.c`` built on first use for this machine and called through ctypes.
 
-One call steps any number of tensors (*segments*) and can finish the AdamW step in the same pass: weight decay,
-learning rate and the in-place parameter update (the *epilogue*), reading and writing float32, bfloat16 or
+It serves every rule of :mod:`lowbit_fn.kernels.rules`. One call steps any number of tensors (*segments*) and can
+finish the step in the same pass: weight decay, learning rate and the in-place parameter update (the *epilogue*), reading and writing float32, bfloat16 or
 float16 parameters and gradients block by block (no full-size float32 copy). The build is plain C (no torch headers), so it
 takes under a second: ``$CC`` (default ``gcc``) with ``-O3 -march=native -fopenmp -ffp-contract=off`` (plus
 ``$LOWBIT_FN_NATIVE_FLAGS``), cached under ``$LOWBIT_FN_CACHE`` (default ``~/.cache/lowbit_fn``) by a hash of the
@@ -47,7 +47,7 @@ except ImportError:  # Windows: no flock; the create-if-absent link in _build al
 
 __all__ = ["native_available", "native_step", "native_serves_rule", "NATIVE_DTYPES"]
 
-_SOURCE = Path(__file__).with_name("native_adam.c")
+_SOURCE = Path(__file__).with_name("native.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
 _FORMAT_CODES = {"8bit": 0, "4bit": 1, "fp8": 2, "fp32": 3}
 _lock = threading.Lock()
@@ -105,7 +105,7 @@ def _compile(cc: str, flags: list[str], target: Path) -> None:
 
 
 def _build() -> ctypes.CDLL:
-    """Compiles ``native_adam.c`` unless the cache holds it (keyed by source, flags, compiler and CPU) and loads it.
+    """Compiles ``native.c`` unless the cache holds it (keyed by source, flags, compiler and CPU) and loads it.
 
     One process builds at a time (:func:`_exclusive` on ``<library>.lock``); a process that waited finds the
     library its predecessor built and loads it. Raises if the compiler fails or the library does not load."""
@@ -115,16 +115,16 @@ def _build() -> ctypes.CDLL:
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + version.encode() + " ".join(flags).encode() + _cpu_fingerprint().encode()).hexdigest()[:20]
     cache = Path(os.environ.get("LOWBIT_FN_CACHE", Path.home() / ".cache" / "lowbit_fn"))
-    target = cache / f"native_adam_{key}.so"
+    target = cache / f"native_{key}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         with _exclusive(target.with_suffix(".lock")):
             if not target.exists():  # another process may have built it while this one waited
                 _compile(cc, flags, target)
     lib = ctypes.CDLL(str(target))
-    fn = lib.lowbit_adam_step
+    fn = lib.lowbit_step
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [p, i64, i64, i32, i32, p, p, i32, p, p, p, p, p, p, i32, i32, i32, i32]
+    fn.argtypes = [p, i64, i64, i32, i32, i32, i32, i32, p, p, i32, p, p, p, p, p, p, i32, i32, i32, i32]
     fn.restype = i32
     return lib
 
@@ -236,11 +236,14 @@ def _padded_table(codebook: Tensor, stochastic: bool) -> Tensor:
 _NO_MAP = torch.empty(1, dtype=torch.float32)  # FP8 and float32 state have no maps
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 NATIVE_DTYPES = tuple(_DTYPES)  # parameter, gradient and output dtypes the kernel reads and writes
+NATIVE_SCALARS = 10  # the kernel's scalars: the rule's (RULES_MAX_SCALARS slots), the weight decay, the lr factor
+_NATIVE_RULES = frozenset(range(6))  # the native_id of every rule in rules.py
 
 
 def native_serves_rule(rule: "Rule") -> bool:
-    """Whether the kernel implements ``rule`` (the others run the compiled reference)."""
-    return rule.native_id == 0
+    """Whether the kernel implements ``rule`` (the others run the compiled reference): every rule of
+    :mod:`lowbit_fn.kernels.rules`."""
+    return rule.native_id in _NATIVE_RULES
 
 
 def native_step(
@@ -257,7 +260,8 @@ def native_step(
     state, where blocks only divide the work), the index of its first element in the whole tensor ``bases[s]``
     and its 32-bit identity ``idents[s]`` (both select its stochastic rounding), and, depending on ``mode``
     (``EPILOGUE_*`` bits), its parameter ``params[s]`` and output ``outs[s]`` (contiguous, any of the three
-    dtypes). ``scalars`` holds the rule's scalars, the weight decay and the signed learning rate (float32). Mode 0
+    dtypes). ``scalars`` (float32, :data:`NATIVE_SCALARS`) holds the rule's scalars padded with zeros to
+    :data:`~lowbit_fn.kernels.rules.RULES_MAX_SCALARS`, the weight decay and the signed learning rate. Mode 0
     writes the direction; ``EPILOGUE_L2`` adds ``p * weight_decay`` to the gradient first,
     ``EPILOGUE_DECOUPLED`` adds it to the direction, ``EPILOGUE_SCALE`` multiplies by the learning rate factor,
     and ``EPILOGUE_APPLY`` adds the result to the parameter in place (no output), rounded to its dtype
@@ -275,7 +279,13 @@ def native_step(
     signed = fmt.codebook(True) if codebooks else _NO_MAP
     unsigned = fmt.codebook(False) if codebooks else _NO_MAP
     per = 1 if fmt is None else 2  # tensors per moment: float32 values, or codes and scales
-    nmom = len(moments[0]) // per
+    rule = config.rule
+    signed_moments = rule.signed()
+    nmom = len(signed_moments)
+    if any(len(mom) != per * nmom for mom in moments):
+        raise ValueError(f"native_step: {type(rule).__name__} has {nmom} moments, {per} tensors each")
+    if scalars.dtype != torch.float32 or scalars.numel() != NATIVE_SCALARS or not scalars.is_contiguous():
+        raise ValueError(f"native_step: scalars must be {NATIVE_SCALARS} contiguous float32 values")
     stochastic = stochastic and fmt is not None
     streams = [stream_key_int(seed, i, step) for i in range(4)]
     rows_ = []
@@ -291,9 +301,13 @@ def native_step(
     segs = torch.tensor(rows_, dtype=torch.int64)
     luts = [_ptr(_padded_table(m, stochastic)) for m in (signed, unsigned)] if codebooks else [0, 0]
     thresholds = [_ptr(nearest_thresholds(m)) for m in (signed, unsigned)] if codebooks else [0, 0]
-    failed = lib.lowbit_adam_step(
-        _ptr(segs), len(grads), block_size, nmom, _FORMAT_CODES[name], _ptr(signed), _ptr(unsigned), signed.numel(),
-        _ptr(_E4M3), *luts, *thresholds, _ptr(scalars), int(stochastic), int(param_sr), mode, torch.get_num_threads(),
+    signed_mask = sum(1 << i for i, s in enumerate(signed_moments) if s)
+    failed = lib.lowbit_step(
+        _ptr(segs), len(grads), block_size, nmom, rule.native_id, rule.flags(), signed_mask, _FORMAT_CODES[name],
+        _ptr(signed), _ptr(unsigned), signed.numel(), _ptr(_E4M3), *luts, *thresholds, _ptr(scalars), int(stochastic),
+        int(param_sr), mode, torch.get_num_threads(),
     )
+    if failed == 2:
+        raise ValueError(f"lowbit_fn native kernel: {rule} is not a rule it knows with these moments")
     if failed:
         raise MemoryError("lowbit_fn native kernel: could not allocate its scratch buffers")

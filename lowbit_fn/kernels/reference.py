@@ -1,7 +1,7 @@
 """The reference step of one tensor, written once: :func:`tensor_step` (decode the moments, the rule's math, encode
 them, weight decay, learning rate and the parameter's update), for every rule of :mod:`lowbit_fn.kernels.rules`.
 
-:func:`tensor_step` is the reference the native kernel (``native_adam.c``) reproduces bit for bit, and the path
+:func:`tensor_step` is the reference the native kernel (``native.c``) reproduces bit for bit, and the path
 that runs where the native kernel does not (GPUs, float64, ``LOWBIT_FN_NATIVE=0``). It is compiled exactly once
 per rule, format, block size, rounding, dtypes and epilogue, with sizes that stay symbols (no branch on a size, no
 0/1 specialization), so the graph count does not depend on how many tensors or which shapes a model has.

@@ -2,7 +2,7 @@
 per-step scalars it derives from its hyperparameters and the step count, and its math on one tensor.
 
 A rule is a frozen dataclass: a constant of the compiled graphs (one graph per rule, format and flags) and the
-``rule``/``flags`` of the native kernel (``native_adam.c``), which computes the same float32 operations in the
+``rule``/``flags`` of the native kernel (``native.c``), which computes the same float32 operations in the
 same order on the same scalars. The quantized storage, the row layout, stochastic rounding and the epilogue
 (weight decay, learning rate, the parameter's update) are the codec's (:mod:`lowbit_fn.kernels.step`), shared by
 every rule: a rule only says what its moments are and how they move.

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..formats import BlockFormat, row_split
 from .native import EPILOGUE_APPLY, EPILOGUE_DECOUPLED, EPILOGUE_L2, EPILOGUE_SCALE, NATIVE_DTYPES, native_available, native_serves_rule, native_step
 from .reference import tensor_step
-from .rules import Rule
+from .rules import RULES_MAX_SCALARS, Rule
 
 __all__ = ["StepConfig", "Epilogue", "Item", "moment_step"]
 
@@ -151,7 +151,9 @@ def _native(
     mode = (EPILOGUE_L2 if epilogue.l2 else 0) | (EPILOGUE_DECOUPLED if epilogue.decoupled else 0)
     mode |= (EPILOGUE_SCALE if epilogue.factor is not None else 0) | (EPILOGUE_APPLY if epilogue.apply else 0)
     cpu = torch.device("cpu")
-    scalars = torch.stack(_scalars(config.rule, torch.tensor(step, dtype=torch.int64), hyper, epilogue, torch.float32, cpu))
+    *rule_scalars, wd, factor = _scalars(config.rule, torch.tensor(step, dtype=torch.int64), hyper, epilogue, torch.float32, cpu)
+    unused = [torch.zeros((), dtype=torch.float32)] * (RULES_MAX_SCALARS - len(rule_scalars))
+    scalars = torch.stack([*rule_scalars, *unused, wd, factor])  # the kernel's layout: its rule slots, then the epilogue
     grads, moments, rows, params, outs, results = [], [], [], [], [], []
     with_params = epilogue.needs_params
     for item in items:

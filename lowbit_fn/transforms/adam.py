@@ -25,7 +25,7 @@ def scale_by_adam(
     The returned updates are ``m_hat / (sqrt(v_hat) + eps)`` (torch's placement of the bias corrections), in each
     gradient's dtype. The step's math runs in float32 (float64 for float64 params with full-precision state) on
     this step's unquantized moments; the moments are then re-quantized in place. On the CPU one call of the native
-    kernel (``lowbit_fn/kernels/native_adam.c``) steps every tensor; elsewhere a compiled torch graph per tensor,
+    kernel (``lowbit_fn/kernels/native.c``) steps every tensor; elsewhere a compiled torch graph per tensor,
     one graph per format and dtype for any model; both give the same bits. ``b1``/``b2``/``eps`` may be 0-d
     tensors that you change in place without recompiling. The state is donated (see
     :class:`GradientTransformation`); with ``update(..., inplace=True)`` the updates are written into the

@@ -1,14 +1,19 @@
-/* lowbit_fn native CPU kernel: one Adam(W) step over block-quantized moments (8-bit / 4-bit codebooks, FP8).
+/* lowbit_fn native CPU kernel: one optimizer step over block-quantized moments (8-bit / 4-bit codebooks, FP8) or
+ * plain float32 ones, for every elementwise rule of lowbit_fn/kernels/rules.py (Adam, Lion, SGD's momentum,
+ * RMSprop, AdEMAMix, Muon's momentum).
  *
- * The same arithmetic as the reference path (lowbit_fn/kernels/adam.py, lowbit_fn/formats/ and, for the fused
- * epilogue, the chain add_decayed_weights -> scale_by_learning_rate -> apply_updates), operation for operation,
- * so codes, scales, directions and parameters are identical: float32 math without contraction into FMAs (built
- * with -ffp-contract=off), correctly rounded square roots, the same nearest-code search, the same stochastic
- * rounding hash. Built on the user's machine with -O3 -march=native; called through ctypes.
+ * The same arithmetic as the reference path (lowbit_fn/kernels/reference.py: the rule's math from rules.py, the
+ * codecs of lowbit_fn/formats/ and the epilogue of weight decay, learning rate and the parameter's update),
+ * operation for operation, so codes, scales, directions and parameters are identical: float32 math without
+ * contraction into FMAs (built with -ffp-contract=off), correctly rounded square roots, the same nearest-code
+ * search, the same stochastic rounding hash. Built on the user's machine with -O3 -march=native; called through
+ * ctypes.
  *
  * Two code paths compute the same bits: AVX-512 (F/BW/VL) intrinsics for blocks whose size is a multiple of 16,
  * and portable C for everything else (other CPUs, odd block sizes, and blocks holding NaN or Inf). Build with
- * -DLOWBIT_PORTABLE to use only the portable one.
+ * -DLOWBIT_PORTABLE to use only the portable one. Adam's math has its own AVX-512 loop (it tracks each new
+ * moment's absmax as it makes it); the other rules' math is plain C that the compiler vectorizes, followed by one
+ * pass per moment that takes the square roots of sqrt-domain moments and tracks the absmax.
  *
  * Work comes as *segments*: one per tensor, each with its own gradient, output, parameter and moment buffers,
  * its row length R (blocks never cross a row: each row has ceil(R / bs) blocks, the last one shorter), the index
@@ -16,6 +21,10 @@
  * and outputs may be float32, bfloat16 or float16: they are converted block by block in the thread's scratch and
  * written back rounded (to nearest, or stochastically for bfloat16 parameters). A short block is zero-padded in
  * scratch, as in the reference.
+ *
+ * Moments: up to three per rule, each signed (the signed codebook) or unsigned (a second moment, the unsigned
+ * codebook). Under stochastic rounding an unsigned moment is stored as its square root: decoding squares it,
+ * encoding takes the root.
  */
 #include <math.h>
 #include <stdint.h>
@@ -32,21 +41,27 @@
 enum { FMT_CODEBOOK8 = 0, FMT_CODEBOOK4 = 1, FMT_FP8 = 2, FMT_FP32 = 3 /* plain float32 moments */ };
 /* epilogue bits: what is done with the direction d (mode 0: write d) */
 enum { EPI_L2 = 1, EPI_DECOUPLED = 2, EPI_SCALE = 4, EPI_APPLY = 8 };
-/* segment fields (int64 each); dtypes: DT_F32, DT_BF16, DT_F16; keys: m, v, vmax, parameter */
+/* rules (Rule.native_id in rules.py) and their switches (Rule.flags) */
+enum { RULE_ADAM = 0, RULE_LION = 1, RULE_TRACE = 2, RULE_RMS = 3, RULE_ADEMAMIX = 4, RULE_MUON = 5 };
+enum { FLAG_NESTEROV = 1, FLAG_CENTERED = 2, FLAG_MOMENTUM = 4 };
+/* segment fields (int64 each); dtypes: DT_F32, DT_BF16, DT_F16; keys: moments 0, 1, 2, parameter */
 enum { SEG_G, SEG_OUT, SEG_P, SEG_NUMEL, SEG_ROW, SEG_INDEX, SEG_GDT, SEG_PDT, SEG_ODT, SEG_KEYS,
        SEG_CODES = SEG_KEYS + 4, SEG_SCALES = SEG_CODES + 3, SEG_FIELDS = SEG_SCALES + 3 };
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
 typedef struct {
-    int fmt, nmom, stochastic, mode, map_len, param_sr;
+    int fmt, nmom, rule, flags, stochastic, mode, map_len, param_sr;
     int64_t bs, code_bytes;
-    const float *map[3];      /* codebook of moment i (signed for m, unsigned for v and vmax) */
+    int squared[3];           /* moment i is stored as its square root (unsigned, stochastic rounding) */
+    int plane[3];             /* moment i's byte planes: its map planes[plane[i]], its next[] planes[plane[i] + 2] */
+    const float *map[3];      /* codebook of moment i (signed or unsigned) */
     const uint8_t *lut[3];    /* prefix table (65536 entries + 4 bytes of padding): over the thresholds when
                                  rounding to nearest, over the map when rounding stochastically */
     const float *next[3];     /* nearest-rounding thresholds from the first on: next[a] = t[a + 1], where code k
                                  is picked from t[k] up to t[k + 1] (t[0] = -inf, t[n] = +inf) */
     const float *fp8_lut;     /* float8_e4m3fn code -> float32 (portable path) */
-    float omb1, b2, omb2, inv_bc1, inv_bc2s, eps, wd, neg_lr;
+    float s[8];               /* the rule's scalars, in the order of its Rule.scalars */
+    float wd, lr;             /* weight decay and the learning-rate factor of the epilogue */
     /* 8-bit: the four bytes of every entry of the signed map, unsigned map, signed and unsigned next[], as
      * byte planes (planes[t][k][e] = byte k of entry e of table t) for 64-lane byte look-ups */
     uint8_t planes[4][4][256] __attribute__((aligned(64)));
@@ -178,7 +193,7 @@ static void decode_block(const ctx_t *c, int i, const uint8_t *codes, float scal
         const float *table = c->fmt == FMT_FP8 ? c->fp8_lut : c->map[i];
         for (int64_t j = 0; j < bs; ++j) out[j] = table[codes[j]] * scale;
     }
-    if (c->stochastic && i > 0) /* second moments are stored as sqrt(v) */
+    if (c->squared[i]) /* unsigned moments are stored as their square roots under stochastic rounding */
         for (int64_t j = 0; j < bs; ++j) out[j] = out[j] * out[j];
 }
 
@@ -229,27 +244,171 @@ static void encode_block(const ctx_t *c, int i, const float *x, int64_t first, u
     }
 }
 
-/* The moment update and the epilogue over n elements (m, v, vmax updated in place; sqrt taken when stochastic). */
-static void math_scalar(const ctx_t *c, int64_t n, const float *g, const float *p, float *m, float *v, float *vmax,
-                        float *dst) {
-    for (int64_t j = 0; j < n; ++j) {
-        float gj = g[j];
-        if (c->mode & EPI_L2) gj = gj + p[j] * c->wd;
-        float mj = m[j] + c->omb1 * (gj - m[j]);
-        float vj = v[j] * c->b2 + (gj * gj) * c->omb2;
-        float d = vj;
-        if (c->nmom == 3) {
+/* The rules' math over n elements: the direction into d, the moments updated in place (as values: the square
+ * roots of sqrt-domain moments are taken afterwards). Each mirrors its Rule.math in rules.py, operation for
+ * operation and operand for operand; `lerp(a, b, w)` there is a + w * (b - a). Plain loops the compiler
+ * vectorizes (`restrict`: the moments, the gradient and d are distinct buffers). */
+
+static void math_adam(const ctx_t *c, int64_t n, const float *restrict g, float *restrict m, float *restrict v,
+                      float *restrict vmax, float *restrict d) {
+    const float omb1 = c->s[0], b2 = c->s[1], omb2 = c->s[2], inv_bc1 = c->s[3], inv_bc2s = c->s[4], eps = c->s[5];
+    if (c->nmom == 3) {
+        for (int64_t j = 0; j < n; ++j) {
+            float mj = m[j] + omb1 * (g[j] - m[j]);
+            float vj = v[j] * b2 + (g[j] * g[j]) * omb2;
             float x = vmax[j] > vj ? vmax[j] : vj;
-            if (vmax[j] != vmax[j] || vj != vj) x = NAN; /* torch.maximum propagates NaN */
-            vmax[j] = c->stochastic ? sqrtf(x) : x;
-            d = x;
+            x = (vmax[j] != vmax[j] || vj != vj) ? NAN : x; /* torch.maximum propagates NaN */
+            d[j] = (mj * inv_bc1) / (sqrtf(x) * inv_bc2s + eps);
+            m[j] = mj;
+            v[j] = vj;
+            vmax[j] = x;
         }
-        float u = (mj * c->inv_bc1) / (sqrtf(d) * c->inv_bc2s + c->eps);
-        if (c->mode & EPI_DECOUPLED) u = u + p[j] * c->wd;
-        if (c->mode & EPI_SCALE) u = u * c->neg_lr;
-        dst[j] = (c->mode & EPI_APPLY) ? p[j] + u : u;
+        return;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+        float mj = m[j] + omb1 * (g[j] - m[j]);
+        float vj = v[j] * b2 + (g[j] * g[j]) * omb2;
+        d[j] = (mj * inv_bc1) / (sqrtf(vj) * inv_bc2s + eps);
         m[j] = mj;
-        v[j] = c->stochastic ? sqrtf(vj) : vj;
+        v[j] = vj;
+    }
+}
+
+/* direction = sign(lerp(m, g, 1 - b1)), NaN kept (torch.sign gives +0 for both zeros); m = lerp(m, g, 1 - b2) */
+static void math_lion(const ctx_t *c, int64_t n, const float *restrict g, float *restrict m, float *restrict d) {
+    const float omb1 = c->s[0], omb2 = c->s[1];
+    for (int64_t j = 0; j < n; ++j) {
+        float x = m[j] + omb1 * (g[j] - m[j]);
+        float sign = (float)(x > 0.0f) - (float)(x < 0.0f);
+        d[j] = x != x ? x : sign;
+        m[j] = m[j] + omb2 * (g[j] - m[j]);
+    }
+}
+
+/* buf = buf * a + g * c (a, c: the first step's (0, 1) already folded in); nesterov: g + buf * momentum */
+static void math_trace(const ctx_t *c, int64_t n, const float *restrict g, float *restrict buf, float *restrict d) {
+    const float a = c->s[0], k = c->s[1], momentum = c->s[2];
+    if (c->flags & FLAG_NESTEROV) {
+        for (int64_t j = 0; j < n; ++j) {
+            float b = buf[j] * a + g[j] * k;
+            d[j] = g[j] + b * momentum;
+            buf[j] = b;
+        }
+        return;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+        float b = buf[j] * a + g[j] * k;
+        d[j] = b;
+        buf[j] = b;
+    }
+}
+
+/* square_avg (unsigned), grad_avg (centered), buf (momentum). The centered variance's clamp_min(x, 0) is
+ * x <= 0 ? +0 : x, as the compiled reference computes it: NaN stays NaN and -0 becomes +0. */
+static void math_rms(const ctx_t *c, int64_t n, const float *restrict g, float *restrict sq, float *restrict avg_g,
+                     float *restrict buf, float *restrict d) {
+    const float alpha = c->s[0], oma = c->s[1], eps = c->s[2], momentum = c->s[3];
+    const int centered = c->flags & FLAG_CENTERED, with_momentum = c->flags & FLAG_MOMENTUM;
+    if (centered) {
+        for (int64_t j = 0; j < n; ++j) {
+            float s = sq[j] * alpha + (g[j] * g[j]) * oma;
+            float a = avg_g[j] + oma * (g[j] - avg_g[j]);
+            float x = s - a * a;
+            x = x <= 0.0f ? 0.0f : x;
+            d[j] = g[j] / (sqrtf(x) + eps);
+            sq[j] = s;
+            avg_g[j] = a;
+        }
+    } else {
+        for (int64_t j = 0; j < n; ++j) {
+            float s = sq[j] * alpha + (g[j] * g[j]) * oma;
+            d[j] = g[j] / (sqrtf(s) + eps);
+            sq[j] = s;
+        }
+    }
+    if (with_momentum)
+        for (int64_t j = 0; j < n; ++j) {
+            float b = buf[j] * momentum + d[j];
+            d[j] = b;
+            buf[j] = b;
+        }
+}
+
+/* m1 = lerp(m1, g, 1 - b1), m2 = lerp(m2, g, 1 - b3), nu = nu * b2 + g * g * (1 - b2);
+ * direction = (m1 / (1 - b1**t) + alpha * m2) / (sqrt(nu) / sqrt(1 - b2**t) + eps) */
+static void math_ademamix(const ctx_t *c, int64_t n, const float *restrict g, float *restrict m1, float *restrict m2,
+                          float *restrict nu, float *restrict d) {
+    const float omb1 = c->s[0], b2 = c->s[1], omb2 = c->s[2], inv_bc1 = c->s[3], inv_bc2s = c->s[4], eps = c->s[5];
+    const float omb3 = c->s[6], alpha = c->s[7];
+    for (int64_t j = 0; j < n; ++j) {
+        float a = m1[j] + omb1 * (g[j] - m1[j]);
+        float b = m2[j] + omb3 * (g[j] - m2[j]);
+        float v = nu[j] * b2 + (g[j] * g[j]) * omb2;
+        d[j] = (a * inv_bc1 + b * alpha) / (sqrtf(v) * inv_bc2s + eps);
+        m1[j] = a;
+        m2[j] = b;
+        nu[j] = v;
+    }
+}
+
+/* buf = lerp(buf, g, 1 - momentum); nesterov: lerp(g, buf, momentum) */
+static void math_muon(const ctx_t *c, int64_t n, const float *restrict g, float *restrict buf, float *restrict d) {
+    const float omm = c->s[0], momentum = c->s[1];
+    if (c->flags & FLAG_NESTEROV) {
+        for (int64_t j = 0; j < n; ++j) {
+            float b = buf[j] + omm * (g[j] - buf[j]);
+            d[j] = g[j] + momentum * (b - g[j]);
+            buf[j] = b;
+        }
+        return;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+        float b = buf[j] + omm * (g[j] - buf[j]);
+        d[j] = b;
+        buf[j] = b;
+    }
+}
+
+/* The rule's math, the moments' square roots and the epilogue over n elements: g the gradient (with L2, g + p * wd
+ * into lbuf first), p the parameter (read as float32), mom[] the decoded moments (updated in place: new values, or
+ * their square roots for sqrt-domain moments), dst the direction or, with EPI_APPLY, the new parameter (dst may
+ * be p or g: each element is read before it is written). dbuf holds the direction. */
+static void math_generic(const ctx_t *c, int64_t n, const float *g, const float *p, float *const mom[3], float *dst,
+                         float *dbuf, float *lbuf) {
+    const int mode = c->mode;
+    const float wd = c->wd, lr = c->lr;
+    if (mode & EPI_L2) {
+        for (int64_t j = 0; j < n; ++j) lbuf[j] = g[j] + p[j] * wd;
+        g = lbuf;
+    }
+    const float *d = dbuf;
+    switch (c->rule) {
+    case RULE_ADAM: math_adam(c, n, g, mom[0], mom[1], mom[2], dbuf); break;
+    case RULE_LION: math_lion(c, n, g, mom[0], dbuf); break;
+    case RULE_TRACE:
+        if (c->nmom == 0) d = g; /* no momentum: the direction is the gradient */
+        else math_trace(c, n, g, mom[0], dbuf);
+        break;
+    case RULE_RMS: {
+        const int centered = (c->flags & FLAG_CENTERED) != 0;
+        math_rms(c, n, g, mom[0], centered ? mom[1] : NULL, (c->flags & FLAG_MOMENTUM) ? mom[1 + centered] : NULL, dbuf);
+        break;
+    }
+    case RULE_ADEMAMIX: math_ademamix(c, n, g, mom[0], mom[1], mom[2], dbuf); break;
+    default: math_muon(c, n, g, mom[0], dbuf); break;
+    }
+    for (int i = 0; i < c->nmom; ++i)
+        if (c->squared[i])
+            for (int64_t j = 0; j < n; ++j) mom[i][j] = sqrtf(mom[i][j]);
+    if (!(mode & (EPI_DECOUPLED | EPI_SCALE | EPI_APPLY))) {
+        if (dst != d) memcpy(dst, d, sizeof(float) * n);
+        return;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+        float u = d[j];
+        if (mode & EPI_DECOUPLED) u = u + p[j] * wd;
+        if (mode & EPI_SCALE) u = u * lr;
+        dst[j] = (mode & EPI_APPLY) ? p[j] + u : u;
     }
 }
 
@@ -389,10 +548,10 @@ static void decode_block_avx512(const ctx_t *c, int i, const uint8_t *codes, flo
         const __m512 s = _mm512_set1_ps(scale);
         for (int64_t j = 0; j < c->bs; j += 64) {
             __m512 x[4];
-            v_lookup64(c->planes[i == 0 ? 0 : 1], _mm512_loadu_si512((const void *)(codes + j)), x);
+            v_lookup64(c->planes[c->plane[i]], _mm512_loadu_si512((const void *)(codes + j)), x);
             for (int k = 0; k < 4; ++k) {
                 x[k] = _mm512_mul_ps(x[k], s);
-                if (c->stochastic && i > 0) x[k] = _mm512_mul_ps(x[k], x[k]);
+                if (c->squared[i]) x[k] = _mm512_mul_ps(x[k], x[k]);
                 _mm512_storeu_ps(out + j + 16 * k, x[k]);
             }
         }
@@ -405,7 +564,7 @@ static void decode_block_avx512(const ctx_t *c, int i, const uint8_t *codes, flo
     for (int64_t j = 0; j < c->bs; j += 16) {
         __m512i code = v_load_codes(c->fmt, codes, j);
         __m512 x = _mm512_mul_ps(c->fmt == FMT_FP8 ? v_from_e4m3(code) : v_lookup(code, map16, table, n), s);
-        if (c->stochastic && i > 0) x = _mm512_mul_ps(x, x);
+        if (c->squared[i]) x = _mm512_mul_ps(x, x);
         _mm512_storeu_ps(out + j, x);
     }
 }
@@ -435,6 +594,11 @@ static inline void v_track(absmax_t *t, __m512 x) {
     __m512 a = v_abs(x);
     t->bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(3.4028234663852886e38f), _CMP_NLE_UQ);
     t->amax = _mm512_max_ps(t->amax, a);
+}
+
+/* The tracking of n values (a multiple of 16) made by plain C, where math_avx512 tracks its own as it goes. */
+static void track_avx512(const float *x, int64_t n, absmax_t *t) {
+    for (int64_t j = 0; j < n; j += 16) v_track(t, _mm512_loadu_ps(x + j));
 }
 
 /* Encode a block whose values are all finite, given their absmax; returns 0 (nothing written) otherwise. */
@@ -479,7 +643,7 @@ static int encode_block_avx512(const ctx_t *c, int i, const float *x, const absm
                 below[k] = v_prefix_count(y[k], c->lut[i]);
             }
             const __m512i count = v_bytes64(below);
-            v_lookup64(c->planes[i == 0 ? 2 : 3], count, next);
+            v_lookup64(c->planes[c->plane[i] + 2], count, next);
             __mmask64 up = 0;
             for (int k = 0; k < 4; ++k) up |= (__mmask64)_mm512_cmp_ps_mask(next[k], y[k], _CMP_LE_OQ) << (16 * k);
             _mm512_storeu_si512((void *)(codes + j), _mm512_mask_add_epi8(count, up, count, _mm512_set1_epi8(1)));
@@ -522,9 +686,9 @@ static int encode_block_avx512(const ctx_t *c, int i, const float *x, const absm
 
 static void math_avx512(const ctx_t *c, int64_t n, const float *g, const float *p, float *m, float *v, float *vmax,
                         float *dst, absmax_t track[3]) {
-    const __m512 omb1 = _mm512_set1_ps(c->omb1), b2 = _mm512_set1_ps(c->b2), omb2 = _mm512_set1_ps(c->omb2);
-    const __m512 inv_bc1 = _mm512_set1_ps(c->inv_bc1), inv_bc2s = _mm512_set1_ps(c->inv_bc2s), eps = _mm512_set1_ps(c->eps);
-    const __m512 wd = _mm512_set1_ps(c->wd), neg_lr = _mm512_set1_ps(c->neg_lr);
+    const __m512 omb1 = _mm512_set1_ps(c->s[0]), b2 = _mm512_set1_ps(c->s[1]), omb2 = _mm512_set1_ps(c->s[2]);
+    const __m512 inv_bc1 = _mm512_set1_ps(c->s[3]), inv_bc2s = _mm512_set1_ps(c->s[4]), eps = _mm512_set1_ps(c->s[5]);
+    const __m512 wd = _mm512_set1_ps(c->wd), neg_lr = _mm512_set1_ps(c->lr);
     const int mode = c->mode;
     for (int64_t j = 0; j < n; j += 16) {
         __m512 gj = _mm512_loadu_ps(g + j), mj = _mm512_loadu_ps(m + j), vj = _mm512_loadu_ps(v + j);
@@ -561,8 +725,9 @@ static void math_avx512(const ctx_t *c, int64_t n, const float *g, const float *
  * Driver
  * ------------------------------------------------------------------------------------------------------------ */
 
-/* Scratch of one thread: six float buffers of bs (m, v, vmax, g, p, out) and three code buffers of bs bytes. */
-static size_t scratch_bytes(int64_t bs) { return ((sizeof(float) * 6 * bs + 3 * bs + 63) / 64) * 64; }
+/* Scratch of one thread: eight float buffers of bs (three moments, g, p, out, the direction, the L2 gradient) and
+ * three code buffers of bs bytes. */
+static size_t scratch_bytes(int64_t bs) { return ((sizeof(float) * 8 * bs + 3 * bs + 63) / 64) * 64; }
 
 /* Blocks of a segment: ceil(R / bs) per row. */
 static int64_t seg_blocks(const int64_t *seg, int64_t bs) {
@@ -577,9 +742,9 @@ static void step_block(const ctx_t *c, const int64_t *seg, int64_t b, float *wor
     const int64_t count = row - k * bs < bs ? row - k * bs : bs;
     const int gdt = (int)seg[SEG_GDT], pdt = (int)seg[SEG_PDT], odt = (int)seg[SEG_ODT];
     const int apply = c->mode & EPI_APPLY, short_block = count < bs;
-    float *m = work, *v = work + bs, *vmax = work + 2 * bs, *gbuf = work + 3 * bs, *pbuf = work + 4 * bs, *obuf = work + 5 * bs;
-    uint8_t *cbuf = (uint8_t *)(work + 6 * bs); /* 3 * bs bytes */
-    float *moment[3] = {m, v, vmax};
+    float *gbuf = work + 3 * bs, *pbuf = work + 4 * bs, *obuf = work + 5 * bs, *dbuf = work + 6 * bs, *lbuf = work + 7 * bs;
+    uint8_t *cbuf = (uint8_t *)(work + 8 * bs); /* 3 * bs bytes */
+    float *moment[3] = {work, work + bs, work + 2 * bs};
     const int64_t first = seg[SEG_INDEX] + start; /* this block's first element in the whole tensor */
     const uint32_t key[4] = {(uint32_t)seg[SEG_KEYS], (uint32_t)seg[SEG_KEYS + 1], (uint32_t)seg[SEG_KEYS + 2],
                              (uint32_t)seg[SEG_KEYS + 3]};
@@ -621,10 +786,17 @@ static void step_block(const ctx_t *c, const int64_t *seg, int64_t b, float *wor
     }
 #if LOWBIT_AVX512
     absmax_t track[3] = {{_mm512_setzero_ps(), 0}, {_mm512_setzero_ps(), 0}, {_mm512_setzero_ps(), 0}};
-    if (vector) math_avx512(c, bs, g, pin, moment[0], moment[1], moment[2], out, track);
+    if (vector && c->rule == RULE_ADAM) math_avx512(c, bs, g, pin, moment[0], moment[1], moment[2], out, track);
     else
 #endif
-        math_scalar(c, bs, g, pin, moment[0], moment[1], moment[2], out);
+    {
+        math_generic(c, bs, g, pin, moment, out, dbuf, lbuf);
+        for (int i = 0; i < c->nmom && short_block && c->fmt != FMT_FP32; ++i) /* the reference pads with zeros */
+            memset(moment[i] + count, 0, sizeof(float) * (bs - count));
+#if LOWBIT_AVX512
+        for (int i = 0; i < c->nmom && vector && c->fmt != FMT_FP32; ++i) track_avx512(moment[i], bs, &track[i]);
+#endif
+    }
     if (out == obuf) store_from_f32(obuf, ddt, count, draw, apply && c->param_sr, key[3], first);
     if (c->fmt == FMT_FP32) {
         for (int i = 0; i < c->nmom && short_block; ++i) memcpy((float *)seg[SEG_CODES + i] + start, moment[i], sizeof(float) * count);
@@ -644,19 +816,51 @@ static void step_block(const ctx_t *c, const int64_t *seg, int64_t b, float *wor
 
 static const float *after(const float *t) { return t ? t + 1 : NULL; }
 
-/* One Adam step over `nseg` segments (`segs`: nseg * SEG_FIELDS int64).
- *   scalars: 1 - b1, b2, 1 - b2, 1 / (1 - b1**t), 1 / sqrt(1 - b2**t), eps, weight decay, -lr (float32, computed by the
- *   caller exactly as the reference computes them). param_sr: bfloat16 parameters written back stochastically.
+/* The number of moments of `rule` with `flags` (Adam: 2, or 3 with amsgrad: nmom decides) and their signedness
+ * (bit i set: moment i is signed), as rules.py defines them; -1 for an unknown rule. */
+static int rule_moments(int rule, int flags, int nmom, int *signed_mask) {
+    const int centered = (flags & FLAG_CENTERED) != 0, momentum = (flags & FLAG_MOMENTUM) != 0;
+    switch (rule) {
+    case RULE_ADAM: *signed_mask = 1; return nmom == 3 ? 3 : 2;
+    case RULE_LION: case RULE_MUON: *signed_mask = 1; return 1;
+    case RULE_TRACE: *signed_mask = momentum; return momentum;
+    case RULE_RMS: *signed_mask = ((1 << (centered + momentum)) - 1) << 1; return 1 + centered + momentum;
+    case RULE_ADEMAMIX: *signed_mask = 3; return 3;
+    default: return -1;
+    }
+}
+
+/* One step of rule `rule` (RULE_*, switches `flags`: FLAG_*) over `nseg` segments (`segs`: nseg * SEG_FIELDS int64),
+ * each with `nmom` moments, moment i signed where bit i of `signed_mask` is set.
+ *   scalars: 10 floats: the rule's scalars in the order of its Rule.scalars (unused slots 0), then the weight decay
+ *   and the learning-rate factor (float32, computed by the caller exactly as the reference computes them).
+ *   param_sr: bfloat16 parameters written back stochastically. mode: EPI_* bits.
  *   Codebook formats: *_lut are the prefix tables over the thresholds (nearest rounding) or over the maps
- *   (stochastic rounding); *_thr hold n + 1 floats: -inf, the n - 1 nearest-rounding thresholds, +inf. */
-int lowbit_adam_step(const int64_t *segs, int64_t nseg, int64_t bs, int nmom, int fmt, const float *signed_map,
-                     const float *unsigned_map, int map_len, const float *fp8_lut, const uint8_t *signed_lut,
-                     const uint8_t *unsigned_lut, const float *signed_thr, const float *unsigned_thr, const float *scalars,
-                     int stochastic, int param_sr, int mode, int nthreads) {
-    ctx_t c = {fmt, nmom, stochastic, mode, map_len, param_sr, bs, fmt == FMT_CODEBOOK4 ? bs / 2 : bs,
-               {signed_map, unsigned_map, unsigned_map}, {signed_lut, unsigned_lut, unsigned_lut},
-               {after(signed_thr), after(unsigned_thr), after(unsigned_thr)}, fp8_lut,
-               scalars[0], scalars[1], scalars[2], scalars[3], scalars[4], scalars[5], scalars[6], scalars[7], {{{0}}}};
+ *   (stochastic rounding); *_thr hold n + 1 floats: -inf, the n - 1 nearest-rounding thresholds, +inf.
+ * Returns 0, 1 when scratch could not be allocated, 2 when the rule, its moments or their signedness are not
+ * those of rules.py (nothing is written then). */
+int lowbit_step(const int64_t *segs, int64_t nseg, int64_t bs, int nmom, int rule, int flags, int signed_mask, int fmt,
+                const float *signed_map, const float *unsigned_map, int map_len, const float *fp8_lut,
+                const uint8_t *signed_lut, const uint8_t *unsigned_lut, const float *signed_thr,
+                const float *unsigned_thr, const float *scalars, int stochastic, int param_sr, int mode, int nthreads) {
+    int expected_mask = 0;
+    if (nmom < 0 || nmom > 3 || rule_moments(rule, flags, nmom, &expected_mask) != nmom || expected_mask != signed_mask)
+        return 2;
+    ctx_t c;
+    memset(&c, 0, sizeof c);
+    c.fmt = fmt, c.nmom = nmom, c.rule = rule, c.flags = flags, c.stochastic = stochastic, c.mode = mode;
+    c.map_len = map_len, c.param_sr = param_sr, c.bs = bs, c.code_bytes = fmt == FMT_CODEBOOK4 ? bs / 2 : bs;
+    c.fp8_lut = fp8_lut;
+    for (int i = 0; i < 3; ++i) {
+        const int is_signed = (signed_mask >> i) & 1;
+        c.squared[i] = stochastic && !is_signed;
+        c.plane[i] = is_signed ? 0 : 1;
+        c.map[i] = is_signed ? signed_map : unsigned_map;
+        c.lut[i] = is_signed ? signed_lut : unsigned_lut;
+        c.next[i] = after(is_signed ? signed_thr : unsigned_thr);
+    }
+    for (int k = 0; k < 8; ++k) c.s[k] = scalars[k];
+    c.wd = scalars[8], c.lr = scalars[9];
     if (fmt == FMT_CODEBOOK8) {
         const float *tables[4] = {signed_map, unsigned_map, after(signed_thr), after(unsigned_thr)};
         for (int t = 0; t < 4; ++t)
