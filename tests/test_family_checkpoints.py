@@ -2,8 +2,8 @@
 bit-exact resume, to and from torch.optim.SGD / RMSprop, conversion between formats, and refusal of checkpoints
 that do not fit.
 
-The low-bit tests run the eager step (``LOWBIT_FN_COMPILE=0``, the compiled step's math op for op; see
-test_compile_fallback.py): what they check is the front end's state handling, and a compilation per class and
+The low-bit tests run the eager step (``LOWBIT_FN_COMPILE=0``; test_family.py checks that it gives the compiled
+step's bits for every class): what they check is the front end's state handling, and a compilation per class and
 format would cost most of their time. The float64 comparisons with torch.optim run the default (compiled) path.
 """
 
