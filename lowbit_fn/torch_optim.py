@@ -146,6 +146,8 @@ def _check_group(group: dict[str, Any], where: str, nbetas: int = 2) -> None:
             raise ValueError(f"{where}: invalid {key} {group[key]!r} (must be >= 0)")
     if "betas" in group:
         betas, n = group["betas"], nbetas
+        if n == 0:
+            raise ValueError(f"{where}: betas={betas!r}, but this optimizer has no betas (the settings of another optimizer?)")
         if not isinstance(betas, (tuple, list)) or len(betas) != n:
             what = "a pair (beta1, beta2)" if n == 2 else f"a tuple of {n} (beta1, ..., beta{n})"
             raise ValueError(f"{where}: betas must be {what}, got {betas!r}")
@@ -290,6 +292,24 @@ def _moment(entry: dict[str, Any], name: str, shape: torch.Size, label: str) -> 
     if name == "max_exp_avg_sq":  # saved without amsgrad: the running max starts at the current second moment
         return _moment(entry, "exp_avg_sq", shape, label)
     raise ValueError(f"{label}: the checkpoint has no {name!r} (keys: {sorted(entry)})")
+
+
+# moments that a checkpoint of the same optimizer may hold and this one not keep (amsgrad, centered or momentum off
+# here): dropped on load; any other moment this optimizer lacks means a checkpoint of another optimizer
+_OPTIONAL = ("max_exp_avg_sq", "grad_avg", "momentum_buffer")
+
+
+def _check_moments(entry: dict[str, Any], transform: GradientTransformation, label: str) -> None:
+    """Raise for a checkpoint entry holding moments of another optimizer (e.g. Adam's ``exp_avg_sq`` for Lion)."""
+    core = moment_core(transform)
+    mine = set(core.torch_names) if core is not None else set()
+    held = {n for n in _SIGNED if n in entry or f"{n}_codes" in entry}
+    foreign = sorted(held - mine - set(_OPTIONAL))
+    if foreign:
+        raise ValueError(
+            f"{label}: the checkpoint holds {foreign}, which this optimizer does not keep (it keeps {sorted(mine)}): "
+            "a checkpoint of another optimizer?"
+        )
 
 
 def _is_flat_v010(codes: Tensor, scale: Any, fmt: str, block: int, shape: torch.Size) -> bool:
@@ -599,8 +619,8 @@ class TransformOptimizer(torch.optim.Optimizer):
         Moments in the same format and block size are restored bit-exactly; others are converted (dequantized,
         then quantized into this optimizer's format). The group hyperparameters (``lr``, ``betas``, ...) come from
         the checkpoint, the state layout (``state_format``, ``block_size``, ``amsgrad``, ...) stays this
-        optimizer's. Raises ``ValueError`` naming the parameter for a checkpoint that does not fit, and then
-        leaves the optimizer exactly as it was.
+        optimizer's. Raises ``ValueError`` naming the parameter for a checkpoint that does not fit (other shapes,
+        or another optimizer's moments or betas), and then leaves the optimizer exactly as it was.
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
@@ -638,6 +658,7 @@ class TransformOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{_label(gi, i, groups[gi], p)}: its state is a {type(entry).__name__}, not a dict")
             if not entry:
                 continue
+            _check_moments(entry, built[gi].transform, _label(gi, i, groups[gi], p))
             record = _record(p, built[gi].transform, _decoded(entry), _label(gi, i, groups[gi], p))
             state[p] = record[0]
             cores[p] = record
@@ -700,8 +721,9 @@ _TORCH_CLASSES: dict[Callable[..., GradientTransformation], tuple[type[torch.opt
 def to_torch_state_dict(optimizer: TransformOptimizer) -> dict[str, Any]:
     """The optimizer's ``state_dict`` as the matching ``torch.optim`` optimizer would save it (``Adam``, ``AdamW``,
     ``SGD``, ``RMSprop``, ``Muon`` for the factories of those names and their drop-in classes): float32 moments
-    under torch's names (dequantized), a float32 ``step`` where torch keeps one, and torch's group keys (ours,
-    then torch's defaults for the flags we do not have), ready for that class's ``load_state_dict``.
+    under torch's names (dequantized; the float64 moments of float64 parameters as they are), a float32 ``step``
+    where torch keeps one, and torch's group keys (ours, then torch's defaults for the flags we do not have), ready
+    for that class's ``load_state_dict``.
 
     Example:
         >>> import torch, lowbit_fn
@@ -736,7 +758,8 @@ def to_torch_state_dict(optimizer: TransformOptimizer) -> dict[str, Any]:
         out = {"step": torch.tensor(float(_step_value(entry, label)), dtype=torch.float32)} if keeps_step else {}
         for name in _SIGNED:
             if name in entry or f"{name}_codes" in entry:
-                out[name] = _moment(entry, name, p.shape, label).to(torch.float32, copy=True)
+                value = _moment(entry, name, p.shape, label)  # float64 stays float64 (float64 params' full state)
+                out[name] = value.to(torch.float64 if value.dtype == torch.float64 else torch.float32, copy=True)
         if out:
             state[index] = out
     torch_defaults = torch_class([torch.zeros(1, 1)]).param_groups[0]  # a 2-D placeholder (Muon takes no other)
