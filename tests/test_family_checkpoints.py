@@ -2,9 +2,10 @@
 bit-exact resume, to and from torch.optim.SGD / RMSprop, conversion between formats, and refusal of checkpoints
 that do not fit.
 
-The low-bit tests run the eager step (``LOWBIT_FN_COMPILE=0``; test_family.py checks that it gives the compiled
-step's bits for every class): what they check is the front end's state handling, and a compilation per class and
-format would cost most of their time. The float64 comparisons with torch.optim run the default (compiled) path.
+What these tests check is the front end's state handling. On the CPU the native kernel runs the low-bit steps;
+where it is unavailable they run the eager step (``LOWBIT_FN_COMPILE=0``), which spares a compilation per class
+and format (tests/test_native.py ties the native, eager and compiled steps together, bit for bit). The float64
+comparisons with torch.optim run the default (compiled) path.
 """
 
 from __future__ import annotations
