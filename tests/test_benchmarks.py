@@ -229,3 +229,27 @@ def test_offload_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert [r["config"] for r in rows][:2] == ["AdamW on device", "CPUOffloadOptimizer(AdamW)"] and len(rows) == 6
     assert all(r["ms"] > 0 and r["peak_gib"] is None for r in rows)
     assert "| CPUOffloadOptimizer(AdamW8bit) |" in capsys.readouterr().out
+
+
+def test_mlp_quality_families(capsys: pytest.CaptureFixture[str]) -> None:
+    """--optimizers: each format against the same family's fp32-state run, a table with the bars (never asserts
+    the quality itself: 3 steps)."""
+    spec = importlib.util.spec_from_file_location("_mlp_quality_benchmark", BENCHMARKS / "mlp_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.main(["--optimizers", "lion", "sgd", "muon", "--steps", "3", "--seeds", "0", "1", "--formats", "8bit", "4bit"])
+    families = {"lion", "sgd"} | ({"muon"} if hasattr(module.lowbit_fn, "muon") else set())
+    assert set(table) == {(f, fmt) for f in families for fmt in ("8bit", "4bit")}
+    for row in table.values():
+        assert row["min"] <= row["ratio"] <= row["max"] and row["finite"], row
+        assert row["bar"] in (1.02, 1.05) and row["passed"] == (row["ratio"] <= row["bar"])
+    out = capsys.readouterr().out
+    assert "| family | state | × fp32 final (mean) | min..max over seeds | bar | pass |" in out
+    for family in ("lion", "sgd"):
+        for fmt, bar in (("8bit", "<= 1.02"), ("4bit", "<= 1.05")):
+            line = next(line for line in out.splitlines() if line.startswith(f"| {family} | {fmt} |"))
+            cells = _cells(line)
+            low, high = cells[3].split("..")
+            assert float(low) <= float(cells[2]) <= float(high)
+            assert cells[4] == bar and cells[5] in ("pass", "FAIL") and float(cells[6]) > 0 and float(cells[7]) > 0
+    assert hasattr(module.lowbit_fn, "muon") or "muon: lowbit_fn.muon does not exist (yet), skipped" in out
