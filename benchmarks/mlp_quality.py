@@ -9,8 +9,8 @@ its ratio to fp32 AdamW's, averaged over seeds.
 Optimizer families (``--optimizers adamw lion sgd rmsprop ademamix``): the same problem, seeds and batches for
 each family, each state format's final loss as a ratio to *the same family's* fp32-state run of the same seed,
 averaged over seeds, with the smallest and largest ratio of a seed; a Markdown table (family x format) with the
-issue's bars: 8-bit and FP8 within 2% of fp32 (mean ratio <= 1.02), 4-bit within 5% (<= 1.05), and a pass/fail
-column (``--formats`` defaults to ``8bit fp8 4bit`` there: each format with its default rounding). The
+issue's bars: 8-bit and FP8 within 2% of fp32 (mean ratio in [0.98, 1.02]), 4-bit within 5% ([0.95, 1.05]), and a
+pass/fail column (two-sided, as "within" reads: a loss well below fp32's is a bias of the format too) (``--formats`` defaults to ``8bit fp8 4bit`` there: each format with its default rounding). The
 hyperparameters (:data:`FAMILY_HYPER`; ``--lr`` overrides every family's learning rate) were chosen so that the
 fp32-state run trains well in 200 steps (final loss about 0.0015-0.0022 from 0.077 at the start, seed 0; the
 best or near-best fp32 loss of the few learning rates tried per family):
@@ -54,7 +54,7 @@ FAMILY_HYPER: dict[str, dict[str, object]] = {
     "muon": {"learning_rate": 0.02},  # a placeholder until lowbit_fn.muon exists
 }
 FAMILIES = tuple(FAMILY_HYPER)
-BARS = {"8bit": 1.02, "fp8": 1.02, "4bit": 1.05}  # the issue's bars on the mean final-loss ratio to fp32
+BARS = {"8bit": 0.02, "fp8": 0.02, "4bit": 0.05}  # the issue's bars: |mean final-loss ratio to fp32 - 1| <= bar
 
 
 def make_problem(
@@ -134,7 +134,8 @@ def compare_families(
     depth: int = 2, batch: int = 128,
 ) -> dict[tuple[str, str], dict[str, float]]:
     """Per (family, variant): the final loss of each seed as a ratio to the same family's fp32-state run of that
-    seed: ``ratio`` (mean over seeds), ``min``, ``max``, ``bar`` (``None`` for a format without one), ``passed``,
+    seed: ``ratio`` (mean over seeds), ``min``, ``max``, ``bar`` (the tolerance of ``|ratio - 1|``; ``None`` for a
+    format without one), ``passed``,
     ``final`` (mean final loss), ``fp32_final`` (the family's mean fp32 final loss), ``finite``."""
     out = {}
     for family in families:
@@ -147,7 +148,7 @@ def compare_families(
             finite = all(math.isfinite(v) for r in runs for v in r)
             out[family, f] = {
                 "ratio": mean, "min": min(ratios), "max": max(ratios), "bar": bar,
-                "passed": finite and (bar is None or mean <= bar),
+                "passed": finite and (bar is None or abs(mean - 1) <= bar),
                 "final": statistics.mean(r[-1] for r in runs), "fp32_final": statistics.mean(r[-1] for r in ref),
                 "finite": finite,
             }
@@ -161,7 +162,7 @@ def family_table(table: dict[tuple[str, str], dict[str, float]]) -> str:
         "|---|---|---:|---:|---:|---|---:|---:|",
     ]
     for (family, f), row in table.items():
-        bar = f"<= {row['bar']:.2f}" if row["bar"] is not None else "—"
+        bar = f"±{100 * row['bar']:.0f}%" if row["bar"] is not None else "—"
         verdict = ("pass" if row["passed"] else "FAIL") if row["bar"] is not None or not row["finite"] else "—"
         lines.append(
             f"| {family} | {f} | {row['ratio']:.3f} | {row['min']:.3f}..{row['max']:.3f} | {bar} | {verdict} "
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"MLP regression ({args.depth} hidden layers, batch {args.batch}), {args.steps} steps, {lr}, seeds {args.seeds}; "
               "final train loss as a ratio to the same family's fp32-state run, same seed")
         print(family_table(table))
-        print("bars: 8bit and fp8 mean ratio <= 1.02 (within 2% of fp32), 4bit <= 1.05 (within 5%)")
+        print("bars: 8bit and fp8 within 2% of fp32 (mean ratio in [0.98, 1.02]), 4bit within 5% ([0.95, 1.05])")
         return table
     args.lr = 1e-3 if args.lr is None else args.lr
     args.formats = args.formats or list(VARIANTS)
