@@ -961,16 +961,19 @@ def summary_lines(rows: list[dict[str, Any]], scale: float = 1.0) -> list[str]:
 def family_table(rows: list[dict[str, Any]]) -> str:
     """The rows of the families other than AdamW (``--optimizers``): each family's rows timed side by side with its
     torch reference and bitsandbytes' 8-bit class (where it ran), in one run."""
+    rss = any(r.get("rss_mb") is not None for r in rows)
     lines = [
         "| model | family | optimizer | kernel | ms/step | × torch ref | torch ref | × bitsandbytes 8bit | × torch_optim "
-        "| state B/elem (quantized tensors) | state B/elem (all) | first step s (warm) |",
-        "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| state B/elem (quantized tensors) | state B/elem (all) | first step s (warm) | step peak extra, B/elem of largest tensor |"
+        + (" RSS step growth MB | RSS 1st step MB |" if rss else ""),
+        "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if rss else ""),
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['family']} | {r['optimizer']} | {r.get('kernel') or '—'} | {_ms(r['ms'])} | {_num(r['ratio'], 2)} "
             f"| {r.get('reference') or '—'} | {_num(r.get('vs_bnb'), 2)} | {_num(r.get('vs_torch_optim'), 2)} "
-            f"| {_num(r['qbytes'], 3)} | {_num(r['bytes'], 3)} | {_num(r['first_s'], 2)} |"
+            f"| {_num(r['qbytes'], 3)} | {_num(r['bytes'], 3)} | {_num(r['first_s'], 2)} | {_num(r.get('peak'), 2)} |"
+            + (f" {_num(r.get('rss_mb'), 1)} | {_num(r.get('rss_first_mb'), 1)} |" if rss else "")
         )
     return "\n".join(lines)
 

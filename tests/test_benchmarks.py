@@ -125,7 +125,7 @@ def test_step_speed_families(capsys: pytest.CaptureFixture[str]) -> None:
     assert "| model | optimizer | ms/step | × torch fused | × torch_optim |" in out  # AdamW's table as before
     assert "| model | family | optimizer | kernel | ms/step | × torch ref | torch ref | × bitsandbytes 8bit |" in out
     table = [_cells(line) for line in out.splitlines() if line.startswith("| sq16M | ")]
-    family_rows = {c[2]: c for c in table if len(c) == 12}
+    family_rows = {c[2]: c for c in table if len(c) == 13}
     for family in families:
         cells = family_rows[f"lowbit_fn {classes[family]}"]
         assert cells[1] == family and cells[3] in ("native", "compiled")
