@@ -1,4 +1,4 @@
-"""Optimizer step speed and memory: lowbit_fn's AdamW against ``torch.optim.AdamW``.
+"""Optimizer step speed and memory: lowbit_fn's AdamW against ``torch.optim.AdamW`` (``--optimizers``: other families).
 
 What is measured
     One *step* of every optimizer on the same model-shaped set of parameters, all of one dtype (``--dtype``:
@@ -26,9 +26,34 @@ What is measured
       the params' dtype (``fp32``, ``bf16``, ``fp16``). A baseline that raises for the dtype is skipped, with a note.
     * torchao / bitsandbytes low-bit AdamW, only when those packages are importable and run here (else a note).
 
-    lowbit_fn's rows run the native C kernel (``--paths native``, the default). ``--paths compiled`` adds the same
-    rows on the compiled torch path, named with a ``(compiled)`` suffix: ``LOWBIT_FN_NATIVE=0`` is set around
-    those runners' step calls only (and restored after), so every other row keeps the native kernel.
+    Optimizer families (``--optimizers``, default ``adamw``: the rows above, and only those): for each family
+    named, lowbit_fn's rows of that optimizer (the same ``--apis`` and ``--formats``: ``lowbit_fn lion 8bit``,
+    ``lowbit_fn lion 8bit (apply_gradients, inplace)``, ``lowbit_fn Lion8bit``, ...) are timed side by side with
+
+    * torch's fastest implementation of the same optimizer on the same tensors (``torch SGD fused fp32``,
+      ``torch RMSprop foreach fp32``): ``fused=True`` where the class takes it and a step of it runs on CPU for the
+      dtype (tried once on a small tensor), else ``foreach=True``; the report says which. torch has no Lion and no
+      AdEMAMix: their rows are compared with ``torch.optim.AdamW(fused=True)`` (AdamW's hyperparameters), the
+      reference step, and the report says so;
+    * bitsandbytes' 8-bit class of the family (``bnb.optim.Lion8bit``, ``SGD8bit``, ``RMSprop8bit``,
+      ``AdEMAMix8bit``; ``AdamW8bit`` among AdamW's peers) where bitsandbytes is importable (else a note).
+
+    Each family is measured in its own interleaved rounds (below) with its reference and peer, so its ratios
+    ("× torch ref", "× bitsandbytes 8bit") are side by side in the same run; AdamW's rows stay in the first
+    table, the other families' rows go to a second table with a "kernel" column: the kernel that ran lowbit_fn's
+    step (``native``: the C kernel; ``compiled``: the compiled torch path, which serves every rule the native
+    kernel does not, so far Lion, SGD, RMSprop and AdEMAMix). Summary lines give, per family and format, the
+    torch.optim front end's and apply_gradients' step as a ratio to the reference. Hyperparameters
+    (:data:`FAMILIES`): AdamW lr 1e-3, weight decay 1e-2; Lion lr 1e-4, decoupled weight decay 0.1; SGD lr 0.1,
+    momentum 0.9, weight decay 1e-2 (lr / (1 - momentum) = 1 keeps the in-place rows' fed-back updates at the
+    gradients' size); RMSprop lr 1e-3 (alpha 0.99, no momentum), weight decay 1e-2; AdEMAMix lr 1e-3, weight decay
+    1e-2 (b3 0.9999, alpha 5). ``muon``: skipped with a note while ``lowbit_fn.muon`` does not exist. The cold
+    first step is measured for AdamW's rows only.
+
+    lowbit_fn's rows run the native path (``--paths native``, the default: the C kernel, for every rule it
+    serves). ``--paths compiled`` adds the same rows on the compiled torch path, named with a ``(compiled)``
+    suffix: ``LOWBIT_FN_NATIVE=0`` is set around those runners' step calls only (and restored after), so every
+    other row keeps the native kernel.
 
     Model shapes (``REFERENCE_MODELS``): ``tlike100``, 100 tensors and 25.3 M elements shaped like a small
     transformer (12 x [1024, 1024], 3 x [4096, 1024], 3 x [4096], 82 x [1024]); ``sq16M``, one [4096, 4096]
@@ -85,6 +110,7 @@ Memory columns
 
 Usage:
     python benchmarks/step_speed.py [--models tlike100 sq16M m64x1M] [--formats fp32 8bit 4bit fp8]
+                                    [--optimizers adamw lion sgd rmsprop ademamix muon]
                                     [--apis functional functional_inplace apply_gradients torch_optim] [--paths native compiled]
                                     [--dtype float32|bfloat16|float16] [--rounds 5] [--steps 5] [--scale 1.0]
                                     [--rss] [--no-cold] [--markdown PATH]
@@ -147,6 +173,44 @@ _QUANT_GROUP = re.compile(r"_block\d+$")
 _SUFFIX = {"functional": "", "functional_inplace": " (functional, inplace)", "apply_gradients": " (apply_gradients, inplace)", "torch_optim": ""}
 
 
+@dataclass(frozen=True)
+class Family:
+    """One optimizer family of ``--optimizers``: lowbit_fn's functional factory (``lowbit_fn.<factory>``) and
+    torch.optim classes per state format, the hyperparameters of every row (torch.optim's names; ``lr`` is the
+    factory's ``learning_rate``), torch's class of the same optimizer (``None``: torch has none, and its rows are
+    compared with ``torch.optim.AdamW(fused=True)`` instead) and bitsandbytes' 8-bit class."""
+
+    name: str
+    factory: str
+    classes: dict[str, str]
+    hyper: dict[str, Any]
+    torch_class: str | None
+    bnb_class: str
+
+
+FAMILIES: dict[str, Family] = {
+    "adamw": Family("adamw", "adamw", TORCH_OPTIM_CLASSES, {"lr": LEARNING_RATE, "weight_decay": WEIGHT_DECAY}, "AdamW",
+                    "AdamW8bit"),
+    # Lion's update is lr * sign(.): a 10x smaller lr and a 10x larger (decoupled) decay than AdamW's
+    "lion": Family("lion", "lion", {"fp32": "Lion", "8bit": "Lion8bit", "4bit": "Lion4bit", "fp8": "LionFp8"},
+                   {"lr": 1e-4, "weight_decay": 1e-1}, None, "Lion8bit"),
+    # lr 0.1 with momentum 0.9: lr / (1 - momentum) = 1, so the in-place rows' updates, fed back as the next
+    # gradients, keep the gradients' magnitude (a smaller lr would shrink them to denormals within a few rounds)
+    "sgd": Family("sgd", "sgd", {"fp32": "SGD", "8bit": "SGD8bit", "4bit": "SGD4bit", "fp8": "SGDFp8"},
+                  {"lr": 0.1, "momentum": 0.9, "weight_decay": WEIGHT_DECAY}, "SGD", "SGD8bit"),
+    "rmsprop": Family("rmsprop", "rmsprop", {"fp32": "RMSprop", "8bit": "RMSprop8bit", "4bit": "RMSprop4bit", "fp8": "RMSpropFp8"},
+                      {"lr": LEARNING_RATE, "weight_decay": WEIGHT_DECAY}, "RMSprop", "RMSprop8bit"),
+    "ademamix": Family("ademamix", "ademamix",
+                       {"fp32": "AdEMAMix", "8bit": "AdEMAMix8bit", "4bit": "AdEMAMix4bit", "fp8": "AdEMAMixFp8"},
+                       {"lr": LEARNING_RATE, "weight_decay": WEIGHT_DECAY}, None, "AdEMAMix8bit"),
+    # being written elsewhere: its rows run only once lowbit_fn.muon exists (else a note); torch.optim.Muon (2-D
+    # params only) where torch has it
+    "muon": Family("muon", "muon", {"fp32": "Muon", "8bit": "Muon8bit", "4bit": "Muon4bit", "fp8": "MuonFp8"},
+                   {"lr": 0.02}, "Muon", "Muon8bit"),
+}
+DEFAULT_FAMILIES = ("adamw",)
+
+
 def baseline_names(dtype: str = "float32") -> tuple[str, str]:
     """The rows of torch's fused and foreach AdamW for params of ``dtype``: ``("torch fused bf16", ...)``."""
     label = DTYPE_LABELS[dtype]
@@ -197,11 +261,15 @@ class Spec:
     """What a runner is: ``kind`` (``functional``, ``functional_inplace``, ``apply_gradients``, ``torch_optim``:
     lowbit_fn's; ``fused``,
     ``foreach``: torch's AdamW; ``peer``: an optional low-bit AdamW of another package), ``fmt`` (lowbit_fn's
-    state format, or the peer's row name) and ``path`` (``native`` or ``compiled``, lowbit_fn's rows only)."""
+    state format, or the peer's row name) and ``path`` (``native`` or ``compiled``, lowbit_fn's rows only).
+    ``family`` (``--optimizers``) is the optimizer of lowbit_fn's and the peers' rows; other families than
+    ``adamw`` have one torch row, ``reference`` (torch's fastest implementation of the family on this machine, see
+    :func:`torch_reference`)."""
 
     kind: str
     fmt: str = ""
     path: str = "native"
+    family: str = "adamw"
 
     @property
     def ours(self) -> bool:
@@ -210,9 +278,16 @@ class Spec:
     def name(self, dtype: str = "float32") -> str:
         if self.kind in ("fused", "foreach"):
             return baseline_names(dtype)[self.kind == "foreach"]
+        if self.kind == "reference":
+            cls, flag, _ = torch_reference(self.family, dtype)
+            return f"torch {cls} {flag} {DTYPE_LABELS[dtype]}"
         if self.kind == "peer":
             return self.fmt
-        base = f"lowbit_fn {TORCH_OPTIM_CLASSES[self.fmt]}" if self.kind == "torch_optim" else f"lowbit_fn {self.fmt}"
+        family = FAMILIES[self.family]
+        if self.kind == "torch_optim":
+            base = f"lowbit_fn {family.classes[self.fmt]}"
+        else:
+            base = f"lowbit_fn {self.fmt}" if self.family == "adamw" else f"lowbit_fn {self.family} {self.fmt}"
         return base + _SUFFIX[self.kind] + (" (compiled)" if self.path == "compiled" else "")
 
 
@@ -226,6 +301,62 @@ class Runner:
     first_s: float = float("nan")
     peak_bytes: int | None = None  # extra memory allocated during one step, at its peak
     spec: Spec | None = None
+    kernel: str | None = None  # lowbit_fn's rows: the kernel that runs their step, "native" or "compiled"
+
+
+_TORCH_REFERENCE: dict[tuple[str, str], tuple[str, str, str]] = {}
+
+
+def torch_reference(family: str, dtype: str = "float32") -> tuple[str, str, str]:
+    """torch's fastest implementation of ``family`` for CPU params of ``dtype``: ``(class, "fused" | "foreach",
+    why)``. ``fused=True`` where the class takes it and one step of it runs here (tried on a small tensor), else
+    ``foreach=True``; a family torch has no class of (Lion, AdEMAMix, and Muon on a torch without
+    ``torch.optim.Muon``) gets ``torch.optim.AdamW(fused=True)``, the reference step."""
+    key = (family, dtype)
+    if key in _TORCH_REFERENCE:
+        return _TORCH_REFERENCE[key]
+    name = FAMILIES[family].torch_class
+    cls = getattr(torch.optim, name, None) if name else None
+    if cls is None:
+        _TORCH_REFERENCE[key] = ("AdamW", "fused", f"torch has no {family} optimizer: compared with torch.optim.AdamW(fused=True)")
+        return _TORCH_REFERENCE[key]
+    hyper = torch_hyper(family)
+    try:
+        leaf = torch.nn.Parameter(torch.zeros(8, 8, dtype=DTYPES[dtype]))
+        leaf.grad = torch.ones_like(leaf)
+        cls([leaf], **hyper, fused=True).step()
+        found = (name, "fused", f"torch.optim.{name}(fused=True): supported on CPU for {dtype}")
+    except (TypeError, RuntimeError, ValueError) as err:
+        why = f"{type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''}"
+        found = (name, "foreach", f"torch.optim.{name}(foreach=True): fused=True is not supported on CPU for {dtype} ({why})")
+    _TORCH_REFERENCE[key] = found
+    return found
+
+
+def torch_hyper(family: str) -> dict[str, Any]:
+    """The hyperparameters of ``family``'s torch.optim-style rows (torch's names)."""
+    return dict(FAMILIES[family].hyper)
+
+
+def lowbit_transform(family: str, fmt: str) -> Any:
+    """lowbit_fn's functional optimizer of ``family`` in state format ``fmt``, with the family's hyperparameters."""
+    hyper = torch_hyper(family)
+    hyper["learning_rate"] = hyper.pop("lr")
+    return getattr(lowbit_fn, FAMILIES[family].factory)(**hyper, state_format=fmt)
+
+
+def kernel_of(opt: Any, path: str) -> str:
+    """The kernel that steps ``opt``'s CPU tensors on ``path``: ``native`` where the native C kernel is built and
+    serves the optimizer's rule (and ``path`` is ``native``), else ``compiled`` (the compiled torch path)."""
+    if path != "native":
+        return "compiled"
+    try:
+        from lowbit_fn.kernels.native import native_available, native_serves_rule
+
+        rule = opt.core.config.rule
+        return "native" if native_available(torch.device("cpu")) and native_serves_rule(rule) else "compiled"
+    except (ImportError, AttributeError):
+        return "unknown"
 
 
 def on_path(step: Callable[[], None], path: str) -> Callable[[], None]:
@@ -254,16 +385,18 @@ FUNCTIONAL = ("functional", "functional_inplace", "apply_gradients")
 
 
 def lowbit_runner(
-    fmt: str, params: dict[str, Tensor], grads: dict[str, Tensor], api: str = "functional", path: str = "native"
+    fmt: str, params: dict[str, Tensor], grads: dict[str, Tensor], api: str = "functional", path: str = "native",
+    family: str = "adamw",
 ) -> Runner:
     """lowbit_fn's functional step on a copy of ``params``: ``update`` + ``apply_updates``, pure (``functional``) or
     with ``inplace=True`` on a copy of ``grads`` that every step overwrites with its updates and that the next
     step takes as its gradients (``functional_inplace``); or ``apply_gradients(..., inplace=True)`` (which leaves
-    the gradients as they are)."""
+    the gradients as they are). ``family``: the optimizer (:data:`FAMILIES`), AdamW by default."""
     if api not in FUNCTIONAL:
         raise ValueError(f"api must be one of {list(FUNCTIONAL)}, got {api!r}")
     inplace = api == "functional_inplace"
-    opt = lowbit_fn.adamw(learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, state_format=fmt)
+    opt = lowbit_transform(family, fmt)
+    core_index = str(getattr(opt, "core_index", 0))
     grads_td = TensorDict({k: v.clone() for k, v in grads.items()} if inplace else dict(grads), batch_size=[])
     holder: dict[str, TensorDictBase] = {"params": TensorDict({k: v.clone() for k, v in params.items()}, batch_size=[])}
     holder["state"] = opt.init(holder["params"])
@@ -284,31 +417,31 @@ def lowbit_runner(
             moved = [k for k in grads_td.keys() if updates[k].data_ptr() != grads_td[k].data_ptr()]
             if moved or new is not holder["params"]:
                 raise RuntimeError(
-                    f"lowbit_fn {fmt}: update(..., inplace=True) did not write into the gradients' buffers ({moved[:3]}) "
+                    f"lowbit_fn {family} {fmt}: update(..., inplace=True) did not write into the gradients' buffers ({moved[:3]}) "
                     f"or apply_updates(..., inplace=True) returned other params ({new is not holder['params']})"
                 )
 
     def step_fused() -> None:
         new, holder["state"] = lowbit_fn.apply_gradients(opt, grads_td, holder["state"], holder["params"], inplace=True)
         if new is not holder["params"]:
-            raise RuntimeError(f"lowbit_fn {fmt}: apply_gradients(..., inplace=True) returned other params")
+            raise RuntimeError(f"lowbit_fn {family} {fmt}: apply_gradients(..., inplace=True) returned other params")
 
     def memory() -> tuple[float | None, float]:
         state = holder["state"]
         total = sum(tensor_bytes(t) for t in state.values(include_nested=True, leaves_only=True))
-        adam_state = state["0"]
+        core_state = state[core_index]
         quant = [
             tensor_bytes(t)
-            for key in adam_state.keys()
+            for key in core_state.keys()
             if _QUANT_GROUP.search(key)
-            for t in adam_state[key].values(include_nested=True, leaves_only=True)
+            for t in core_state[key].values(include_nested=True, leaves_only=True)
         ]
         qbytes = sum(quant) / qnumel if quant and qnumel else None
         return qbytes, total / numel
 
-    spec = Spec(api, fmt, path)
+    spec = Spec(api, fmt, path, family)
     steps = {"functional": step, "functional_inplace": step_inplace, "apply_gradients": step_fused}
-    return Runner(spec.name(), on_path(steps[api], path), memory, spec=spec)
+    return Runner(spec.name(), on_path(steps[api], path), memory, spec=spec, kernel=kernel_of(opt, path))
 
 
 def _is_quantized(t: Tensor) -> bool:
@@ -366,26 +499,57 @@ def peer_factories() -> tuple[list[tuple[str, Callable[[list[Tensor]], torch.opt
     return factories, notes
 
 
+def bnb_row_name(family: str) -> str:
+    """The row of bitsandbytes' 8-bit optimizer of ``family``."""
+    return "bitsandbytes 8bit" if family == "adamw" else f"bitsandbytes {FAMILIES[family].bnb_class}"
+
+
+def family_peer_factories(family: str) -> tuple[list[tuple[str, Callable[[list[Tensor]], torch.optim.Optimizer]]], list[str]]:
+    """The optional peers of ``family``: for AdamW torchao's and bitsandbytes' (:func:`peer_factories`), for the
+    others bitsandbytes' 8-bit class (``bnb.optim.Lion8bit``, ...) where bitsandbytes is importable; and notes."""
+    if family == "adamw":
+        return peer_factories()
+    cls_name = FAMILIES[family].bnb_class
+    hyper = torch_hyper(family)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return [], [f"bitsandbytes not installed: no bitsandbytes.optim.{cls_name} row ({family})"]
+    cls = getattr(bnb.optim, cls_name, None)
+    if cls is None:
+        return [], [f"bitsandbytes {getattr(bnb, '__version__', '')}: no bitsandbytes.optim.{cls_name}, no row ({family})"]
+    return [(bnb_row_name(family), lambda ps: cls(ps, **hyper))], []
+
+
 def make_runner(spec: Spec, params: dict[str, Tensor], grads: dict[str, Tensor], dtype: str = "float32") -> Runner:
     """The runner of ``spec`` on copies of ``params`` (and, where it changes them, of ``grads``)."""
-    hyper: dict[str, Any] = {"lr": LEARNING_RATE, "weight_decay": WEIGHT_DECAY}
+    hyper: dict[str, Any] = torch_hyper(spec.family)
     name = spec.name(dtype)
+    kernel = None
     if spec.kind in FUNCTIONAL:
-        runner = lowbit_runner(spec.fmt, params, grads, api=spec.kind, path=spec.path)
+        runner = lowbit_runner(spec.fmt, params, grads, api=spec.kind, path=spec.path, family=spec.family)
+        kernel = runner.kernel
     elif spec.kind == "torch_optim":
-        cls = getattr(lowbit_fn, TORCH_OPTIM_CLASSES[spec.fmt])
+        cls = getattr(lowbit_fn, FAMILIES[spec.family].classes[spec.fmt])
         runner = torch_optim_runner(name, lambda ps: cls(ps, **hyper), params, grads, spec.path)
+        kernel = kernel_of(lowbit_transform(spec.family, spec.fmt), spec.path)  # the same rule, the same kernel
     elif spec.kind in ("fused", "foreach"):
         flag = {spec.kind: True}
         runner = torch_optim_runner(name, lambda ps: torch.optim.AdamW(ps, **hyper, **flag), params, grads)
+    elif spec.kind == "reference":
+        cls_name, flag_name, _ = torch_reference(spec.family, dtype)
+        if cls_name != FAMILIES[spec.family].torch_class:  # torch has no such optimizer: AdamW's step, AdamW's hyper
+            hyper = torch_hyper("adamw")
+        torch_cls = getattr(torch.optim, cls_name)
+        runner = torch_optim_runner(name, lambda ps: torch_cls(ps, **hyper, **{flag_name: True}), params, grads)
     elif spec.kind == "peer":
-        factory = dict(peer_factories()[0]).get(spec.fmt)
+        factory = dict(family_peer_factories(spec.family)[0]).get(spec.fmt)
         if factory is None:
             raise ValueError(f"no optional optimizer {spec.fmt!r} here")
         runner = torch_optim_runner(name, factory, params, grads)
     else:
         raise ValueError(f"unknown runner kind {spec.kind!r}")
-    runner.name, runner.spec = name, spec
+    runner.name, runner.spec, runner.kernel = name, spec, kernel
     return runner
 
 
@@ -544,7 +708,7 @@ def measure_rss(model: str, scale: float, dtype: str, spec: Spec) -> dict[str, i
     """:func:`rss_growth` of one optimizer in a fresh Python process, so that its peak is its own."""
     here = os.path.dirname(os.path.abspath(__file__))
     out = subprocess.run(
-        [sys.executable, "-c", _RSS_CHILD, here, model, str(scale), dtype, json.dumps([spec.kind, spec.fmt, spec.path])],
+        [sys.executable, "-c", _RSS_CHILD, here, model, str(scale), dtype, json.dumps([spec.kind, spec.fmt, spec.path, spec.family])],
         capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -638,26 +802,34 @@ def contention_check() -> Contention:
 # ----------------------------------------------------------------------------------------------- measuring
 
 
-def runner_specs(formats: Iterable[str], apis: Iterable[str], paths: Iterable[str]) -> list[Spec]:
-    """The rows of one model, in table order: torch's baselines, then per path lowbit_fn's rows per API and format."""
-    specs = [Spec("fused"), Spec("foreach")]
+def runner_specs(formats: Iterable[str], apis: Iterable[str], paths: Iterable[str], family: str = "adamw") -> list[Spec]:
+    """The rows of one model, in table order: torch's baselines (AdamW: fused and foreach; another family: its
+    :func:`torch_reference`), then per path lowbit_fn's rows per API and format."""
+    specs = [Spec("fused"), Spec("foreach")] if family == "adamw" else [Spec("reference", family=family)]
     for path in PATHS:
         if path in paths:
-            specs += [Spec(api, fmt, path) for api in APIS if api in apis for fmt in formats]
+            specs += [Spec(api, fmt, path, family) for api in APIS if api in apis for fmt in formats]
     return specs
+
+
+def reference_name(family: str, dtype: str = "float32") -> str:
+    """The row every row of ``family`` is compared with ("× torch ref"): torch's fused AdamW for AdamW, else the
+    family's :func:`torch_reference`."""
+    return baseline_names(dtype)[0] if family == "adamw" else Spec("reference", family=family).name(dtype)
 
 
 def measure_model(
     model: str, shapes: list[Shape], formats: list[str], rounds: int, steps: int, apis: Iterable[str] = APIS,
     scale: float = 1.0, cold_start: bool = True, dtype: str = "float32", paths: Iterable[str] = ("native",),
-    rss: bool = False,
+    rss: bool = False, family: str = "adamw",
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Rows for every optimizer on one model, and notes (skipped baselines and optional optimizers)."""
+    """Rows for every optimizer of ``family`` on one model (lowbit_fn's, torch's, the peers'), timed side by side,
+    and notes (skipped baselines and optional optimizers)."""
     apis, paths = list(apis), list(paths)
     params, grads = make_tensors(shapes, dtype=DTYPES[dtype])
-    runners, notes = start_runners(runner_specs(formats, apis, paths), params, grads, dtype)
-    factories, peer_notes = peer_factories()
-    peers, skipped = start_runners([Spec("peer", name) for name, _ in factories], params, grads, dtype)
+    runners, notes = start_runners(runner_specs(formats, apis, paths, family), params, grads, dtype)
+    factories, peer_notes = family_peer_factories(family)
+    peers, skipped = start_runners([Spec("peer", name, family=family) for name, _ in factories], params, grads, dtype)
     runners += peers
     notes += peer_notes + skipped
     largest = max(p.numel() for p in params.values())
@@ -674,15 +846,17 @@ def measure_model(
             per_step[runner.name].append((time.perf_counter() - t0) / steps * 1e3)
 
     medians = {name: statistics.median(ms) for name, ms in per_step.items()}
-    fused = baseline_names(dtype)[0]
+    fused = reference_name(family, dtype)
+    bnb = bnb_row_name(family)
     cold = {}
-    if cold_start and "functional" in apis and "native" in paths:
+    if cold_start and "functional" in apis and "native" in paths and family == "adamw":
         cold = {Spec("functional", fmt).name(): cold_first_step(model, fmt, scale, dtype) for fmt in formats}
     rss_of = {}
     if rss:
         for runner in runners:
             rss_of[runner.name] = measure_rss(model, scale, dtype, runner.spec)
     by_spec = {(r.spec.kind, r.spec.fmt, r.spec.path): r.name for r in runners}
+    torch_kinds = ("fused", "foreach", "reference")
     rows = []
     for runner in runners:
         spec = runner.spec
@@ -694,11 +868,15 @@ def measure_model(
             "model": model,
             "dtype": dtype,
             "optimizer": runner.name,
-            "api": spec.kind if spec.ours else ("torch" if spec.kind in ("fused", "foreach") else "peer"),
+            "family": family,
+            "api": spec.kind if spec.ours else ("torch" if spec.kind in torch_kinds else "peer"),
             "format": spec.fmt if spec.ours else None,
             "path": spec.path if spec.ours else None,
+            "kernel": runner.kernel,
             "ms": medians[runner.name],
+            "reference": fused if fused in medians else None,
             "ratio": medians[runner.name] / medians[fused] if fused in medians else None,
+            "vs_bnb": medians[runner.name] / medians[bnb] if bnb in medians else None,
             "vs_torch_optim": medians[runner.name] / medians[reference] if reference else None,
             "qbytes": qbytes,
             "bytes": nbytes,
@@ -780,6 +958,83 @@ def summary_lines(rows: list[dict[str, Any]], scale: float = 1.0) -> list[str]:
     return lines
 
 
+def family_table(rows: list[dict[str, Any]]) -> str:
+    """The rows of the families other than AdamW (``--optimizers``): each family's rows timed side by side with its
+    torch reference and bitsandbytes' 8-bit class (where it ran), in one run."""
+    rss = any(r.get("rss_mb") is not None for r in rows)
+    lines = [
+        "| model | family | optimizer | kernel | ms/step | × torch ref | torch ref | × bitsandbytes 8bit | × torch_optim "
+        "| state B/elem (quantized tensors) | state B/elem (all) | first step s (warm) | step peak extra, B/elem of largest tensor |"
+        + (" RSS step growth MB | RSS 1st step MB |" if rss else ""),
+        "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if rss else ""),
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['family']} | {r['optimizer']} | {r.get('kernel') or '—'} | {_ms(r['ms'])} | {_num(r['ratio'], 2)} "
+            f"| {r.get('reference') or '—'} | {_num(r.get('vs_bnb'), 2)} | {_num(r.get('vs_torch_optim'), 2)} "
+            f"| {_num(r['qbytes'], 3)} | {_num(r['bytes'], 3)} | {_num(r['first_s'], 2)} | {_num(r.get('peak'), 2)} |"
+            + (f" {_num(r.get('rss_mb'), 1)} | {_num(r.get('rss_first_mb'), 1)} |" if rss else "")
+        )
+    return "\n".join(lines)
+
+
+def family_summary_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per model, family, format and path, the torch.optim front end's and apply_gradients' step as a ratio to the
+    family's torch reference (and to bitsandbytes' 8-bit class where it ran), with the kernel that ran."""
+    lines = []
+    groups: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        if r["api"] in ("torch_optim", "apply_gradients"):
+            groups.setdefault((r["model"], r["dtype"], r["family"], r["format"], r["path"]), {})[r["api"]] = r
+    for (model, dtype, family, fmt, path), by_api in groups.items():
+        parts = []
+        for api, label in (("torch_optim", "torch_optim"), ("apply_gradients", "apply_gradients inplace")):
+            r = by_api.get(api)
+            if r is not None and r["ratio"] is not None:
+                parts.append(f"{label} {r['ratio']:.2f}x ({_ms(r['ms'])} ms)")
+        first = next(iter(by_api.values()))
+        if not parts:
+            continue
+        reference = first["reference"] or "no torch reference"
+        ref_ms = first["ms"] / first["ratio"] if first["ratio"] else None
+        bnb = [f"{label} {by_api[api]['vs_bnb']:.2f}x" for api, label in (("torch_optim", "torch_optim"), ("apply_gradients", "apply_gradients"))
+               if api in by_api and by_api[api].get("vs_bnb") is not None]
+        compiled = " (compiled)" if path == "compiled" else ""
+        lines.append(
+            f"{model} {dtype} {family} {fmt}{compiled}, {first.get('kernel')} kernel: " + ", ".join(parts)
+            + f" of {reference}" + (f" ({_ms(ref_ms)} ms)" if ref_ms else "")
+            + ("; × bitsandbytes 8bit: " + ", ".join(bnb) if bnb else "; bitsandbytes: not run")
+        )
+    return lines
+
+
+def kernel_notes(rows: list[dict[str, Any]], families: Iterable[str]) -> list[str]:
+    """Which kernel ran lowbit_fn's rows of each family, and what each family's torch reference is."""
+    notes = []
+    for family in families:
+        kernels = sorted({r["kernel"] for r in rows if r["family"] == family and r.get("kernel")})
+        if not kernels:
+            continue
+        what = {"native": "the native C kernel", "compiled": "the compiled torch path", "unknown": "an unknown kernel"}
+        ran = " and ".join(what.get(k, k) for k in kernels)
+        why = ""
+        if "compiled" in kernels and any(r["path"] == "native" and r.get("kernel") == "compiled" for r in rows if r["family"] == family):
+            why = " (the native kernel does not serve this rule yet)"
+        notes.append(f"kernel: lowbit_fn's {family} rows ran {ran}{why}")
+    for family in families:
+        dtypes = sorted({r["dtype"] for r in rows if r["family"] == family})
+        for dtype in dtypes:
+            notes.append(f"torch reference of {family} ({dtype}): {torch_reference(family, dtype)[2]}")
+    return notes
+
+
+def missing_family_note(family: str) -> str | None:
+    """Why ``family`` cannot run here (``None`` when it can): Muon's rows need ``lowbit_fn.muon``."""
+    if not hasattr(lowbit_fn, FAMILIES[family].factory):
+        return f"{family}: lowbit_fn.{FAMILIES[family].factory} does not exist (yet), no {family} rows"
+    return None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=list(REFERENCE_MODELS), default=list(DEFAULT_MODELS),
@@ -789,6 +1044,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="lowbit_fn front ends to time (default: all)")
     parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=["native"],
                         help="lowbit_fn step paths: the native C kernel, the compiled torch path (default: native)")
+    parser.add_argument("--optimizers", nargs="+", choices=list(FAMILIES), default=list(DEFAULT_FAMILIES),
+                        help="optimizer families to time, each beside torch's fastest implementation of it (or torch's "
+                        "fused AdamW where torch has none) and bitsandbytes' 8-bit class (default: adamw)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="dtype of all params and grads (default float32)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds; the table gives the median (default 5)")
@@ -820,7 +1078,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     earlier run), ``cold_s`` (native pure functional rows: the first step in a fresh process with empty caches;
     ``None`` elsewhere or with ``--no-cold``), ``peak`` / ``peak_mb`` (a step's peak extra allocations, in bytes per
     element of the largest tensor / in MB) and ``rss_mb`` / ``rss_first_mb`` (``--rss``: peak-RSS growth of a
-    step / of the first step, MB; ``None`` without it).
+    step / of the first step, MB; ``None`` without it); ``family`` (``--optimizers``: ``adamw``, ``lion``, ...),
+    ``kernel`` (lowbit_fn's rows: ``native`` or ``compiled``, the kernel that ran the step; ``None`` elsewhere),
+    ``reference`` (the row ``ratio`` is to: torch's fused AdamW for AdamW, the family's torch reference for the
+    others) and ``vs_bnb`` (to bitsandbytes' 8-bit optimizer of the family in the same run; ``None`` where it did
+    not run). For other families than AdamW, ``ratio`` is to the family's torch reference.
     """
     if argv is None:
         command = shlex.join(sys.orig_argv)
@@ -839,42 +1101,66 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
+    families = []
+    for family in dict.fromkeys(args.optimizers):
+        missing = missing_family_note(family)
+        if missing:
+            print(missing, flush=True)
+            notes.append(missing)
+        else:
+            families.append(family)
     for model in args.models:
         shapes = scaled_shapes(REFERENCE_MODELS[model], args.scale)
         numel = sum(torch.Size(s).numel() for s in shapes)
-        print(f"measuring {model}: {len(shapes)} tensors, {numel / 1e6:.2f} M elements, {args.dtype} ...", flush=True)
-        model_rows, model_notes = measure_model(
-            model, shapes, args.formats, args.rounds, args.steps, args.apis, args.scale, args.cold, args.dtype, args.paths,
-            args.rss,
-        )
-        rows += model_rows
-        notes += [n for n in model_notes if n not in notes]
-        gc.collect()
+        for family in families:
+            what = "" if args.optimizers == list(DEFAULT_FAMILIES) else f", {family}"
+            print(f"measuring {model}: {len(shapes)} tensors, {numel / 1e6:.2f} M elements, {args.dtype}{what} ...", flush=True)
+            apis = [a for a in args.apis if a != "torch_optim" or all(hasattr(lowbit_fn, FAMILIES[family].classes[f]) for f in args.formats)]
+            if apis != list(args.apis):
+                notes.append(f"{family}: lowbit_fn has not all of {[FAMILIES[family].classes[f] for f in args.formats]}, no torch_optim rows")
+            try:
+                model_rows, model_notes = measure_model(
+                    model, shapes, args.formats, args.rounds, args.steps, apis, args.scale, args.cold, args.dtype, args.paths,
+                    args.rss, family,
+                )
+            except Exception as err:
+                if family != "muon":  # lowbit_fn's own rows of the released families never fail quietly
+                    raise
+                model_rows, model_notes = [], [_skip_note(f"muon on {model}", err) + " (lowbit_fn.muon is being written)"]
+            rows += model_rows
+            notes += [n for n in model_notes if n not in notes]
+            gc.collect()
 
     after = contention_check()
-    summary = summary_lines(rows, args.scale)
+    adam_rows = [r for r in rows if r["family"] == "adamw"]
+    other_rows = [r for r in rows if r["family"] != "adamw"]
+    summary = summary_lines(adam_rows, args.scale)
+    extended = args.optimizers != list(DEFAULT_FAMILIES)  # the default run prints what it always did
+    tables = [markdown_table(adam_rows)] if adam_rows else []
+    if other_rows:
+        tables.append(family_table(other_rows))
+    family_lines = family_summary_lines(rows) if extended else []
+    if extended:
+        notes += [n for n in kernel_notes(rows, families) if n not in notes]
+    body = []
+    for table in tables:
+        body += [table, ""]
+    for block in (summary, family_lines):
+        body += [*block, *([""] if block else [])]
     report = "\n".join([
         header,
         "",
         f"median of {args.rounds} rounds x {args.steps} steps, interleaved; params and grads {args.dtype}; "
-        f"paths {' '.join(args.paths)}; scale {args.scale:g}",
+        f"paths {' '.join(args.paths)}; scale {args.scale:g}" + (f"; optimizers {' '.join(args.optimizers)}" if extended else ""),
         "",
-        markdown_table(rows),
-        "",
-        *summary,
-        *([""] if summary else []),
+        *body,
         before.describe("before"),
         after.describe("after"),
         *notes,
     ])
     print(after.describe("after"))
     print()
-    print(markdown_table(rows))
-    print()
-    for line in summary:
-        print(line)
-    if summary:
-        print()
+    print("\n".join(body))
     for note in notes:
         print(note)
     if args.markdown:

@@ -17,7 +17,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPT = BENCHMARKS / "step_speed.py"
 ROW_KEYS = {
     "model", "dtype", "optimizer", "api", "format", "path", "ms", "ratio", "vs_torch_optim", "qbytes", "bytes", "first_s",
-    "cold_s", "peak", "peak_mb", "rss_mb", "rss_first_mb",
+    "cold_s", "peak", "peak_mb", "rss_mb", "rss_first_mb", "family", "kernel", "reference", "vs_bnb",
 }
 EIGHT_BIT = 2 + 8 / 256  # 1 code byte per moment + one fp32 scale per moment per 256-element block
 
@@ -88,6 +88,56 @@ def test_step_speed_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
             assert re.search(rf"^{model} float32 {fmt}: apply_gradients inplace / torch_optim = \d+\.\d\dx", out, re.M), out
     text = report.read_text(encoding="utf-8")
     assert "lowbit_fn 8bit" in text and "torch" in text and "functional inplace / torch_optim" in text
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_step_speed_families(capsys: pytest.CaptureFixture[str]) -> None:
+    """--optimizers: every family's rows beside its torch reference (or torch's fused AdamW), in a second table."""
+    step_speed = _load_script()
+    families = ("lion", "sgd", "rmsprop", "ademamix")
+    rows = step_speed.main([
+        "--optimizers", "adamw", *families, "muon", "--models", "sq16M", "--scale", "0.01", "--formats", "8bit",
+        "--apis", "apply_gradients", "torch_optim", "--rounds", "1", "--steps", "1", "--no-cold",
+    ])
+    references = {"adamw": "torch fused fp32", "lion": "torch AdamW fused fp32", "ademamix": "torch AdamW fused fp32",
+                  "rmsprop": "torch RMSprop foreach fp32"}  # torch.optim.RMSprop takes no fused=True
+    classes = {"lion": "Lion8bit", "sgd": "SGD8bit", "rmsprop": "RMSprop8bit", "ademamix": "AdEMAMix8bit"}
+    assert {r["family"] for r in rows} - {"muon"} == {"adamw", *families}
+    for row in rows:
+        assert set(row) == ROW_KEYS, row
+        assert math.isfinite(row["ms"]) and row["ms"] > 0 and row["ratio"] > 0, row
+        assert (row["kernel"] in ("native", "compiled")) == (row["api"] not in ("torch", "peer")), row
+    for family in families:
+        mine = {r["optimizer"]: r for r in rows if r["family"] == family}
+        ref = mine.pop(references.get(family) or next(n for n in mine if n.startswith("torch SGD ")))
+        assert ref["api"] == "torch" and ref["ratio"] == 1.0 and ref["reference"] == ref["optimizer"]
+        assert set(mine) == {f"lowbit_fn {family} 8bit (apply_gradients, inplace)", f"lowbit_fn {classes[family]}"}
+        for row in mine.values():
+            assert row["reference"] == ref["optimizer"] and row["format"] == "8bit"
+            assert row["qbytes"] is not None and row["qbytes"] >= 1.0  # one byte per element per quantized moment
+    sgd_ref = next(r for r in rows if r["family"] == "sgd" and r["api"] == "torch")["optimizer"]
+    assert sgd_ref in ("torch SGD fused fp32", "torch SGD foreach fp32")
+
+    out = capsys.readouterr().out
+    assert "| model | optimizer | ms/step | × torch fused | × torch_optim |" in out  # AdamW's table as before
+    assert "| model | family | optimizer | kernel | ms/step | × torch ref | torch ref | × bitsandbytes 8bit |" in out
+    table = [_cells(line) for line in out.splitlines() if line.startswith("| sq16M | ")]
+    family_rows = {c[2]: c for c in table if len(c) == 13}
+    for family in families:
+        cells = family_rows[f"lowbit_fn {classes[family]}"]
+        assert cells[1] == family and cells[3] in ("native", "compiled")
+        float(cells[4]), float(cells[5])  # ms/step, × torch ref
+        assert re.search(rf"^sq16M float32 {family} 8bit, (native|compiled) kernel: torch_optim \d+\.\d\dx", out, re.M), out
+        assert re.search(rf"^kernel: lowbit_fn's {family} rows ran the (native C kernel|compiled torch path)", out, re.M), out
+        assert f"torch reference of {family} (float32): " in out
+    assert "torch has no lion optimizer: compared with torch.optim.AdamW(fused=True)" in out
+    # muon: rows once lowbit_fn.muon exists, else (or where its rows fail) a note
+    assert "muon" in {r["family"] for r in rows} or re.search(r"^muon(: lowbit_fn.muon does not exist| on sq16M: skipped)", out, re.M)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert "bitsandbytes not installed: no bitsandbytes.optim.Lion8bit row (lion)" in out
 
 
 def test_step_speed_bf16_compiled_inplace(capsys: pytest.CaptureFixture[str]) -> None:
@@ -188,3 +238,27 @@ def test_offload_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert [r["config"] for r in rows][:2] == ["AdamW on device", "CPUOffloadOptimizer(AdamW)"] and len(rows) == 6
     assert all(r["ms"] > 0 and r["peak_gib"] is None for r in rows)
     assert "| CPUOffloadOptimizer(AdamW8bit) |" in capsys.readouterr().out
+
+
+def test_mlp_quality_families(capsys: pytest.CaptureFixture[str]) -> None:
+    """--optimizers: each format against the same family's fp32-state run, a table with the bars (never asserts
+    the quality itself: 3 steps)."""
+    spec = importlib.util.spec_from_file_location("_mlp_quality_benchmark", BENCHMARKS / "mlp_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.main(["--optimizers", "lion", "sgd", "muon", "--steps", "3", "--seeds", "0", "1", "--formats", "8bit", "4bit"])
+    families = {"lion", "sgd"} | ({"muon"} if hasattr(module.lowbit_fn, "muon") else set())
+    assert set(table) == {(f, fmt) for f in families for fmt in ("8bit", "4bit")}
+    for row in table.values():
+        assert row["min"] <= row["ratio"] <= row["max"] and row["finite"], row
+        assert row["bar"] in (0.02, 0.05) and row["passed"] == (abs(row["ratio"] - 1) <= row["bar"])
+    out = capsys.readouterr().out
+    assert "| family | state | × fp32 final (mean) | min..max over seeds | bar | pass |" in out
+    for family in ("lion", "sgd"):
+        for fmt, bar in (("8bit", "±2%"), ("4bit", "±5%")):
+            line = next(line for line in out.splitlines() if line.startswith(f"| {family} | {fmt} |"))
+            cells = _cells(line)
+            low, high = cells[3].split("..")
+            assert float(low) <= float(cells[2]) <= float(high)
+            assert cells[4] == bar and cells[5] in ("pass", "FAIL") and float(cells[6]) > 0 and float(cells[7]) > 0
+    assert hasattr(module.lowbit_fn, "muon") or "muon: lowbit_fn.muon does not exist (yet), skipped" in out

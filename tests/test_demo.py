@@ -94,6 +94,31 @@ def test_short_run_writes_the_report(tmp_path: Path, api: str):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("family", ["lion", "sgd"])
+def test_family_and_seeds(tmp_path: Path, family: str, capsys: pytest.CaptureFixture[str]):
+    """--family runs every row with that optimizer (fp32: torch's class where torch has one); --seeds adds the table
+    of each row's losses relative to the fp32 row of the same seed."""
+    out = tmp_path / "out"
+    results = demo.main(["--size", "tiny", "--steps", "4", "--eval-every", "2", "--optimizers", "fp32", "8bit", "--family", family,
+                         "--seeds", "0", "1", "--corpus-bytes", "200000", "--no-progress", "--out", str(out), "--functional"])
+    assert [r.optimizer for r in results] == ["fp32", "8bit"]
+    state = {r.optimizer: r.state_bytes / r.params for r in results}
+    assert state["fp32"] == pytest.approx(4.0, abs=0.01)  # one fp32 moment (Lion's, SGD's momentum)
+    assert 1.0 < state["8bit"] < 1.2  # one byte per element (+ scales and small tensors' fp32 state)
+    printed = capsys.readouterr().out
+    assert f"family: {family}, lr {demo.FAMILIES[family].hyper['lr']:g}" in printed
+    reference = "torch.optim.SGD(fused=True)" if family == "sgd" else "lowbit_fn.Lion()"
+    assert f"- family {family}: the fp32 row is {reference}" in printed
+    assert f"| {family} | held-out vs fp32 (mean) | min..max over seeds |" in printed
+    row = next(line for line in printed.splitlines() if line.startswith("| 8bit | ") and ".." in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    low, high = cells[2].split("..")
+    assert float(low) <= float(cells[1]) <= float(high) and 0.5 < float(cells[1]) < 2.0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["config"]["family"] == family and set(saved["seeds"]) == {"0", "1"}
+    assert saved["seeds"]["1"][0]["valid_loss"] != saved["seeds"]["0"][0]["valid_loss"]  # another seed, another run
+
+
 @pytest.mark.slow
 def test_low_bit_training_tracks_fp32():
     """A real (if short) run: every low-bit optimizer ends within 3% of fp32's held-out loss."""
