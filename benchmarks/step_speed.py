@@ -41,14 +41,14 @@ What is measured
     Each family is measured in its own interleaved rounds (below) with its reference and peer, so its ratios
     ("× torch ref", "× bitsandbytes 8bit") are side by side in the same run; AdamW's rows stay in the first
     table, the other families' rows go to a second table with a "kernel" column: the kernel that ran lowbit_fn's
-    step (``native``: the C kernel; ``compiled``: the compiled torch path, which serves every rule the native
-    kernel does not, so far Lion, SGD, RMSprop and AdEMAMix). Summary lines give, per family and format, the
+    step (``native``: the C kernel, for every rule on the CPU; ``compiled``: the compiled torch path). Summary lines give, per family and format, the
     torch.optim front end's and apply_gradients' step as a ratio to the reference. Hyperparameters
     (:data:`FAMILIES`): AdamW lr 1e-3, weight decay 1e-2; Lion lr 1e-4, decoupled weight decay 0.1; SGD lr 0.1,
     momentum 0.9, weight decay 1e-2 (lr / (1 - momentum) = 1 keeps the in-place rows' fed-back updates at the
     gradients' size); RMSprop lr 1e-3 (alpha 0.99, no momentum), weight decay 1e-2; AdEMAMix lr 1e-3, weight decay
-    1e-2 (b3 0.9999, alpha 5). ``muon``: skipped with a note while ``lowbit_fn.muon`` does not exist. The cold
-    first step is measured for AdamW's rows only.
+    1e-2 (b3 0.9999, alpha 5); Muon lr 0.02 on the model's 2-D tensors only (as torch.optim.Muon, whose one
+    implementation is the reference: it takes neither ``fused`` nor ``foreach``). The cold first step is measured
+    for AdamW's rows only.
 
     lowbit_fn's rows run the native path (``--paths native``, the default: the C kernel, for every rule it
     serves). ``--paths compiled`` adds the same rows on the compiled torch path, named with a ``(compiled)``
@@ -203,8 +203,7 @@ FAMILIES: dict[str, Family] = {
     "ademamix": Family("ademamix", "ademamix",
                        {"fp32": "AdEMAMix", "8bit": "AdEMAMix8bit", "4bit": "AdEMAMix4bit", "fp8": "AdEMAMixFp8"},
                        {"lr": LEARNING_RATE, "weight_decay": WEIGHT_DECAY}, None, "AdEMAMix8bit"),
-    # being written elsewhere: its rows run only once lowbit_fn.muon exists (else a note); torch.optim.Muon (2-D
-    # params only) where torch has it
+    # 2-D params only (the models' matrices), as torch.optim.Muon
     "muon": Family("muon", "muon", {"fp32": "Muon", "8bit": "Muon8bit", "4bit": "Muon4bit", "fp8": "MuonFp8"},
                    {"lr": 0.02}, "Muon", "Muon8bit"),
 }
@@ -321,14 +320,18 @@ def torch_reference(family: str, dtype: str = "float32") -> tuple[str, str, str]
         _TORCH_REFERENCE[key] = ("AdamW", "fused", f"torch has no {family} optimizer: compared with torch.optim.AdamW(fused=True)")
         return _TORCH_REFERENCE[key]
     hyper = torch_hyper(family)
-    try:
-        leaf = torch.nn.Parameter(torch.zeros(8, 8, dtype=DTYPES[dtype]))
-        leaf.grad = torch.ones_like(leaf)
-        cls([leaf], **hyper, fused=True).step()
-        found = (name, "fused", f"torch.optim.{name}(fused=True): supported on CPU for {dtype}")
-    except (TypeError, RuntimeError, ValueError) as err:
-        why = f"{type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''}"
-        found = (name, "foreach", f"torch.optim.{name}(foreach=True): fused=True is not supported on CPU for {dtype} ({why})")
+    whys = []
+    for flag in ("fused", "foreach"):  # torch's fastest first; Muon takes neither: its one implementation
+        try:
+            leaf = torch.nn.Parameter(torch.zeros(8, 8, dtype=DTYPES[dtype]))
+            leaf.grad = torch.ones_like(leaf)
+            cls([leaf], **hyper, **{flag: True}).step()
+            found = (name, flag, f"torch.optim.{name}({flag}=True): supported on CPU for {dtype}" + "".join(whys))
+            break
+        except (TypeError, RuntimeError, ValueError) as err:
+            whys.append(f"; {flag}=True is not ({type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''})")
+    else:
+        found = (name, "single", f"torch.optim.{name}(): its single-tensor implementation" + "".join(whys))
     _TORCH_REFERENCE[key] = found
     return found
 
@@ -347,16 +350,15 @@ def lowbit_transform(family: str, fmt: str) -> Any:
 
 def kernel_of(opt: Any, path: str) -> str:
     """The kernel that steps ``opt``'s CPU tensors on ``path``: ``native`` where the native C kernel is built and
-    serves the optimizer's rule (and ``path`` is ``native``), else ``compiled`` (the compiled torch path)."""
+    serves the optimizer's rule (and ``path`` is ``native``), else ``compiled`` (the compiled torch path). For Muon
+    that is its momentum's kernel; the Newton-Schulz iteration runs in torch either way."""
     if path != "native":
         return "compiled"
-    try:
-        from lowbit_fn.kernels.native import native_available, native_serves_rule
+    from lowbit_fn.kernels.native import native_available, native_serves_rule
+    from lowbit_fn.torch_optim import moment_core
 
-        rule = opt.core.config.rule
-        return "native" if native_available(torch.device("cpu")) and native_serves_rule(rule) else "compiled"
-    except (ImportError, AttributeError):
-        return "unknown"
+    rule = moment_core(opt).config.rule
+    return "native" if native_available(torch.device("cpu")) and native_serves_rule(rule) else "compiled"
 
 
 def on_path(step: Callable[[], None], path: str) -> Callable[[], None]:
@@ -541,7 +543,8 @@ def make_runner(spec: Spec, params: dict[str, Tensor], grads: dict[str, Tensor],
         if cls_name != FAMILIES[spec.family].torch_class:  # torch has no such optimizer: AdamW's step, AdamW's hyper
             hyper = torch_hyper("adamw")
         torch_cls = getattr(torch.optim, cls_name)
-        runner = torch_optim_runner(name, lambda ps: torch_cls(ps, **hyper, **{flag_name: True}), params, grads)
+        flags = {} if flag_name == "single" else {flag_name: True}
+        runner = torch_optim_runner(name, lambda ps: torch_cls(ps, **hyper, **flags), params, grads)
     elif spec.kind == "peer":
         factory = dict(family_peer_factories(spec.family)[0]).get(spec.fmt)
         if factory is None:
@@ -1028,13 +1031,6 @@ def kernel_notes(rows: list[dict[str, Any]], families: Iterable[str]) -> list[st
     return notes
 
 
-def missing_family_note(family: str) -> str | None:
-    """Why ``family`` cannot run here (``None`` when it can): Muon's rows need ``lowbit_fn.muon``."""
-    if not hasattr(lowbit_fn, FAMILIES[family].factory):
-        return f"{family}: lowbit_fn.{FAMILIES[family].factory} does not exist (yet), no {family} rows"
-    return None
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=list(REFERENCE_MODELS), default=list(DEFAULT_MODELS),
@@ -1101,14 +1097,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
-    families = []
-    for family in dict.fromkeys(args.optimizers):
-        missing = missing_family_note(family)
-        if missing:
-            print(missing, flush=True)
-            notes.append(missing)
-        else:
-            families.append(family)
+    families = list(dict.fromkeys(args.optimizers))
     for model in args.models:
         shapes = scaled_shapes(REFERENCE_MODELS[model], args.scale)
         numel = sum(torch.Size(s).numel() for s in shapes)
@@ -1118,15 +1107,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             apis = [a for a in args.apis if a != "torch_optim" or all(hasattr(lowbit_fn, FAMILIES[family].classes[f]) for f in args.formats)]
             if apis != list(args.apis):
                 notes.append(f"{family}: lowbit_fn has not all of {[FAMILIES[family].classes[f] for f in args.formats]}, no torch_optim rows")
-            try:
-                model_rows, model_notes = measure_model(
-                    model, shapes, args.formats, args.rounds, args.steps, apis, args.scale, args.cold, args.dtype, args.paths,
-                    args.rss, family,
-                )
-            except Exception as err:
-                if family != "muon":  # lowbit_fn's own rows of the released families never fail quietly
-                    raise
-                model_rows, model_notes = [], [_skip_note(f"muon on {model}", err) + " (lowbit_fn.muon is being written)"]
+            model_rows, model_notes = measure_model(
+                model, [s for s in shapes if len(s) == 2] if family == "muon" else shapes, args.formats, args.rounds,
+                args.steps, apis, args.scale, args.cold, args.dtype, args.paths, args.rss, family,
+            )
             rows += model_rows
             notes += [n for n in model_notes if n not in notes]
             gc.collect()

@@ -134,8 +134,8 @@ def test_step_speed_families(capsys: pytest.CaptureFixture[str]) -> None:
         assert re.search(rf"^kernel: lowbit_fn's {family} rows ran the (native C kernel|compiled torch path)", out, re.M), out
         assert f"torch reference of {family} (float32): " in out
     assert "torch has no lion optimizer: compared with torch.optim.AdamW(fused=True)" in out
-    # muon: rows once lowbit_fn.muon exists, else (or where its rows fail) a note
-    assert "muon" in {r["family"] for r in rows} or re.search(r"^muon(: lowbit_fn.muon does not exist| on sq16M: skipped)", out, re.M)
+    muon = {r["optimizer"]: r for r in rows if r["family"] == "muon"}  # torch.optim.Muon's one implementation
+    assert muon["torch Muon single fp32"]["ratio"] == 1.0 and muon["lowbit_fn Muon8bit"]["ratio"] > 0, muon
     if importlib.util.find_spec("bitsandbytes") is None:
         assert "bitsandbytes not installed: no bitsandbytes.optim.Lion8bit row (lion)" in out
 
@@ -247,7 +247,7 @@ def test_mlp_quality_families(capsys: pytest.CaptureFixture[str]) -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     table = module.main(["--optimizers", "lion", "sgd", "muon", "--steps", "3", "--seeds", "0", "1", "--formats", "8bit", "4bit"])
-    families = {"lion", "sgd"} | ({"muon"} if hasattr(module.lowbit_fn, "muon") else set())
+    families = {"lion", "sgd", "muon"}
     assert set(table) == {(f, fmt) for f in families for fmt in ("8bit", "4bit")}
     for row in table.values():
         assert row["min"] <= row["ratio"] <= row["max"] and row["finite"], row
@@ -261,4 +261,3 @@ def test_mlp_quality_families(capsys: pytest.CaptureFixture[str]) -> None:
             low, high = cells[3].split("..")
             assert float(low) <= float(cells[2]) <= float(high)
             assert cells[4] == bar and cells[5] in ("pass", "FAIL") and float(cells[6]) > 0 and float(cells[7]) > 0
-    assert hasattr(module.lowbit_fn, "muon") or "muon: lowbit_fn.muon does not exist (yet), skipped" in out
