@@ -117,11 +117,13 @@ def moment_transform(
     min_quant_size: int,
     rounding: str | None,
     seed: int,
+    roundings: dict[str, str] | None = None,
 ) -> MomentTransformation:
     """A transform over codec state: ``rule``'s moments (named ``moments``; ``torch_names`` in torch.optim's
     checkpoints), stepped with the hyperparameters ``hyper`` (0-d tensors that may be changed in place), in
     ``state_format`` (see :func:`~lowbit_fn.scale_by_adam` for the options). ``label`` names the transform in
-    error messages."""
+    error messages. ``roundings`` is the rounding that suits the rule's moments per format, where it differs from
+    the codec's default (:data:`DEFAULT_ROUNDING`); ``rounding`` overrides both."""
     if len(moments) != len(rule.signed()) or len(torch_names) != len(moments):
         raise ValueError(f"{label}: {len(rule.signed())} moments, named {moments} / {torch_names}")
     if state_format not in STATE_FORMATS:
@@ -131,7 +133,7 @@ def moment_transform(
     if fmt is None and block_size is not None:
         raise ValueError(f"block_size applies to quantized formats; state_format='fp32' got block_size={block_size!r}")
     if rounding is None:
-        rounding = DEFAULT_ROUNDING.get(state_format, "nearest")
+        rounding = {**DEFAULT_ROUNDING, **(roundings or {})}.get(state_format, "nearest")
     elif fmt is None:
         raise ValueError(f"rounding applies to quantized formats; state_format='fp32' got rounding={rounding!r}")
     elif rounding not in ROUNDINGS:
