@@ -226,9 +226,9 @@ def test_torch_checkpoint_converts_into_the_low_bit_classes(family, state_format
             codes, scale = lowbit_fn.quantize(source, state_format, signed=signed,
                                               rounding="stochastic" if stochastic else "nearest", step=step)
             assert torch.equal(entry[f"{name}_codes"], codes) and torch.equal(entry[f"{name}_scale"], scale), name
-            # (bounds: 4-bit's largest map gap 0.225 of a block's max, rounded stochastically; 8-bit/FP8 well below,
-            # FP8 stochastic in sqrt(v) up to one e4m3 step of the root, squared: measured 0.055 for RMSprop)
-            bound = 0.23 if state_format == "4bit" else (0.1 if stochastic and state_format == "fp8" else 0.05)
+            # (bounds: 4-bit's largest map gap 0.225 of a block's max, rounded stochastically; 8-bit/FP8 well below;
+            # FP8 stochastic in sqrt(v): up to one e4m3 step (1/8 of the root) away, so 2/8 of v once squared)
+            bound = 0.23 if state_format == "4bit" else (0.25 if stochastic and state_format == "fp8" else 0.05)
             assert max_rel([value], [want]) < bound
     train(copy.deepcopy(model), ours, batches(1))  # and trains on (its params are the clone's)
 
