@@ -4,13 +4,12 @@ running the functional factories through :class:`~lowbit_fn.TransformOptimizer`.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 
-from .torch_optim import TransformOptimizer
+from .torch_optim import TransformOptimizer, _Spec
 from .transforms import GradientTransformation, ademamix, adam, adamw, lion, muon, rmsprop, sgd
 
 __all__ = [
@@ -35,25 +34,16 @@ class _DropIn(TransformOptimizer):
         """``TransformOptimizer.__init__`` with torch's ``lr`` and ``betas`` as the factory's names, in this
         class's state format (block options dropped for full-precision classes)."""
         if betas is not None:
-            n = 3 if "b3" in inspect.signature(type(self)._factory_fn).parameters else 2
+            names = _Spec(type(self)._factory_fn).betas  # the factory's b1, b2 (b3)
+            n = len(names)
             if not isinstance(betas, (tuple, list)) or len(betas) != n:
                 what = "a pair (beta1, beta2)" if n == 2 else f"a tuple of {n} (beta1, ..., beta{n})"
                 raise ValueError(f"betas must be {what}, got {betas!r}")
-            hyper.update(zip(("b1", "b2", "b3"), betas))
+            hyper.update(zip(names, betas))
         TransformOptimizer.__init__(
             self, type(self)._factory_fn, params, learning_rate=lr, state_format=self._state_format,
             bf16_stochastic_round=bf16_stochastic_round, **hyper,
         )
-
-
-class _LowBitAdam(_DropIn):
-    def _setup(
-        self, params: Params, lr: float | Tensor, betas: tuple[float, float],
-        eps: float, weight_decay: float, amsgrad: bool, block_size: int | None, min_quant_size: int,
-        bf16_stochastic_round: bool,
-    ) -> None:
-        self._build(params, lr, betas, bf16_stochastic_round, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                    block_size=block_size, min_quant_size=min_quant_size)
 
 
 _DOC = """{title} with {what}, a drop-in for ``torch.optim.{torch}`` ({decay}).
@@ -82,7 +72,7 @@ def _doc(name: str, state_format: str, decoupled: bool) -> str:
     )
 
 
-class Adam8bit(_LowBitAdam):
+class Adam8bit(_DropIn):
     __doc__ = _doc("Adam8bit", "8bit", False)
     _factory_fn = staticmethod(adam)
     _state_format = "8bit"
@@ -91,10 +81,11 @@ class Adam8bit(_LowBitAdam):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
                  bf16_stochastic_round: bool = False):
-        self._setup(params, lr, betas, eps, weight_decay, amsgrad, block_size, min_quant_size, bf16_stochastic_round)
+        self._build(params, lr, betas, bf16_stochastic_round, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                    block_size=block_size, min_quant_size=min_quant_size)
 
 
-class AdamW8bit(_LowBitAdam):
+class AdamW8bit(_DropIn):
     __doc__ = _doc("AdamW8bit", "8bit", True)
     _factory_fn = staticmethod(adamw)
     _state_format = "8bit"
@@ -103,10 +94,11 @@ class AdamW8bit(_LowBitAdam):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
                  bf16_stochastic_round: bool = False):
-        self._setup(params, lr, betas, eps, weight_decay, amsgrad, block_size, min_quant_size, bf16_stochastic_round)
+        self._build(params, lr, betas, bf16_stochastic_round, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                    block_size=block_size, min_quant_size=min_quant_size)
 
 
-class Adam4bit(_LowBitAdam):
+class Adam4bit(_DropIn):
     __doc__ = _doc("Adam4bit", "4bit", False)
     _factory_fn = staticmethod(adam)
     _state_format = "4bit"
@@ -115,10 +107,11 @@ class Adam4bit(_LowBitAdam):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
                  bf16_stochastic_round: bool = False):
-        self._setup(params, lr, betas, eps, weight_decay, amsgrad, block_size, min_quant_size, bf16_stochastic_round)
+        self._build(params, lr, betas, bf16_stochastic_round, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                    block_size=block_size, min_quant_size=min_quant_size)
 
 
-class AdamW4bit(_LowBitAdam):
+class AdamW4bit(_DropIn):
     __doc__ = _doc("AdamW4bit", "4bit", True)
     _factory_fn = staticmethod(adamw)
     _state_format = "4bit"
@@ -127,10 +120,11 @@ class AdamW4bit(_LowBitAdam):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
                  bf16_stochastic_round: bool = False):
-        self._setup(params, lr, betas, eps, weight_decay, amsgrad, block_size, min_quant_size, bf16_stochastic_round)
+        self._build(params, lr, betas, bf16_stochastic_round, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                    block_size=block_size, min_quant_size=min_quant_size)
 
 
-class AdamFp8(_LowBitAdam):
+class AdamFp8(_DropIn):
     __doc__ = _doc("AdamFp8", "fp8", False)
     _factory_fn = staticmethod(adam)
     _state_format = "fp8"
@@ -139,10 +133,11 @@ class AdamFp8(_LowBitAdam):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
                  bf16_stochastic_round: bool = False):
-        self._setup(params, lr, betas, eps, weight_decay, amsgrad, block_size, min_quant_size, bf16_stochastic_round)
+        self._build(params, lr, betas, bf16_stochastic_round, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                    block_size=block_size, min_quant_size=min_quant_size)
 
 
-class AdamWFp8(_LowBitAdam):
+class AdamWFp8(_DropIn):
     __doc__ = _doc("AdamWFp8", "fp8", True)
     _factory_fn = staticmethod(adamw)
     _state_format = "fp8"
@@ -151,7 +146,8 @@ class AdamWFp8(_LowBitAdam):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
                  bf16_stochastic_round: bool = False):
-        self._setup(params, lr, betas, eps, weight_decay, amsgrad, block_size, min_quant_size, bf16_stochastic_round)
+        self._build(params, lr, betas, bf16_stochastic_round, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                    block_size=block_size, min_quant_size=min_quant_size)
 
 
 class AdamW(_DropIn):

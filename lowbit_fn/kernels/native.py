@@ -27,12 +27,10 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from torch import Tensor
-
-from typing import TYPE_CHECKING
 
 from .._random import stream_key_int, tensor_key_int
 

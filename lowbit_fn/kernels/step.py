@@ -103,10 +103,10 @@ def moment_step(
         device = item.grad.device
         if device not in on:
             on[device] = native_available(device)
-        if on[device] and native_serves_rule(config.rule) and _work_dtype(config, item) == torch.float32 and _native_serves(item, epilogue):
+        work = _work_dtype(config, item)
+        if on[device] and native_serves_rule(config.rule) and work == torch.float32 and _native_serves(item, epilogue):
             native.setdefault(int(item.step), []).append(i)
         else:
-            work = _work_dtype(config, item)
             key = (int(item.step) if item.step.device.type == "cpu" else id(item.step), work, device)
             if key not in scalars:
                 scalars[key] = _scalars(config.rule, item.step, hyper, epilogue, work, device)

@@ -43,7 +43,7 @@ from ..kernels.rules import Rule
 from ._tree import Key, Tree, as_tensordict, build, check_leaf, check_like, leaves, name
 from .base import CheckedTransformation
 
-__all__ = ["moment_transform", "MomentTransformation", "STATE_FORMATS", "as_scalar", "check_unit", "check_nonnegative"]
+__all__ = ["moment_transform", "MomentTransformation", "STATE_FORMATS", "as_scalar", "check_unit", "check_nonnegative", "is_zero"]
 
 STATE_FORMATS = ("8bit", "4bit", "fp8", "fp32")
 DEFAULT_ROUNDING = {"8bit": "nearest", "fp8": "nearest", "4bit": "stochastic"}
@@ -92,6 +92,11 @@ def check_unit(value: Scalar, what: str, *, closed: bool = False) -> None:
 def check_nonnegative(value: Scalar, what: str) -> None:
     if not isinstance(value, Tensor) and value < 0:
         raise ValueError(f"{what} must be >= 0, got {value}")
+
+
+def is_zero(value: Scalar) -> bool:
+    """Whether a hyperparameter is 0 when the transform is built (momentum 0: no buffer), a 0-d tensor included."""
+    return float(value.detach().cpu()) == 0.0 if isinstance(value, Tensor) else value == 0.0
 
 
 class MomentTransformation(CheckedTransformation):

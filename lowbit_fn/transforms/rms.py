@@ -4,10 +4,9 @@ the ``rmsprop`` alias, with ``torch.optim.RMSprop``'s semantics."""
 from __future__ import annotations
 
 from ..kernels.rules import RMS
-from ._moments import MomentTransformation, Scalar, as_scalar, check_nonnegative, check_unit, moment_transform
+from ._moments import MomentTransformation, Scalar, as_scalar, check_nonnegative, check_unit, is_zero, moment_transform
 from .alias import FusedChain, fused_chain
 from .basic import Schedule, add_decayed_weights, scale_by_learning_rate
-from .sgd import _is_zero
 
 __all__ = ["scale_by_rms", "rmsprop"]
 
@@ -55,7 +54,7 @@ def scale_by_rms(
     check_unit(alpha, "alpha", closed=True)
     check_nonnegative(eps, "eps")
     check_nonnegative(momentum, "momentum")
-    with_momentum = not _is_zero(momentum)
+    with_momentum = not is_zero(momentum)
     names = [("nu", "square_avg")] + [("mu", "grad_avg")] * centered + [("trace", "momentum_buffer")] * with_momentum
     return moment_transform(
         "scale_by_rms", RMS(centered, with_momentum), tuple(n for n, _ in names), tuple(t for _, t in names),

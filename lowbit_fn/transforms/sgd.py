@@ -3,18 +3,12 @@
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from ..kernels.rules import Trace
-from ._moments import MomentTransformation, Scalar, as_scalar, check_nonnegative, moment_transform
+from ._moments import MomentTransformation, Scalar, as_scalar, check_nonnegative, is_zero, moment_transform
 from .alias import FusedChain, fused_chain
 from .basic import Schedule, add_decayed_weights, scale_by_learning_rate
 
 __all__ = ["trace", "sgd"]
-
-
-def _is_zero(value: Scalar) -> bool:
-    return float(value.detach().cpu()) == 0.0 if isinstance(value, Tensor) else value == 0.0
 
 
 def trace(
@@ -48,7 +42,7 @@ def trace(
     if not isinstance(nesterov, bool):
         raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
     check_nonnegative(decay, "decay")
-    if nesterov and not _is_zero(dampening):
+    if nesterov and not is_zero(dampening):
         raise ValueError(f"nesterov momentum requires dampening=0, got {dampening}")
     return _trace(decay, nesterov, dampening, True, state_format, block_size, min_quant_size, rounding, seed)
 
@@ -93,9 +87,9 @@ def sgd(
     if not isinstance(nesterov, bool):
         raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
     check_nonnegative(momentum, "momentum")
-    if nesterov and (_is_zero(momentum) or not _is_zero(dampening)):
+    if nesterov and (is_zero(momentum) or not is_zero(dampening)):
         raise ValueError("nesterov momentum requires a momentum and zero dampening")
-    core = _trace(momentum, nesterov, dampening, not _is_zero(momentum), state_format, block_size, min_quant_size,
+    core = _trace(momentum, nesterov, dampening, not is_zero(momentum), state_format, block_size, min_quant_size,
                   rounding, seed)
     return fused_chain((add_decayed_weights(weight_decay), core, scale_by_learning_rate(learning_rate)),
                        1, 2, learning_rate, weight_decay, decoupled=False)
