@@ -904,22 +904,31 @@ def _ms(value: float) -> str:
     return f"{value:.1f}" if value >= 100 else f"{value:.2f}" if value >= 1 else f"{value:.3f}"
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    rss = any(r.get("rss_mb") is not None for r in rows)
-    lines = [
-        "| model | optimizer | ms/step | × torch fused | × torch_optim | state B/elem (quantized tensors) | state B/elem (all) "
-        "| first step s (warm) | first step s (cold) | step peak extra, B/elem of largest tensor |"
-        + (" RSS step growth MB | RSS 1st step MB |" if rss else ""),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if rss else ""),
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['optimizer']} | {_ms(r['ms'])} | {_num(r['ratio'], 2)} | {_num(r.get('vs_torch_optim'), 2)} "
-            f"| {_num(r['qbytes'], 3)} | {_num(r['bytes'], 3)} | {_num(r['first_s'], 2)} | {_num(r.get('cold_s'), 2)} "
-            f"| {_num(r.get('peak'), 2)} |"
-            + (f" {_num(r.get('rss_mb'), 1)} | {_num(r.get('rss_first_mb'), 1)} |" if rss else "")
-        )
+Column = tuple[str, bool, Callable[[dict[str, Any]], str]]  # header, right-aligned, cell
+
+
+def _markdown(columns: list[Column], rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of ``rows``, plus the RSS columns when any row measured them (``--rss``)."""
+    if any(r.get("rss_mb") is not None for r in rows):
+        columns = columns + [("RSS step growth MB", True, lambda r: _num(r.get("rss_mb"), 1)),
+                             ("RSS 1st step MB", True, lambda r: _num(r.get("rss_first_mb"), 1))]
+    lines = ["| " + " | ".join(c[0] for c in columns) + " |",
+             "|" + "".join("---:|" if c[1] else "---|" for c in columns)]
+    lines += ["| " + " | ".join(c[2](r) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    return _markdown([
+        ("model", False, lambda r: r["model"]), ("optimizer", False, lambda r: r["optimizer"]),
+        ("ms/step", True, lambda r: _ms(r["ms"])), ("× torch fused", True, lambda r: _num(r["ratio"], 2)),
+        ("× torch_optim", True, lambda r: _num(r.get("vs_torch_optim"), 2)),
+        ("state B/elem (quantized tensors)", True, lambda r: _num(r["qbytes"], 3)),
+        ("state B/elem (all)", True, lambda r: _num(r["bytes"], 3)),
+        ("first step s (warm)", True, lambda r: _num(r["first_s"], 2)),
+        ("first step s (cold)", True, lambda r: _num(r.get("cold_s"), 2)),
+        ("step peak extra, B/elem of largest tensor", True, lambda r: _num(r.get("peak"), 2)),
+    ], rows)
 
 
 def summary_lines(rows: list[dict[str, Any]], scale: float = 1.0) -> list[str]:
@@ -964,21 +973,18 @@ def summary_lines(rows: list[dict[str, Any]], scale: float = 1.0) -> list[str]:
 def family_table(rows: list[dict[str, Any]]) -> str:
     """The rows of the families other than AdamW (``--optimizers``): each family's rows timed side by side with its
     torch reference and bitsandbytes' 8-bit class (where it ran), in one run."""
-    rss = any(r.get("rss_mb") is not None for r in rows)
-    lines = [
-        "| model | family | optimizer | kernel | ms/step | × torch ref | torch ref | × bitsandbytes 8bit | × torch_optim "
-        "| state B/elem (quantized tensors) | state B/elem (all) | first step s (warm) | step peak extra, B/elem of largest tensor |"
-        + (" RSS step growth MB | RSS 1st step MB |" if rss else ""),
-        "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if rss else ""),
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['family']} | {r['optimizer']} | {r.get('kernel') or '—'} | {_ms(r['ms'])} | {_num(r['ratio'], 2)} "
-            f"| {r.get('reference') or '—'} | {_num(r.get('vs_bnb'), 2)} | {_num(r.get('vs_torch_optim'), 2)} "
-            f"| {_num(r['qbytes'], 3)} | {_num(r['bytes'], 3)} | {_num(r['first_s'], 2)} | {_num(r.get('peak'), 2)} |"
-            + (f" {_num(r.get('rss_mb'), 1)} | {_num(r.get('rss_first_mb'), 1)} |" if rss else "")
-        )
-    return "\n".join(lines)
+    return _markdown([
+        ("model", False, lambda r: r["model"]), ("family", False, lambda r: r["family"]),
+        ("optimizer", False, lambda r: r["optimizer"]), ("kernel", False, lambda r: r.get("kernel") or "—"),
+        ("ms/step", True, lambda r: _ms(r["ms"])), ("× torch ref", True, lambda r: _num(r["ratio"], 2)),
+        ("torch ref", False, lambda r: r.get("reference") or "—"),
+        ("× bitsandbytes 8bit", True, lambda r: _num(r.get("vs_bnb"), 2)),
+        ("× torch_optim", True, lambda r: _num(r.get("vs_torch_optim"), 2)),
+        ("state B/elem (quantized tensors)", True, lambda r: _num(r["qbytes"], 3)),
+        ("state B/elem (all)", True, lambda r: _num(r["bytes"], 3)),
+        ("first step s (warm)", True, lambda r: _num(r["first_s"], 2)),
+        ("step peak extra, B/elem of largest tensor", True, lambda r: _num(r.get("peak"), 2)),
+    ], rows)
 
 
 def family_summary_lines(rows: list[dict[str, Any]]) -> list[str]:
