@@ -18,6 +18,10 @@ row with that optimizer instead (``Lion8bit``, ``SGD4bit``, ... ; ``lowbit_fn.li
 the family's hyperparameters (:data:`FAMILIES`; ``--lr`` and ``--weight-decay`` override them). The fp32 row is
 torch's implementation where torch has one (``torch.optim.SGD(fused=True)``, ``torch.optim.RMSprop(foreach=True)``;
 torch's RMSprop has no fused kernel), else lowbit_fn's fp32-state class (``lowbit_fn.Lion``, ``lowbit_fn.AdEMAMix``).
+``muon`` runs Muon on the transformer blocks' 2-D weights and AdamW (same state format, its own lr) on the rest
+(embeddings, head, norms, biases), as torch.optim.Muon requires: ``Muon8bit`` + ``AdamW8bit``, ...; two
+transforms on the two subsets of the parameters in ``--functional``; the fp32 row ``torch.optim.Muon`` +
+``torch.optim.AdamW(fused=True)``; ``--lr`` and ``--weight-decay`` set Muon's, and the state bytes are both's.
 ``--seeds 0 1 2`` repeats every row for each seed and adds a quality table: each row's final held-out and training
 loss as a ratio to the fp32 row of the same seed, mean and min..max over seeds (the first table, the plot and
 ``results.json``'s ``results`` are the first seed's).
@@ -70,13 +74,18 @@ _LOW_BIT = {"8bit": lowbit_fn.AdamW8bit, "4bit": lowbit_fn.AdamW4bit, "fp8": low
 class Family:
     """One optimizer family of ``--family``: lowbit_fn's functional factory and torch.optim classes per state format,
     the fp32 reference (a ``torch.optim`` class with its flags, or lowbit_fn's fp32-state class) and the
-    hyperparameters (torch.optim's names, ``lr`` and ``weight_decay`` the peak learning rate and decay)."""
+    hyperparameters (torch.optim's names, ``lr`` and ``weight_decay`` the peak learning rate and decay).
+
+    ``rest``: for an optimizer of matrices only (Muon), the family that steps every other parameter (embeddings,
+    the output head, norms, biases), with its own hyperparameters; the family's own optimizer then takes the
+    transformer blocks' 2-D weights (:func:`hidden_matrix`). Both run in every row, in the row's state format."""
 
     factory: Any
     classes: dict[str, Any]
     reference: Any
     reference_flags: dict[str, Any]
     hyper: dict[str, Any]
+    rest: "Family | None" = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -94,6 +103,26 @@ FAMILIES: dict[str, Family] = {
     "ademamix": Family(lowbit_fn.ademamix, {"8bit": lowbit_fn.AdEMAMix8bit, "4bit": lowbit_fn.AdEMAMix4bit, "fp8": lowbit_fn.AdEMAMixFp8},
                        lowbit_fn.AdEMAMix, {}, {"lr": 2e-3, "weight_decay": 0.01, "betas": (0.9, 0.999, 0.999), "alpha": 5.0}),
 }
+# Muon: the blocks' 2-D weights (Muon<format>, fp32 row torch.optim.Muon) and AdamW<same format> for the rest
+# (embeddings, head, norms, biases; fp32 row torch.optim.AdamW(fused=True)), as torch.optim.Muon's docs and Keller
+# Jordan do. The peak lrs (Muon's / its AdamW's, the same schedule): the best fp32 held-out loss of those tried (200
+# steps, the tiny model, seed 0; Muon's adjust_lr_fn None, torch's default): Muon 0.005 / 0.01 / 0.02 / 0.05 / 0.1
+# with AdamW 5e-3 -> 2.476 / 2.394 / 2.286 / 2.217 / 2.297; with Muon 0.05, AdamW 2e-3 / 5e-3 / 0.01 / 0.02 / 0.05 / 0.1
+# -> 2.276 / 2.217 / 2.159 / 2.118 / 2.069 / 2.064; Muon 0.03 / 0.07 / 0.1 with AdamW 0.05 -> 2.095 / 2.066 / 2.100.
+# On the small model (300 steps) 0.05 / 0.05 -> 1.731, 0.05 / 0.02 -> 1.752, 0.05 / 0.1 -> 1.757, 0.1 / 0.05 -> 1.732,
+# 0.02 / 2e-3 -> 1.985. The AdamW part (embeddings, head, norms, biases) wants a far larger lr than AdamW for the
+# whole model (2e-3); Muon's weight decay is torch's default 0.1, the AdamW part's the demo's 0.01 (not tuned)
+FAMILIES["muon"] = Family(
+    lowbit_fn.muon, {"8bit": lowbit_fn.Muon8bit, "4bit": lowbit_fn.Muon4bit, "fp8": lowbit_fn.MuonFp8},
+    torch.optim.Muon, {}, {"lr": 0.05, "weight_decay": 0.1},
+    rest=replace(FAMILIES["adamw"], hyper={"lr": 0.05, "weight_decay": 0.01}),
+)
+
+
+def hidden_matrix(name: str, param: Tensor) -> bool:
+    """Whether a family with a ``rest`` (Muon) takes the parameter ``name`` of :class:`CharTransformer`: the
+    transformer blocks' 2-D weights (not the embeddings, the head, norms or biases)."""
+    return name.startswith("blocks.") and param.dim() == 2
 
 
 # --------------------------------------------------------------------------------------------------- the data
@@ -266,14 +295,28 @@ class _Stepper:
         self.functional = cfg.api == "functional" and name != "fp32"
         family = FAMILIES[cfg.family]
         hyper: dict[str, Any] = {**family.hyper, "lr": cfg.lr, "weight_decay": cfg.weight_decay}
+        # (family, hyperparameters, parameter names) per optimizer: one, or with a rest (Muon) two, each its own
+        # optimizer with its own state, schedule and step
+        named = list(model.named_parameters())
+        if family.rest is None:
+            parts = [(family, hyper, [n for n, _ in named])]
+        else:
+            parts = [(family, hyper, [n for n, p in named if hidden_matrix(n, p)]),
+                     (family.rest, dict(family.rest.hyper), [n for n, p in named if not hidden_matrix(n, p)])]
         if self.functional:
-            schedule = lambda count: cfg.lr * cfg.lr_factor(count)  # noqa: E731
-            extra = {k: v for k, v in hyper.items() if k not in ("lr", "betas")}
-            extra.update(zip(("b1", "b2", "b3"), hyper.get("betas", ())))
-            core = family.factory(schedule, **extra, state_format="8bit" if name == "offload" else name)
-            self.transform = lowbit_fn.offload(core) if name == "offload" else core
             self.params = lowbit_fn.params_from_module(model)
-            self.state = self.transform.init(self.params)
+            self.parts: list[tuple[Any, tuple | None]] = []  # (transform, the parameters' key paths or None: all)
+            self.states = []
+            for part, part_hyper, names in parts:
+                lr = part_hyper["lr"]
+                schedule = lambda count, lr=lr: lr * cfg.lr_factor(count)  # noqa: E731
+                extra = {k: v for k, v in part_hyper.items() if k not in ("lr", "betas")}
+                extra.update(zip(("b1", "b2", "b3"), part_hyper.get("betas", ())))
+                core = part.factory(schedule, **extra, state_format="8bit" if name == "offload" else name)
+                transform = lowbit_fn.offload(core) if name == "offload" else core
+                keys = None if family.rest is None else tuple(tuple(n.split(".")) for n in names)
+                self.parts.append((transform, keys))
+                self.states.append(transform.init(self._select(self.params, keys)))
 
             def loss_of(params, x, y):
                 logits = torch.func.functional_call(model, params.flatten_keys(".").to_dict(), (x,))
@@ -281,26 +324,43 @@ class _Stepper:
 
             self.grad = torch.func.grad_and_value(loss_of)
         else:
-            if name == "fp32":
-                self.opt: torch.optim.Optimizer = family.reference(model.parameters(), **hyper, **family.reference_flags)
-            elif name == "offload":
-                self.opt = lowbit_fn.CPUOffloadOptimizer(model.parameters(), family.classes["8bit"], **hyper)
-            else:
-                self.opt = family.classes[name](model.parameters(), **hyper)
-            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: float(cfg.lr_factor(torch.tensor(s))))
+            by_name = dict(named)
+            self.opts: list[torch.optim.Optimizer] = []
+            for part, part_hyper, names in parts:
+                params = [by_name[n] for n in names]
+                if name == "fp32":
+                    opt = part.reference(params, **part_hyper, **part.reference_flags)
+                elif name == "offload":
+                    opt = lowbit_fn.CPUOffloadOptimizer(params, part.classes["8bit"], **part_hyper)
+                else:
+                    opt = part.classes[name](params, **part_hyper)
+                self.opts.append(opt)
+            self.scheds = [torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(cfg.lr_factor(torch.tensor(s))))
+                           for opt in self.opts]
+
+    @staticmethod
+    def _select(tree: Any, keys: tuple | None) -> Any:
+        return tree if keys is None else tree.select(*keys)  # the same tensors, a subset of the keys
 
     def step(self, x: Tensor, y: Tensor) -> float:
         if self.functional:
             grads, loss = self.grad(self.params, x, y)
             # one pass per step for adamw (offload's transform runs update, then apply_updates); the params are the
-            # module's own tensors (detached views), updated in place
-            self.params, self.state = lowbit_fn.apply_gradients(self.transform, grads, self.state, self.params, inplace=True)
+            # module's own tensors (detached views), updated in place (with a rest, each part steps its own subset)
+            for i, (transform, keys) in enumerate(self.parts):
+                params, self.states[i] = lowbit_fn.apply_gradients(
+                    transform, self._select(grads, keys), self.states[i], self._select(self.params, keys), inplace=True)
+                if keys is None:
+                    self.params = params
             return float(loss.detach())
         loss = _loss(self.model(x), y)
-        self.opt.zero_grad(set_to_none=True)
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.opt.step()
-        self.sched.step()
+        for opt in self.opts:
+            opt.step()
+        for sched in self.scheds:
+            sched.step()
         return float(loss.detach())
 
     @torch.no_grad()
@@ -311,10 +371,14 @@ class _Stepper:
         return sum(float(_loss(self.model(x), y)) for x, y in batches) / len(batches)
 
     def state_bytes(self) -> int:
+        """The bytes of every optimizer-state tensor, of all the run's optimizers (Muon's and its AdamW's)."""
         if self.functional:
-            return _tensor_bytes(self.state.values(include_nested=True, leaves_only=True))
-        opt = self.opt.optimizer if isinstance(self.opt, lowbit_fn.CPUOffloadOptimizer) else self.opt
-        return _tensor_bytes(t for st in opt.state.values() for t in st.values())
+            return sum(_tensor_bytes(state.values(include_nested=True, leaves_only=True)) for state in self.states)
+        total = 0
+        for opt in self.opts:
+            opt = opt.optimizer if isinstance(opt, lowbit_fn.CPUOffloadOptimizer) else opt
+            total += _tensor_bytes(t for st in opt.state.values() for t in st.values())
+        return total
 
 
 def train(name: str, corpus: Corpus, cfg: Config, *, progress: bool = True) -> RunResult:
@@ -449,12 +513,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=defaults.steps, help=f"training steps per optimizer (default {defaults.steps})")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"windows per batch (default {defaults.batch_size})")
     parser.add_argument("--lr", type=float, default=None,
-                        help=f"peak learning rate (default {defaults.lr}; other families: their own, see --family)")
+                        help=f"peak learning rate (default {defaults.lr}; other families: their own, see --family; muon: "
+                        "Muon's, its AdamW keeps its own)")
     parser.add_argument("--weight-decay", type=float, default=None,
                         help=f"AdamW weight decay (default {defaults.weight_decay}; other families: their own)")
     parser.add_argument("--family", choices=list(FAMILIES), default=defaults.family,
                         help="the optimizer of every row (default adamw); its lr and weight decay: "
-                        + "; ".join(f"{k} {v.hyper['lr']:g}, {v.hyper['weight_decay']:g}" for k, v in FAMILIES.items()))
+                        + "; ".join(f"{k} {v.hyper['lr']:g}, {v.hyper['weight_decay']:g}"
+                                   + (f" (the rest: adamw {v.rest.hyper['lr']:g}, {v.rest.hyper['weight_decay']:g})" if v.rest else "")
+                                   for k, v in FAMILIES.items()))
     parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS), help="which rows (default: all)")
     api = parser.add_mutually_exclusive_group()
     api.add_argument("--torch-optim", dest="api", action="store_const", const="torch_optim", help="torch.optim optimizers (default)")
@@ -526,14 +593,26 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
         "- losses: mean cross-entropy (nats per byte) over the same fixed batches for every optimizer",
     ]
     if "offload" in args.optimizers:
-        notes.append(f"- offload: 8-bit {'AdamW' if cfg.family == 'adamw' else cfg.family} stepped on the host; on a CPU-only "
+        notes.append(f"- offload: 8-bit {'AdamW' if cfg.family == 'adamw' else cfg.family}"
+                     f"{' (+ 8-bit adamw)' if FAMILIES[cfg.family].rest is not None else ''} stepped on the host; on a CPU-only "
                      "machine host and device are one, so it equals the 8bit row but for the wrapper's work")
     if cfg.family != "adamw":
         family = FAMILIES[cfg.family]
-        flags = ", ".join(f"{k}=True" for k in family.reference_flags)
-        where = "torch.optim" if family.reference.__module__.startswith("torch.") else "lowbit_fn"
-        notes.append(f"- family {cfg.family}: the fp32 row is {where}.{family.reference.__name__}({flags}) "
-                     f"(fp32 state); hyperparameters {dict(family.hyper, lr=cfg.lr, weight_decay=cfg.weight_decay)}")
+
+        def reference(f: Family) -> str:
+            flags = ", ".join(f"{k}=True" for k in f.reference_flags)
+            where = "torch.optim" if f.reference.__module__.startswith("torch.") else "lowbit_fn"
+            return f"{where}.{f.reference.__name__}({flags})"
+
+        hyper = dict(family.hyper, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if family.rest is None:
+            notes.append(f"- family {cfg.family}: the fp32 row is {reference(family)} (fp32 state); hyperparameters {hyper}")
+        else:
+            rest = next(k for k, v in FAMILIES.items() if v.factory is family.rest.factory)
+            notes.append(f"- family {cfg.family}: {cfg.family} for the transformer blocks' 2-D weights, {rest} (same state "
+                         f"format) for the embeddings, head, norms and biases; the fp32 row is {reference(family)} + "
+                         f"{reference(family.rest)} (fp32 state); hyperparameters {hyper}, {rest} {family.rest.hyper}; "
+                         "state bytes: both optimizers'")
     report = "\n".join(["# lowbit_fn demo", "", table, "", *notes, ""])
     print()
     print(table)

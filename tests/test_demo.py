@@ -119,6 +119,32 @@ def test_family_and_seeds(tmp_path: Path, family: str, capsys: pytest.CaptureFix
     assert saved["seeds"]["1"][0]["valid_loss"] != saved["seeds"]["0"][0]["valid_loss"]  # another seed, another run
 
 
+@pytest.mark.parametrize("api", ["--torch-optim", "--functional"])
+def test_muon_family_takes_the_blocks_matrices(tmp_path: Path, api: str, capsys: pytest.CaptureFixture[str]):
+    """--family muon: Muon for the transformer blocks' 2-D weights, AdamW in the same format for the rest (fp32:
+    torch.optim.Muon + AdamW(fused=True)); the state bytes count both optimizers'."""
+    model = demo.CharTransformer(**demo.SIZES["tiny"])
+    named = dict(model.named_parameters())
+    matrices = {n for n, p in named.items() if demo.hidden_matrix(n, p)}
+    assert matrices == {f"blocks.{i}.{m}.weight" for i in range(2) for m in ("qkv", "proj", "fc", "out")}
+    stepper = demo._Stepper("8bit", model, demo.Config(size="tiny", family="muon", lr=0.05, weight_decay=0.1))
+    assert [type(o).__name__ for o in stepper.opts] == ["Muon8bit", "AdamW8bit"]
+    assert {id(p) for p in stepper.opts[0].param_groups[0]["params"]} == {id(named[n]) for n in matrices}
+    assert stepper.opts[1].param_groups[0]["initial_lr"] == demo.FAMILIES["muon"].rest.hyper["lr"]
+
+    results = demo.main(["--size", "tiny", "--steps", "3", "--eval-every", "3", "--optimizers", "fp32", "8bit", "--family",
+                         "muon", "--corpus-bytes", "200000", "--no-progress", "--out", str(tmp_path / "out"), api])
+    n_matrix = sum(named[n].numel() for n in matrices)
+    n_rest = sum(p.numel() for n, p in named.items() if n not in matrices)
+    fp32, low = results
+    # Muon's fp32 momentum + AdamW's two fp32 moments (+ AdamW's step counters)
+    assert fp32.state_bytes == pytest.approx(4 * n_matrix + 8 * n_rest, abs=4 * len(named))
+    assert 1.02 * n_matrix < low.state_bytes < 1.1 * n_matrix + 8 * n_rest  # both states, Muon's at ~1 B/element
+    assert all(r.valid_loss < r.curve[0] for r in results)
+    printed = capsys.readouterr().out
+    assert "the fp32 row is torch.optim.Muon() + torch.optim.AdamW(fused=True)" in printed
+
+
 @pytest.mark.slow
 def test_low_bit_training_tracks_fp32():
     """A real (if short) run: every low-bit optimizer ends within 3% of fp32's held-out loss."""
