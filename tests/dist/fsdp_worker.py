@@ -33,6 +33,10 @@ OPTIMIZERS = {
     "4bit": lambda params: lowbit_fn.AdamW4bit(params, lr=1e-2, min_quant_size=0),
     "fp8": lambda params: lowbit_fn.AdamWFp8(params, lr=1e-2, min_quant_size=0),
     "fp32": lambda params: lowbit_fn.AdamW(params, lr=1e-2),
+    # quantize-or-not from the global shape: the two 33-row weights (16896 elements) are at least min_quant_size,
+    # their shards (at most 8704 elements from world size 2 on) are not, nor the embedding's (32768) from world
+    # size 3 on (at most 11264); all three get 8-bit state on every rank
+    "8bit_global": lambda params: lowbit_fn.AdamW8bit(params, lr=1e-2, min_quant_size=12000),
     "4bit_bf16": lambda params: lowbit_fn.AdamW4bit(params, lr=1e-2, min_quant_size=0, bf16_stochastic_round=True),
     "factory": lambda params: lowbit_fn.as_torch_optimizer(
         lowbit_fn.adam, params, learning_rate=1e-2, weight_decay=1e-3, state_format="4bit", min_quant_size=0
@@ -47,6 +51,10 @@ OPTIMIZERS = {
 
 
 DTYPES = {"4bit_bf16": torch.bfloat16}  # bfloat16 params, written back with stochastic rounding
+
+# the parameters with quantized (uint8 codes) state, where min_quant_size lies between shard and global sizes;
+# every other parameter keeps float32 moments
+QUANTIZED = {"8bit_global": {"emb.weight", "down.weight", "up.weight"}}
 
 
 class Model(torch.nn.Module):
@@ -126,6 +134,8 @@ def run(scenario: str, out: str) -> None:
             m = model(True, fmt=fmt)
             opt = OPTIMIZERS[fmt](m.parameters())
             train(m, opt, range(STEPS))
+            if fmt in QUANTIZED:
+                check_quantized(m.named_parameters(), opt, QUANTIZED[fmt])
             params = full_params(m)
             if rank == 0:
                 torch.save(params, os.path.join(out, f"params_{fmt}.pt"))
@@ -250,6 +260,23 @@ def check_state_is_sharded(m: Model, opt: torch.optim.Optimizer) -> None:
                 continue
             if not isinstance(value, DTensor) or value.placements != p.placements or value.shape[0] != p.shape[0]:
                 raise AssertionError(f"{name}: state {key!r} is {type(value).__name__} {tuple(value.shape)}, not sharded like {tuple(p.shape)}")
+
+
+def check_quantized(named_params, opt: torch.optim.Optimizer, quantized: set[str]) -> None:
+    """This rank's state (its local rows, for a sharded parameter) is uint8 codes with the parameter's local rows
+    for the parameters in ``quantized``, and float32 moments for the others (``named_params`` in the optimizer's
+    order)."""
+    state = opt.state_dict()["state"]
+    for index, (name, p) in enumerate(named_params):
+        entry = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state[index].items()}
+        rows = (p.to_local() if isinstance(p, DTensor) else p).shape[0]
+        if name in quantized:
+            codes = [entry.get(f"{k}_codes") for k in ("exp_avg", "exp_avg_sq")]
+            if any(c is None or c.dtype != torch.uint8 or c.shape[0] != rows for c in codes) or "exp_avg" in entry:
+                raise AssertionError(f"{name} of shape {tuple(p.shape)}: state not quantized on rank "
+                                     f"{dist.get_rank() if dist.is_initialized() else 0}: {sorted(entry)}")
+        elif any(k.endswith("_codes") for k in entry) or entry["exp_avg"].dtype != torch.float32:
+            raise AssertionError(f"{name} of shape {tuple(p.shape)}: quantized state, expected float32 moments")
 
 
 if __name__ == "__main__":
