@@ -206,9 +206,10 @@ def test_fsdp_mixed_precision_and_clipping_train(tmp_path):
 
 
 def test_unsupported_sharding_raises_clear_errors(tmp_path):
-    """Replicated and Shard(1) DTensors (tensor parallel), a gradient sharded unlike its parameter, a factory that
-    steps one parameter at a time, and DTensor leaves in the functional API: each raises an error that says what is
-    supported, before anything changes (checked in the worker, at world size 2)."""
+    """Replicated and Shard(1) DTensors (tensor parallel), HSDP's 2-D meshes (2 x 1 here, either placement order),
+    a gradient sharded unlike its parameter or on another mesh (the same ranks reversed), a factory that steps one
+    parameter at a time, and DTensor leaves in the functional API: each raises an error that names the parameter
+    and says what is supported, before anything changes (no state made; checked in the worker, at world size 2)."""
     launch(2, "errors", str(tmp_path))
 
 

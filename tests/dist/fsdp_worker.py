@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+from torch.distributed.tensor import DeviceMesh, Replicate, Shard, distribute_tensor, init_device_mesh
 
 import lowbit_fn
 
@@ -235,6 +235,17 @@ def errors() -> None:
     p = param([Shard(0)])
     p.grad = distribute_tensor(torch.ones(8, 6), mesh, [Replicate()])
     expect(ValueError, "not sharded like the parameter", lbs_step(p))
+    # HSDP: a 2-D mesh (world x 1: replicate x shard, as gloo allows at world size 2), in either order; and a
+    # gradient sharded by rows on another mesh (the same ranks in reverse order: another rank's rows, same shapes)
+    mesh2d = init_device_mesh("cpu", (dist.get_world_size(), 1), mesh_dim_names=("replicate", "shard"))
+    for placements in ([Replicate(), Shard(0)], [Shard(0), Replicate()]):
+        p = torch.nn.Parameter(distribute_tensor(weight.clone(), mesh2d, placements))
+        p.grad = distribute_tensor(torch.ones(8, 6), mesh2d, placements)
+        refused(p, "on a 2-D mesh is not supported", "HSDP meshes are not")
+    reversed_mesh = DeviceMesh("cpu", torch.arange(dist.get_world_size()).flip(0))
+    p = param([Shard(0)])
+    p.grad = distribute_tensor(torch.ones(8, 6), reversed_mesh, [Shard(0)])
+    refused(p, "the gradient is a DTensor on another device mesh (ranks [1, 0]) than the parameter (ranks [0, 1])")
     p = param([Shard(0)])
     other = lowbit_fn.as_torch_optimizer(lowbit_fn.scale_by_adam, [p], state_format="8bit")
     expect(TypeError, "DTensor (sharded) parameters are stepped by the elementwise factories", other.step)
@@ -245,6 +256,17 @@ def errors() -> None:
         raise AssertionError("a refused Muon step changed the parameter or made state")
     opt = lowbit_fn.adamw(1e-3)
     expect(TypeError, "is a DTensor: the functional API steps plain tensors", lambda: opt.init({"w": p.detach()}))
+
+
+def refused(p: torch.nn.Parameter, *messages: str) -> None:
+    """A step of the named parameter raises a ValueError that names it and says each of ``messages``, and leaves
+    the parameter and the optimizer's state as they were (none)."""
+    opt = lowbit_fn.AdamW8bit([("blocks.0.weight", p)], lr=1e-2, min_quant_size=0)
+    before = p.detach().full_tensor().clone()
+    for message in ("parameter 'blocks.0.weight' (param_groups[0]['params'][0]) of shape [8, 6]", *messages):
+        expect(ValueError, message, opt.step)
+    if not torch.equal(p.detach().full_tensor(), before) or opt.state:
+        raise AssertionError("a refused step changed the parameter or made state")
 
 
 def lbs_step(p: torch.nn.Parameter):
