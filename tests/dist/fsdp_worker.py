@@ -28,6 +28,8 @@ from torch.distributed.tensor import DeviceMesh, Replicate, Shard, distribute_te
 import lowbit_fn
 
 STEPS = 5
+FULL = StateDictOptions(full_state_dict=True)  # every rank gets the full (gathered) tensors
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 OPTIMIZERS = {
     "8bit": lambda params: lowbit_fn.AdamW8bit(params, lr=1e-2, min_quant_size=0),
     "4bit": lambda params: lowbit_fn.AdamW4bit(params, lr=1e-2, min_quant_size=0),
@@ -168,15 +170,26 @@ def run(scenario: str, out: str) -> None:
             opt = OPTIMIZERS[fmt](m.parameters())
             train(m, opt, range(3))
             check_state_is_sharded(m, opt)
-            flat = get_optimizer_state_dict(m, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
-            set_optimizer_state_dict(m, opt, flat, options=StateDictOptions(flatten_optimizer_state_dict=True))
+            saved = get_optimizer_state_dict(m, opt, options=FULL)  # the full state on every rank
+            # torchtitan's flattened form, into this optimizer; then (gradients set to None: torch builds a new
+            # optimizer's state only without them, and with them its full_state_dict load stops at "Expected
+            # device to be set" while the flattened one loads nothing) into new sharded optimizers, flattened and
+            # full (each rank takes its rows of the full tensors): the state is bit-identical each time
+            flat = get_optimizer_state_dict(m, opt, options=FLAT)
+            set_optimizer_state_dict(m, opt, flat, options=FLAT)
+            same_state(saved, get_optimizer_state_dict(m, opt, options=FULL), "flattened, into itself")
+            opt.zero_grad(set_to_none=True)
+            for how, sd, options in (("full", saved, FULL), ("flattened", flat, FLAT)):
+                again = OPTIMIZERS[fmt](m.parameters())
+                set_optimizer_state_dict(m, again, sd, options=options)
+                same_state(saved, get_optimizer_state_dict(m, again, options=FULL), f"{how}, into a new optimizer")
             sd = {"model": get_model_state_dict(m), "optim": get_optimizer_state_dict(m, opt)}
             dcp.save(sd, checkpoint_id=os.path.join(out, f"dcp_{fmt}"))
             full = get_optimizer_state_dict(m, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             model_full = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if rank == 0:
                 torch.save({"optim": full, "model": model_full}, os.path.join(out, f"full_{fmt}.pt"))
-            train(m, opt, range(3, STEPS))
+            train(m, again, range(3, STEPS))  # continued by the optimizer loaded from the flattened form
             params = full_params(m)
             if rank == 0:
                 torch.save(params, os.path.join(out, f"params_{fmt}.pt"))
@@ -199,10 +212,29 @@ def run(scenario: str, out: str) -> None:
             again = get_optimizer_state_dict(m, direct, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if rank == 0:
                 torch.save(again, os.path.join(out, f"direct_{fmt}_{world}.pt"))
+            # and through set_optimizer_state_dict(full_state_dict=True) into a new sharded optimizer (no gradients
+            # exist yet, which torch needs, see "save")
+            saved = torch.load(os.path.join(out, f"full_{fmt}.pt"), weights_only=True)["optim"]
+            via_set = OPTIMIZERS[fmt](m.parameters())
+            set_optimizer_state_dict(m, via_set, saved, options=FULL)
+            same_state(saved, get_optimizer_state_dict(m, via_set, options=FULL), f"full state dict set at {world}")
             train(m, opt, range(3, STEPS))
             params = full_params(m)
             if rank == 0:
                 torch.save(params, os.path.join(out, f"resumed_{fmt}_{world}.pt"))
+
+
+def same_state(a, b, where: str) -> None:
+    """Two optimizer state dicts (FQN keys) hold the same values, tensors bit for bit."""
+    assert a["state"].keys() == b["state"].keys(), where
+    for fqn, entry in a["state"].items():
+        assert entry.keys() == b["state"][fqn].keys(), (where, fqn)
+        for key, value in entry.items():
+            other = b["state"][fqn][key]
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, other), f"{where}: {fqn}.{key} differs"
+            else:
+                assert value == other, f"{where}: {fqn}.{key}: {value!r} != {other!r}"
 
 
 def expect(kind: type, match: str, fn) -> None:
