@@ -381,7 +381,12 @@ def _check_sharded(param: Tensor, grad: Tensor, transform: GradientTransformatio
         if is_dtensor(grad):
             raise ValueError(f"{label}: the gradient is a DTensor, the parameter a plain tensor")
         return None
-    if not is_dtensor(grad) or grad.device_mesh != param.device_mesh or tuple(grad.placements) != sharding.placements:
+    if is_dtensor(grad) and grad.device_mesh != param.device_mesh:
+        raise ValueError(
+            f"{label}: the gradient is a DTensor on another device mesh (ranks {grad.device_mesh.mesh.tolist()}) than "
+            f"the parameter (ranks {param.device_mesh.mesh.tolist()})"
+        )
+    if not is_dtensor(grad) or tuple(grad.placements) != sharding.placements:
         got = f"placements {list(grad.placements)}" if is_dtensor(grad) else "a plain tensor"
         raise ValueError(f"{label}: the gradient is {got}, not sharded like the parameter ({list(sharding.placements)} on its mesh)")
     if not isinstance(transform, FusedChain):

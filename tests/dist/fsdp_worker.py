@@ -23,16 +23,22 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+from torch.distributed.tensor import DeviceMesh, Replicate, Shard, distribute_tensor, init_device_mesh
 
 import lowbit_fn
 
 STEPS = 5
+FULL = StateDictOptions(full_state_dict=True)  # every rank gets the full (gathered) tensors
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 OPTIMIZERS = {
     "8bit": lambda params: lowbit_fn.AdamW8bit(params, lr=1e-2, min_quant_size=0),
     "4bit": lambda params: lowbit_fn.AdamW4bit(params, lr=1e-2, min_quant_size=0),
     "fp8": lambda params: lowbit_fn.AdamWFp8(params, lr=1e-2, min_quant_size=0),
     "fp32": lambda params: lowbit_fn.AdamW(params, lr=1e-2),
+    # quantize-or-not from the global shape: the two 33-row weights (16896 elements) are at least min_quant_size,
+    # their shards (at most 8704 elements from world size 2 on) are not, nor the embedding's (32768) from world
+    # size 3 on (at most 11264); all three get 8-bit state on every rank
+    "8bit_global": lambda params: lowbit_fn.AdamW8bit(params, lr=1e-2, min_quant_size=12000),
     "4bit_bf16": lambda params: lowbit_fn.AdamW4bit(params, lr=1e-2, min_quant_size=0, bf16_stochastic_round=True),
     "factory": lambda params: lowbit_fn.as_torch_optimizer(
         lowbit_fn.adam, params, learning_rate=1e-2, weight_decay=1e-3, state_format="4bit", min_quant_size=0
@@ -47,6 +53,10 @@ OPTIMIZERS = {
 
 
 DTYPES = {"4bit_bf16": torch.bfloat16}  # bfloat16 params, written back with stochastic rounding
+
+# the parameters with quantized (uint8 codes) state, where min_quant_size lies between shard and global sizes;
+# every other parameter keeps float32 moments
+QUANTIZED = {"8bit_global": {"emb.weight", "down.weight", "up.weight"}}
 
 
 class Model(torch.nn.Module):
@@ -126,6 +136,8 @@ def run(scenario: str, out: str) -> None:
             m = model(True, fmt=fmt)
             opt = OPTIMIZERS[fmt](m.parameters())
             train(m, opt, range(STEPS))
+            if fmt in QUANTIZED:
+                check_quantized(m.named_parameters(), opt, QUANTIZED[fmt])
             params = full_params(m)
             if rank == 0:
                 torch.save(params, os.path.join(out, f"params_{fmt}.pt"))
@@ -158,15 +170,26 @@ def run(scenario: str, out: str) -> None:
             opt = OPTIMIZERS[fmt](m.parameters())
             train(m, opt, range(3))
             check_state_is_sharded(m, opt)
-            flat = get_optimizer_state_dict(m, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
-            set_optimizer_state_dict(m, opt, flat, options=StateDictOptions(flatten_optimizer_state_dict=True))
+            saved = get_optimizer_state_dict(m, opt, options=FULL)  # the full state on every rank
+            # torchtitan's flattened form, into this optimizer; then (gradients set to None: torch builds a new
+            # optimizer's state only without them, and with them its full_state_dict load stops at "Expected
+            # device to be set" while the flattened one loads nothing) into new sharded optimizers, flattened and
+            # full (each rank takes its rows of the full tensors): the state is bit-identical each time
+            flat = get_optimizer_state_dict(m, opt, options=FLAT)
+            set_optimizer_state_dict(m, opt, flat, options=FLAT)
+            same_state(saved, get_optimizer_state_dict(m, opt, options=FULL), "flattened, into itself")
+            opt.zero_grad(set_to_none=True)
+            for how, sd, options in (("full", saved, FULL), ("flattened", flat, FLAT)):
+                again = OPTIMIZERS[fmt](m.parameters())
+                set_optimizer_state_dict(m, again, sd, options=options)
+                same_state(saved, get_optimizer_state_dict(m, again, options=FULL), f"{how}, into a new optimizer")
             sd = {"model": get_model_state_dict(m), "optim": get_optimizer_state_dict(m, opt)}
             dcp.save(sd, checkpoint_id=os.path.join(out, f"dcp_{fmt}"))
             full = get_optimizer_state_dict(m, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             model_full = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if rank == 0:
                 torch.save({"optim": full, "model": model_full}, os.path.join(out, f"full_{fmt}.pt"))
-            train(m, opt, range(3, STEPS))
+            train(m, again, range(3, STEPS))  # continued by the optimizer loaded from the flattened form
             params = full_params(m)
             if rank == 0:
                 torch.save(params, os.path.join(out, f"params_{fmt}.pt"))
@@ -189,10 +212,29 @@ def run(scenario: str, out: str) -> None:
             again = get_optimizer_state_dict(m, direct, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if rank == 0:
                 torch.save(again, os.path.join(out, f"direct_{fmt}_{world}.pt"))
+            # and through set_optimizer_state_dict(full_state_dict=True) into a new sharded optimizer (no gradients
+            # exist yet, which torch needs, see "save")
+            saved = torch.load(os.path.join(out, f"full_{fmt}.pt"), weights_only=True)["optim"]
+            via_set = OPTIMIZERS[fmt](m.parameters())
+            set_optimizer_state_dict(m, via_set, saved, options=FULL)
+            same_state(saved, get_optimizer_state_dict(m, via_set, options=FULL), f"full state dict set at {world}")
             train(m, opt, range(3, STEPS))
             params = full_params(m)
             if rank == 0:
                 torch.save(params, os.path.join(out, f"resumed_{fmt}_{world}.pt"))
+
+
+def same_state(a, b, where: str) -> None:
+    """Two optimizer state dicts (FQN keys) hold the same values, tensors bit for bit."""
+    assert a["state"].keys() == b["state"].keys(), where
+    for fqn, entry in a["state"].items():
+        assert entry.keys() == b["state"][fqn].keys(), (where, fqn)
+        for key, value in entry.items():
+            other = b["state"][fqn][key]
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, other), f"{where}: {fqn}.{key} differs"
+            else:
+                assert value == other, f"{where}: {fqn}.{key}: {value!r} != {other!r}"
 
 
 def expect(kind: type, match: str, fn) -> None:
@@ -225,6 +267,17 @@ def errors() -> None:
     p = param([Shard(0)])
     p.grad = distribute_tensor(torch.ones(8, 6), mesh, [Replicate()])
     expect(ValueError, "not sharded like the parameter", lbs_step(p))
+    # HSDP: a 2-D mesh (world x 1: replicate x shard, as gloo allows at world size 2), in either order; and a
+    # gradient sharded by rows on another mesh (the same ranks in reverse order: another rank's rows, same shapes)
+    mesh2d = init_device_mesh("cpu", (dist.get_world_size(), 1), mesh_dim_names=("replicate", "shard"))
+    for placements in ([Replicate(), Shard(0)], [Shard(0), Replicate()]):
+        p = torch.nn.Parameter(distribute_tensor(weight.clone(), mesh2d, placements))
+        p.grad = distribute_tensor(torch.ones(8, 6), mesh2d, placements)
+        refused(p, "on a 2-D mesh is not supported", "HSDP meshes are not")
+    reversed_mesh = DeviceMesh("cpu", torch.arange(dist.get_world_size()).flip(0))
+    p = param([Shard(0)])
+    p.grad = distribute_tensor(torch.ones(8, 6), reversed_mesh, [Shard(0)])
+    refused(p, "the gradient is a DTensor on another device mesh (ranks [1, 0]) than the parameter (ranks [0, 1])")
     p = param([Shard(0)])
     other = lowbit_fn.as_torch_optimizer(lowbit_fn.scale_by_adam, [p], state_format="8bit")
     expect(TypeError, "DTensor (sharded) parameters are stepped by the elementwise factories", other.step)
@@ -235,6 +288,17 @@ def errors() -> None:
         raise AssertionError("a refused Muon step changed the parameter or made state")
     opt = lowbit_fn.adamw(1e-3)
     expect(TypeError, "is a DTensor: the functional API steps plain tensors", lambda: opt.init({"w": p.detach()}))
+
+
+def refused(p: torch.nn.Parameter, *messages: str) -> None:
+    """A step of the named parameter raises a ValueError that names it and says each of ``messages``, and leaves
+    the parameter and the optimizer's state as they were (none)."""
+    opt = lowbit_fn.AdamW8bit([("blocks.0.weight", p)], lr=1e-2, min_quant_size=0)
+    before = p.detach().full_tensor().clone()
+    for message in ("parameter 'blocks.0.weight' (param_groups[0]['params'][0]) of shape [8, 6]", *messages):
+        expect(ValueError, message, opt.step)
+    if not torch.equal(p.detach().full_tensor(), before) or opt.state:
+        raise AssertionError("a refused step changed the parameter or made state")
 
 
 def lbs_step(p: torch.nn.Parameter):
@@ -250,6 +314,23 @@ def check_state_is_sharded(m: Model, opt: torch.optim.Optimizer) -> None:
                 continue
             if not isinstance(value, DTensor) or value.placements != p.placements or value.shape[0] != p.shape[0]:
                 raise AssertionError(f"{name}: state {key!r} is {type(value).__name__} {tuple(value.shape)}, not sharded like {tuple(p.shape)}")
+
+
+def check_quantized(named_params, opt: torch.optim.Optimizer, quantized: set[str]) -> None:
+    """This rank's state (its local rows, for a sharded parameter) is uint8 codes with the parameter's local rows
+    for the parameters in ``quantized``, and float32 moments for the others (``named_params`` in the optimizer's
+    order)."""
+    state = opt.state_dict()["state"]
+    for index, (name, p) in enumerate(named_params):
+        entry = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state[index].items()}
+        rows = (p.to_local() if isinstance(p, DTensor) else p).shape[0]
+        if name in quantized:
+            codes = [entry.get(f"{k}_codes") for k in ("exp_avg", "exp_avg_sq")]
+            if any(c is None or c.dtype != torch.uint8 or c.shape[0] != rows for c in codes) or "exp_avg" in entry:
+                raise AssertionError(f"{name} of shape {tuple(p.shape)}: state not quantized on rank "
+                                     f"{dist.get_rank() if dist.is_initialized() else 0}: {sorted(entry)}")
+        elif any(k.endswith("_codes") for k in entry) or entry["exp_avg"].dtype != torch.float32:
+            raise AssertionError(f"{name} of shape {tuple(p.shape)}: quantized state, expected float32 moments")
 
 
 if __name__ == "__main__":
