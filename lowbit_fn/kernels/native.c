@@ -719,6 +719,41 @@ static void math_avx512(const ctx_t *c, int64_t n, const float *g, const float *
         v_track(&track[1], vs);
     }
 }
+
+/* AdEMAMix's math_ademamix and math_generic's epilogue in one pass, 16 lanes at a time, with the same operations
+ * in the same order (so the same bits), tracking the three moments' absmax as it goes (the generic path's separate
+ * passes over the block cost AdEMAMix8bit 3-7% of its step on one 4096x4096 tensor). */
+static void math_ademamix_avx512(const ctx_t *c, int64_t n, const float *g, const float *p, float *const mom[3],
+                                 float *dst, absmax_t track[3]) {
+    const __m512 omb1 = _mm512_set1_ps(c->s[0]), b2 = _mm512_set1_ps(c->s[1]), omb2 = _mm512_set1_ps(c->s[2]);
+    const __m512 inv_bc1 = _mm512_set1_ps(c->s[3]), inv_bc2s = _mm512_set1_ps(c->s[4]), eps = _mm512_set1_ps(c->s[5]);
+    const __m512 omb3 = _mm512_set1_ps(c->s[6]), alpha = _mm512_set1_ps(c->s[7]);
+    const __m512 wd = _mm512_set1_ps(c->wd), lr = _mm512_set1_ps(c->lr);
+    const int mode = c->mode, nu_root = c->squared[2];
+    float *m1 = mom[0], *m2 = mom[1], *nu = mom[2];
+    for (int64_t j = 0; j < n; j += 16) {
+        __m512 gj = _mm512_loadu_ps(g + j);
+        __m512 pj = mode & (EPI_L2 | EPI_DECOUPLED | EPI_APPLY) ? _mm512_loadu_ps(p + j) : _mm512_setzero_ps();
+        if (mode & EPI_L2) gj = _mm512_add_ps(gj, _mm512_mul_ps(pj, wd));
+        __m512 m1j = _mm512_loadu_ps(m1 + j), m2j = _mm512_loadu_ps(m2 + j), nuj = _mm512_loadu_ps(nu + j);
+        __m512 a = _mm512_add_ps(m1j, _mm512_mul_ps(omb1, _mm512_sub_ps(gj, m1j)));
+        __m512 b = _mm512_add_ps(m2j, _mm512_mul_ps(omb3, _mm512_sub_ps(gj, m2j)));
+        __m512 v = _mm512_add_ps(_mm512_mul_ps(nuj, b2), _mm512_mul_ps(_mm512_mul_ps(gj, gj), omb2));
+        __m512 root = _mm512_sqrt_ps(v);
+        __m512 u = _mm512_div_ps(_mm512_add_ps(_mm512_mul_ps(a, inv_bc1), _mm512_mul_ps(b, alpha)),
+                                 _mm512_add_ps(_mm512_mul_ps(root, inv_bc2s), eps));
+        if (mode & EPI_DECOUPLED) u = _mm512_add_ps(u, _mm512_mul_ps(pj, wd));
+        if (mode & EPI_SCALE) u = _mm512_mul_ps(u, lr);
+        _mm512_storeu_ps(dst + j, mode & EPI_APPLY ? _mm512_add_ps(pj, u) : u);
+        __m512 vs = nu_root ? root : v;
+        _mm512_storeu_ps(m1 + j, a);
+        _mm512_storeu_ps(m2 + j, b);
+        _mm512_storeu_ps(nu + j, vs);
+        v_track(&track[0], a);
+        v_track(&track[1], b);
+        v_track(&track[2], vs);
+    }
+}
 #endif
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -787,6 +822,7 @@ static void step_block(const ctx_t *c, const int64_t *seg, int64_t b, float *wor
 #if LOWBIT_AVX512
     absmax_t track[3] = {{_mm512_setzero_ps(), 0}, {_mm512_setzero_ps(), 0}, {_mm512_setzero_ps(), 0}};
     if (vector && c->rule == RULE_ADAM) math_avx512(c, bs, g, pin, moment[0], moment[1], moment[2], out, track);
+    else if (vector && c->rule == RULE_ADEMAMIX) math_ademamix_avx512(c, bs, g, pin, moment, out, track);
     else
 #endif
     {
