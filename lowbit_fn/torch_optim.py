@@ -55,7 +55,10 @@ _BETAS = ("b1", "b2", "b3")
 # whether a moment (by its torch.optim name, the same meaning in every optimizer) takes negative values; unsigned
 # ones are second moments, stored as their square roots with stochastic rounding
 _SIGNED = {"exp_avg": True, "exp_avg_slow": True, "momentum_buffer": True, "grad_avg": True, "exp_avg_sq": False,
-           "max_exp_avg_sq": False, "square_avg": False}
+           "max_exp_avg_sq": False, "square_avg": False, "grad_var": False}
+# centered RMSprop keeps the variance grad_var where torch keeps square_avg = grad_var + grad_avg**2: one moment
+# under two names, converted on load (either way) and by to_torch_state_dict
+_SAME_MOMENT = {"grad_var": "square_avg"}
 # hyperparameters whose zero value means "no such state" (momentum: no buffer): a change to or from 0 rebuilds
 _ZERO_IS_STRUCTURAL = ("momentum",)
 _META = ("state_format", "block_size", "rounding")
@@ -291,7 +294,14 @@ def _moment(entry: dict[str, Any], name: str, shape: torch.Size, label: str) -> 
         return value * value if rounding == "stochastic" and not _SIGNED[name] else value  # v stored as sqrt(v)
     if name == "max_exp_avg_sq":  # saved without amsgrad: the running max starts at the current second moment
         return _moment(entry, "exp_avg_sq", shape, label)
-    raise ValueError(f"{label}: the checkpoint has no {name!r} (keys: {sorted(entry)})")
+    if name in ("square_avg", "grad_var") and _holds(entry, "grad_avg"):
+        avg = _moment(entry, "grad_avg", shape, label)
+        if name == "square_avg" and _holds(entry, "grad_var"):  # a centered checkpoint of ours
+            return _moment(entry, "grad_var", shape, label) + avg * avg
+        if name == "grad_var" and _holds(entry, "square_avg"):  # torch's centered RMSprop
+            return torch.clamp_min(_moment(entry, "square_avg", shape, label) - avg * avg, 0.0)
+    torch_form = " (nor torch's 'square_avg' and 'grad_avg')" if name == "grad_var" else ""
+    raise ValueError(f"{label}: the checkpoint has no {name!r}{torch_form} (keys: {sorted(entry)})")
 
 
 # moments that a checkpoint of the same optimizer may hold and this one not keep (amsgrad, centered or momentum off
@@ -299,11 +309,15 @@ def _moment(entry: dict[str, Any], name: str, shape: torch.Size, label: str) -> 
 _OPTIONAL = ("max_exp_avg_sq", "grad_avg", "momentum_buffer")
 
 
+def _holds(entry: dict[str, Any], name: str) -> bool:
+    return name in entry or f"{name}_codes" in entry
+
+
 def _check_moments(entry: dict[str, Any], transform: GradientTransformation, label: str) -> None:
     """Raise for a checkpoint entry holding moments of another optimizer (e.g. Adam's ``exp_avg_sq`` for Lion)."""
     core = moment_core(transform)
-    mine = set(core.torch_names) if core is not None else set()
-    held = {n for n in _SIGNED if n in entry or f"{n}_codes" in entry}
+    mine = {_SAME_MOMENT.get(n, n) for n in core.torch_names} if core is not None else set()
+    held = {_SAME_MOMENT.get(n, n) for n in _SIGNED if _holds(entry, n)}
     foreign = sorted(held - mine - set(_OPTIONAL))
     if foreign:
         raise ValueError(
@@ -762,7 +776,8 @@ def to_torch_state_dict(optimizer: TransformOptimizer) -> dict[str, Any]:
         label = f"parameter {index} of shape {list(p.shape)}"
         out = {"step": torch.tensor(float(_step_value(entry, label)), dtype=torch.float32)} if keeps_step else {}
         for name in _SIGNED:
-            if name in entry or f"{name}_codes" in entry:
+            if _holds(entry, name):
+                name = _SAME_MOMENT.get(name, name)  # torch's square_avg from centered RMSprop's variance
                 value = _moment(entry, name, p.shape, label)  # float64 stays float64 (float64 params' full state)
                 out[name] = value.to(torch.float64 if value.dtype == torch.float64 else torch.float32, copy=True)
         if out:

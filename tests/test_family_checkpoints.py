@@ -32,9 +32,9 @@ FAMILIES = {  # the drop-in classes, and arguments that give every moment of the
 CLASSES = [cls for classes, _ in FAMILIES.values() for cls in classes]
 FAMILY_OF = {cls: family for family, (classes, _) in FAMILIES.items() for cls in classes}
 BY_FORMAT = {(family, cls._state_format): cls for family, (classes, _) in FAMILIES.items() for cls in classes}
-MOMENTS = {"SGD": ("momentum_buffer",), "RMSprop": ("square_avg", "grad_avg", "momentum_buffer"), "Lion": ("exp_avg",),
+MOMENTS = {"SGD": ("momentum_buffer",), "RMSprop": ("grad_var", "grad_avg", "momentum_buffer"), "Lion": ("exp_avg",),
            "AdEMAMix": ("exp_avg", "exp_avg_slow", "exp_avg_sq")}
-UNSIGNED = ("square_avg", "exp_avg_sq")
+UNSIGNED = ("square_avg", "exp_avg_sq", "grad_var")
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def moments_of(opt, p):
     """A parameter's moments as float32/float64 values, dequantized with the public codec (sqrt-domain second
     moments squared back for stochastic rounding)."""
     entry, out = opt.state[p], {}
-    for name in ("exp_avg", "exp_avg_slow", "exp_avg_sq", "momentum_buffer", "grad_avg", "square_avg"):
+    for name in ("exp_avg", "exp_avg_slow", "exp_avg_sq", "momentum_buffer", "grad_avg", "square_avg", "grad_var"):
         if name in entry:
             out[name] = entry[name]
         elif f"{name}_codes" in entry:
@@ -64,6 +64,24 @@ def moments_of(opt, p):
             value = lowbit_fn.dequantize(entry[f"{name}_codes"], entry[f"{name}_scale"], entry["state_format"],
                                          signed=signed, shape=p.shape, block_size=entry["block_size"])
             out[name] = value * value if entry["rounding"] == "stochastic" and not signed else value
+    return out
+
+
+def as_torch(moments):
+    """Moments under torch's names: centered RMSprop's variance as ``square_avg = grad_var + grad_avg**2``, the
+    conversion ``to_torch_state_dict`` makes."""
+    out = dict(moments)
+    if "grad_var" in out:
+        out["square_avg"] = out.pop("grad_var") + out["grad_avg"] * out["grad_avg"]
+    return out
+
+
+def from_torch(moments):
+    """torch's moments under ours: centered RMSprop's ``grad_var = max(square_avg - grad_avg**2, 0)``, the
+    conversion of ``load_state_dict``."""
+    out = {k: v for k, v in moments.items() if k != "step"}
+    if "grad_avg" in out:
+        out["grad_var"] = torch.clamp_min(out.pop("square_avg") - out["grad_avg"] * out["grad_avg"], 0.0)
     return out
 
 
@@ -136,9 +154,12 @@ def test_to_torch_state_dict_continues_in_torch_as_in_lowbit_fn(case):
     theirs.load_state_dict(checkpoint_roundtrip(lowbit_fn.to_torch_state_dict(opt)))
     for p, q in zip(model.parameters(), reference.parameters()):
         mine, loaded = opt.state[p], theirs.state[q]
-        names = [k for k in mine if k != "step"]
+        expected = dict(mine)
+        if "grad_var" in expected:  # centered: torch's square_avg is our variance plus grad_avg**2
+            expected["square_avg"] = expected.pop("grad_var") + mine["grad_avg"] * mine["grad_avg"]
+        names = [k for k in expected if k != "step"]
         assert names and sorted(names) == sorted(k for k in loaded if k != "step")
-        assert all(loaded[k].dtype == torch.float64 and torch.equal(loaded[k], mine[k]) for k in names)
+        assert all(loaded[k].dtype == torch.float64 and torch.equal(loaded[k], expected[k]) for k in names)
         if "step" in loaded:  # RMSprop keeps a step count, SGD none
             assert float(loaded["step"]) == 5.0
     for key in ("lr", "momentum", "weight_decay"):
@@ -159,9 +180,9 @@ def test_low_bit_to_torch_state_dict_holds_the_dequantized_moments(cls, eager):
     theirs = torch_cls(model.parameters(), **kw)
     theirs.load_state_dict(checkpoint_roundtrip(lowbit_fn.to_torch_state_dict(opt)))
     for p in model.parameters():
-        want = moments_of(opt, p)
-        assert sorted(want) == sorted(MOMENTS[FAMILY_OF[cls]])
-        for name, value in want.items():
+        stored = moments_of(opt, p)
+        assert sorted(stored) == sorted(MOMENTS[FAMILY_OF[cls]])
+        for name, value in as_torch(stored).items():
             assert theirs.state[p][name].dtype == torch.float32 and torch.equal(theirs.state[p][name], value)
     before = [p.detach().clone() for p in model.parameters()]
     train(model, theirs, batches(2, seed=1))  # torch trains on
@@ -191,7 +212,7 @@ def test_torch_checkpoint_loads_into_the_fp32_class_exactly(family):
     ours.load_state_dict(checkpoint_roundtrip(theirs.state_dict()))
     assert ours.param_groups[0]["lr"] == kw["lr"] and ours.param_groups[0]["momentum"] == kw["momentum"]
     for p, q in zip(model.parameters(), clone.parameters()):
-        want = {k: v for k, v in theirs.state[p].items() if k != "step"}
+        want = from_torch(theirs.state[p])
         got = moments_of(ours, q)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
         # torch's SGD keeps no step count: its buffer is past the first update, which is what step 1 says
@@ -213,10 +234,10 @@ def test_torch_checkpoint_converts_into_the_low_bit_classes(family, state_format
     ours.load_state_dict(checkpoint_roundtrip(theirs.state_dict()))
     step = 5 if family == "RMSprop" else 1
     for p, q in zip(model.parameters(), ours.param_groups[0]["params"]):
-        got = moments_of(ours, q)
+        got, theirs_as_ours = moments_of(ours, q), from_torch(theirs.state[p])
         assert sorted(got) == sorted(MOMENTS[family])
         for name, value in got.items():
-            want = theirs.state[p][name]
+            want = theirs_as_ours[name]
             if p.numel() < 1024 or p.dim() < 2:  # float32 state: exactly torch's
                 assert torch.equal(value, want)
                 continue
@@ -336,7 +357,7 @@ def test_foreign_checkpoints_name_what_does_not_fit(checkpoints, eager):
         (lowbit_fn.Lion8bit, "AdamW", r"holds \['exp_avg_sq'\], which this optimizer does not keep .*another optimizer"),
         (lowbit_fn.SGD8bit, "RMSprop", r"holds \['square_avg'\], which this optimizer does not keep"),
         (lowbit_fn.SGD8bit, "Lion", r"betas=\(0\.9, 0\.99\), but this optimizer has no betas"),
-        (lowbit_fn.RMSprop8bit, "SGD", r"the checkpoint has no 'square_avg'"),
+        (lowbit_fn.RMSprop8bit, "SGD", r"the checkpoint has no 'grad_var' \(nor torch's 'square_avg' and 'grad_avg'\)"),
         (lowbit_fn.AdEMAMix8bit, "AdamW", r"betas must be a tuple of 3"),
         (lowbit_fn.Lion8bit, "AdEMAMix", r"betas must be a pair"),
     ]

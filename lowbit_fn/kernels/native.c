@@ -303,20 +303,19 @@ static void math_trace(const ctx_t *c, int64_t n, const float *restrict g, float
     }
 }
 
-/* square_avg (unsigned), grad_avg (centered), buf (momentum). The centered variance's clamp_min(x, 0) is
- * x <= 0 ? +0 : x, as the compiled reference computes it: NaN stays NaN and -0 becomes +0. */
+/* square_avg (unsigned), or centered the variance (unsigned, Welford's update with the old grad_avg) and grad_avg;
+ * buf (momentum). */
 static void math_rms(const ctx_t *c, int64_t n, const float *restrict g, float *restrict sq, float *restrict avg_g,
                      float *restrict buf, float *restrict d) {
-    const float alpha = c->s[0], oma = c->s[1], eps = c->s[2], momentum = c->s[3];
+    const float alpha = c->s[0], oma = c->s[1], eps = c->s[2], momentum = c->s[3], welford = c->s[4];
     const int centered = c->flags & FLAG_CENTERED, with_momentum = c->flags & FLAG_MOMENTUM;
     if (centered) {
         for (int64_t j = 0; j < n; ++j) {
-            float s = sq[j] * alpha + (g[j] * g[j]) * oma;
+            float delta = g[j] - avg_g[j];
+            float var = sq[j] * alpha + (delta * delta) * welford;
             float a = avg_g[j] + oma * (g[j] - avg_g[j]);
-            float x = s - a * a;
-            x = x <= 0.0f ? 0.0f : x;
-            d[j] = g[j] / (sqrtf(x) + eps);
-            sq[j] = s;
+            d[j] = g[j] / (sqrtf(var) + eps);
+            sq[j] = var;
             avg_g[j] = a;
         }
     } else {

@@ -158,12 +158,17 @@ class Trace(Rule):
 
 @dataclass(frozen=True)
 class RMS(Rule):
-    """RMSprop (torch.optim.RMSprop semantics): ``square_avg`` (unsigned), ``grad_avg`` when ``centered``,
-    ``momentum_buffer`` when ``momentum`` (signed); hyper ``(alpha, eps, momentum)``.
+    """RMSprop (torch.optim.RMSprop semantics): ``square_avg`` (unsigned), or when ``centered`` the variance
+    ``grad_var`` (unsigned) and ``grad_avg`` (signed); ``momentum_buffer`` when ``momentum`` (signed); hyper
+    ``(alpha, eps, momentum)``.
 
-    ``square_avg = square_avg * alpha + g * g * (1 - alpha)``; centered: ``grad_avg`` lerps to ``g`` by
-    ``1 - alpha`` and ``avg = sqrt(max(square_avg - grad_avg**2, 0)) + eps`` (the clamp keeps quantized moments
-    from a negative variance), else ``avg = sqrt(square_avg) + eps``; ``direction = g / avg``, or with momentum
+    ``square_avg = square_avg * alpha + g * g * (1 - alpha)`` and ``avg = sqrt(square_avg) + eps``. Centered, the
+    state is the variance itself, updated in Welford's form: ``grad_var = grad_var * alpha + (g - grad_avg)**2 *
+    alpha * (1 - alpha)`` with the old ``grad_avg``, then ``grad_avg`` lerps to ``g`` by ``1 - alpha`` and ``avg =
+    sqrt(grad_var) + eps``. That is torch's ``square_avg - grad_avg**2`` exactly in real arithmetic (torch's
+    ``square_avg`` is ``grad_var + grad_avg**2``), but never a difference of two stored values: quantized, both
+    would carry errors of about 1% of ``square_avg``, and for a gradient with a steady part (variance 1% of
+    ``square_avg``) the difference reached 0 and the step ``g / eps``. ``direction = g / avg``, or with momentum
     ``buf = buf * momentum + g / avg`` and ``direction = buf``."""
 
     centered: bool = False
@@ -178,17 +183,18 @@ class RMS(Rule):
 
     def scalars(self, step, hyper, dtype):
         alpha, eps, momentum = (_f64(h) for h in hyper)
-        return tuple(x.to(dtype) for x in (alpha, 1 - alpha, eps, momentum))
+        return tuple(x.to(dtype) for x in (alpha, 1 - alpha, eps, momentum, alpha * (1 - alpha)))
 
     def math(self, g, moments, s):
-        alpha, one_minus_alpha, eps, momentum = s
-        square_avg = moments[0] * alpha + (g * g) * one_minus_alpha
-        new = [square_avg]
+        alpha, one_minus_alpha, eps, momentum, welford = s
         if self.centered:
-            grad_avg = _lerp(moments[1], g, one_minus_alpha)
-            new.append(grad_avg)
-            avg = sqrt(torch.clamp_min(square_avg - grad_avg * grad_avg, 0.0)) + eps
+            delta = g - moments[1]
+            grad_var = moments[0] * alpha + (delta * delta) * welford
+            new = [grad_var, _lerp(moments[1], g, one_minus_alpha)]
+            avg = sqrt(grad_var) + eps
         else:
+            square_avg = moments[0] * alpha + (g * g) * one_minus_alpha
+            new = [square_avg]
             avg = sqrt(square_avg) + eps
         direction = g / avg
         if self.momentum:

@@ -26,10 +26,14 @@ def scale_by_rms(
     """Rescale updates by the root of a running mean of squared gradients, as ``torch.optim.RMSprop`` does, with
     the moments stored block-wise quantized (the formats and options of :func:`~lowbit_fn.scale_by_adam`).
 
-    ``nu = alpha * nu + (1 - alpha) * g**2``; ``centered``: ``mu`` is the running mean of ``g`` and the variance
-    ``nu - mu**2`` (clamped at 0) replaces ``nu``; the update is ``g / (sqrt(.) + eps)`` (eps outside the root,
-    unlike optax's ``scale_by_rms``), or with ``momentum`` the buffer ``trace = momentum * trace + g / (sqrt(.) +
-    eps)``. ``momentum`` 0 at construction means no buffer.
+    ``nu = alpha * nu + (1 - alpha) * g**2``; ``centered``: ``mu`` is the running mean of ``g`` and the state
+    keeps the variance ``var`` (torch's ``square_avg - grad_avg**2``) instead of ``nu``, updated in Welford's form
+    ``var = alpha * var + alpha * (1 - alpha) * (g - mu_old)**2``, so that quantization never has to resolve a
+    small difference of two large stored values (see :class:`~lowbit_fn.kernels.rules.RMS`); the update is
+    ``g / (sqrt(.) + eps)`` (eps outside the root, unlike optax's ``scale_by_rms``), or with ``momentum`` the
+    buffer ``trace = momentum * trace + g / (sqrt(.) + eps)``. ``momentum`` 0 at construction means no buffer.
+    The torch.optim front end names the variance ``grad_var`` in its state dicts; ``to_torch_state_dict`` and
+    loading torch's checkpoints convert it to and from torch's ``square_avg``.
 
     Every format rounds stochastically by default (``nu`` stored as ``sqrt(nu)``): RMSprop divides by its second
     moment without a smoothed numerator, and nearest rounding's repeated error showed in training: on
@@ -47,7 +51,7 @@ def scale_by_rms(
         >>> t = lowbit_fn.scale_by_rms(centered=True, state_format="8bit", min_quant_size=0)
         >>> state = t.init(params)
         >>> sorted(state["8bit_sr_block256"].keys())
-        ['mu', 'nu']
+        ['mu', 'var']
     """
     if not isinstance(centered, bool):
         raise TypeError(f"centered must be a bool, got {type(centered).__name__}")
@@ -55,7 +59,8 @@ def scale_by_rms(
     check_nonnegative(eps, "eps")
     check_nonnegative(momentum, "momentum")
     with_momentum = not is_zero(momentum)
-    names = [("nu", "square_avg")] + [("mu", "grad_avg")] * centered + [("trace", "momentum_buffer")] * with_momentum
+    names = [("var", "grad_var"), ("mu", "grad_avg")] if centered else [("nu", "square_avg")]
+    names += [("trace", "momentum_buffer")] * with_momentum
     return moment_transform(
         "scale_by_rms", RMS(centered, with_momentum), tuple(n for n, _ in names), tuple(t for _, t in names),
         (as_scalar(alpha, "alpha"), as_scalar(eps, "eps"), as_scalar(momentum, "momentum")),
