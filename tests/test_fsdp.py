@@ -13,8 +13,6 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-import lowbit_fn
-
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
 WORKER = Path(__file__).parent / "dist" / "fsdp_worker.py"
