@@ -13,6 +13,15 @@ def mlp(dtype=torch.float32, width: int = 96) -> nn.Module:
     return nn.Sequential(nn.Linear(48, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)).to(dtype)
 
 
+def as_torch(moments: dict) -> dict:
+    """A state entry's moments under torch's names: centered RMSprop's variance ``grad_var`` as torch's
+    ``square_avg = grad_var + grad_avg**2``, the conversion ``lowbit_fn.to_torch_state_dict`` makes."""
+    out = dict(moments)
+    if "grad_var" in out:
+        out["square_avg"] = out.pop("grad_var") + out["grad_avg"] * out["grad_avg"]
+    return out
+
+
 def batches(n: int, dtype=torch.float32, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(32, 48, generator=g).to(dtype), torch.randn(32, 1, generator=g).to(dtype)) for _ in range(n)]

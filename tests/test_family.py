@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import lowbit_fn
-from helpers import batches, loss_fn, mlp
+from helpers import as_torch, batches, loss_fn, mlp
 
 
 def train(model, opt, data, sched=None):
@@ -217,10 +217,10 @@ def test_rmsprop_matches_torch_in_float64(case, weight_decay):
     train(model, ours, data)
     train(reference, theirs, data)
     assert max_rel(model, reference) < 1e-10
-    mine, torch_state = dict(ours.state[model[2].weight]), theirs.state[reference[2].weight]
-    if "grad_var" in mine:  # centered: we keep the variance, torch square_avg = variance + grad_avg**2
-        assert case.startswith("centered") and "square_avg" not in mine
-        mine["square_avg"] = mine.pop("grad_var") + mine["grad_avg"] * mine["grad_avg"]
+    stored, torch_state = ours.state[model[2].weight], theirs.state[reference[2].weight]
+    centered = case.startswith("centered")  # centered: we keep the variance, not square_avg
+    assert ("grad_var" in stored) == centered and ("square_avg" in stored) != centered
+    mine = as_torch(stored)
     assert sorted(mine) == sorted(torch_state)  # square_avg, grad_avg (centered), momentum_buffer (momentum), step
     for name in torch_state:
         if name != "step":

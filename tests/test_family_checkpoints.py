@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import lowbit_fn
-from helpers import batches, mlp
+from helpers import as_torch, batches, mlp
 from test_family import max_rel, train
 from test_torch_optim import checkpoint_roundtrip, same_optimizer, snapshot_optimizer
 
@@ -64,15 +64,6 @@ def moments_of(opt, p):
             value = lowbit_fn.dequantize(entry[f"{name}_codes"], entry[f"{name}_scale"], entry["state_format"],
                                          signed=signed, shape=p.shape, block_size=entry["block_size"])
             out[name] = value * value if entry["rounding"] == "stochastic" and not signed else value
-    return out
-
-
-def as_torch(moments):
-    """Moments under torch's names: centered RMSprop's variance as ``square_avg = grad_var + grad_avg**2``, the
-    conversion ``to_torch_state_dict`` makes."""
-    out = dict(moments)
-    if "grad_var" in out:
-        out["square_avg"] = out.pop("grad_var") + out["grad_avg"] * out["grad_avg"]
     return out
 
 
@@ -154,9 +145,7 @@ def test_to_torch_state_dict_continues_in_torch_as_in_lowbit_fn(case):
     theirs.load_state_dict(checkpoint_roundtrip(lowbit_fn.to_torch_state_dict(opt)))
     for p, q in zip(model.parameters(), reference.parameters()):
         mine, loaded = opt.state[p], theirs.state[q]
-        expected = dict(mine)
-        if "grad_var" in expected:  # centered: torch's square_avg is our variance plus grad_avg**2
-            expected["square_avg"] = expected.pop("grad_var") + mine["grad_avg"] * mine["grad_avg"]
+        expected = as_torch(mine)
         names = [k for k in expected if k != "step"]
         assert names and sorted(names) == sorted(k for k in loaded if k != "step")
         assert all(loaded[k].dtype == torch.float64 and torch.equal(loaded[k], expected[k]) for k in names)

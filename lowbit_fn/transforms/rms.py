@@ -35,7 +35,7 @@ def scale_by_rms(
     The torch.optim front end names the variance ``grad_var`` in its state dicts; ``to_torch_state_dict`` and
     loading torch's checkpoints convert it to and from torch's ``square_avg``.
 
-    Every format rounds stochastically by default (``nu`` stored as ``sqrt(nu)``): RMSprop divides by its second
+    Every format rounds stochastically by default (``nu`` or ``var`` stored as its square root): RMSprop divides by its second
     moment without a smoothed numerator, and nearest rounding's repeated error showed in training: on
     ``benchmarks/mlp_quality.py`` (3 seeds) FP8 ended at 1.06-1.09x the fp32-state loss at lr 3e-4 and 1.06-1.26x
     at 1e-3, 8-bit at 1.03-1.14x at 1e-3, where stochastic rounding ends within 1% (``rounding="nearest"``
