@@ -93,16 +93,10 @@ def assert_identical(ref, nat, fmt_name):
         for i, (a, b) in enumerate(zip(m1, m2)):
             assert same_bits(a, b), f"moment {i}"
         return
-    f = lowbit_fn.FORMATS[fmt_name]
     for i in range(0, len(m1), 2):
         s1, s2 = m1[i + 1], m2[i + 1]
         assert same_bits(s1, s2), f"scales of moment {i // 2}"
-        rows, per_row = s1.shape
-        ok = ~torch.isnan(s1)  # inside a NaN-poisoned block the codes are unspecified: every one decodes to NaN
-        c1, c2 = m1[i].reshape(rows, -1), m2[i].reshape(rows, -1)
-        cols = torch.arange(c1.shape[1]) // (f.default_block_size // f.codes_per_byte)  # each code's block
-        keep = ok[:, cols]
-        assert torch.equal(c1[keep], c2[keep]), f"codes of moment {i // 2}"
+        assert torch.equal(m1[i], m2[i]), f"codes of moment {i // 2}"
 
 
 @pytest.mark.parametrize("fmt", ["8bit", "4bit", "fp8"])
@@ -113,7 +107,7 @@ def test_native_equals_reference_bit_for_bit(fmt, rounding, amsgrad, shape):
     gen = torch.Generator().manual_seed(0)
     n = math.prod(shape)
     g = (torch.randn(n, generator=gen) * torch.logspace(-12, 3, n)).view(shape)
-    g.view(-1)[7 * 33 + 5] = float("nan")  # one poisoned block
+    g.view(-1)[7 * 33 + 5] = float("nan")  # one non-finite element: it costs only itself
     g[1] = 0.0  # all-zero blocks
     moments = random_state(fmt, shape, 3 if amsgrad else 2, gen)
     for step in (1, 2, 1000):
@@ -190,7 +184,7 @@ EPILOGUES = ["direction", "decoupled_bf16", "l2_apply", "decoupled_apply_bf16_sr
 
 
 def rule_inputs(shape, epilogue_name, gen):
-    """A gradient of ``shape`` over 15 decades with a NaN (one poisoned block), an all-zero row, subnormals and huge
+    """A gradient of ``shape`` over 15 decades with a NaN (one element), an all-zero row, subnormals and huge
     values (their squares overflow); the parameter and the epilogue of ``epilogue_name`` (``EPILOGUES``):
     float32 or bfloat16 gradient and parameter, the update returned or applied (bfloat16 stochastically)."""
     n = math.prod(shape)

@@ -7,9 +7,10 @@ codes per byte, packed within a row: ``(rows, ceil(R / 2))``; FP8 codes as their
 ``(rows, blocks per row)``: a slice of rows of the codes and scales is the quantized slice of rows of the tensor.
 Codes are ``uint8`` so tensordict memmap and consolidate work on them.
 
-Non-finite values: a NaN or Inf anywhere in a block makes that block's scale NaN, so the whole block
-dequantizes to NaN; other blocks are unaffected. The 8-bit unsigned map and the 4-bit linear map have no
-negative entries: negative inputs with ``signed=False`` map to the smallest entry.
+Non-finite values (NaN, +-Inf) are stored as 0 and take no part in their block's scale: each costs its own
+element only (an optimizer step makes that element's parameter NaN, as torch.optim does, and nothing else). The
+8-bit unsigned map and the 4-bit linear map have no negative entries: negative inputs with ``signed=False`` map to
+the smallest entry.
 """
 
 from __future__ import annotations
@@ -195,7 +196,9 @@ def quantize(
         key = tensor_key(stream_key(seed, int(not signed), step_t), tensor_id)
     base = torch.tensor(offset, dtype=torch.int64, device=x.device)
     codes, scale = _encode(flat, _Blocks(fmt, block_size), fmt.codebook(signed, x.device), key, base)
-    return codes.reshape(code_shape), scale.reshape(scale_shape)
+    # contiguous whatever layout the graph chose for its outputs (a row-padded buffer or not): one layout for
+    # dequantize's graph to see
+    return codes.reshape(code_shape).contiguous(), scale.reshape(scale_shape).contiguous()
 
 
 def dequantize(

@@ -5,8 +5,10 @@ A tensor of two or more dimensions is seen as ``rows = shape[0]`` rows of ``R = 
 tensor of fewer dimensions as one row). Each row is cut into ``ceil(R / block_size)`` blocks of contiguous
 elements, the last one shorter when ``block_size`` does not divide ``R``: no block crosses a row, so any range
 of rows of a tensor (an FSDP shard) has the state of those rows and nothing else. Each block keeps one float32
-scale. Non-finite input poisons only its own block: the block's scale becomes NaN, so every element of that block
-dequantizes to NaN (nothing is hidden).
+scale. A non-finite value (NaN, +-Inf) costs its own element only: it is stored as 0 (the code nearest to 0) and
+takes no part in its block's scale, so the block's other elements keep their values. An optimizer's step computes
+each element's direction before quantizing, so a non-finite gradient still makes that element's parameter NaN,
+as in ``torch.optim``.
 """
 
 from __future__ import annotations
@@ -17,16 +19,24 @@ import torch
 from torch import Tensor
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def finite_or_zero(blocks: Tensor) -> Tensor:
+    """``blocks`` with every NaN and +-Inf replaced by 0 (``|x| <= max`` is false for both)."""
+    return torch.where(blocks.abs() <= FLOAT32_MAX, blocks, torch.zeros_like(blocks))
+
+
 def block_absmax(blocks: Tensor) -> Tensor:
-    """Per-block max |x| of ``[..., block_size]`` float32 blocks (the last dimension); NaN where a block holds NaN
-    or Inf."""
-    absmax = blocks.abs().amax(dim=-1)
-    return torch.where(torch.isfinite(absmax), absmax, torch.full_like(absmax, math.nan))
+    """Per-block max |x| of the finite values of ``[..., block_size]`` float32 blocks (the last dimension); 0 for a
+    block without any."""
+    return finite_or_zero(blocks).abs().amax(dim=-1)
 
 
 def normalize(blocks: Tensor, scale: Tensor) -> Tensor:
-    """``blocks / scale`` per block; all-zero blocks (scale 0) divide by 1 instead of 0. No other floor."""
-    return blocks / torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
+    """``blocks / scale`` per block, non-finite values as 0; all-zero blocks (scale 0) divide by 1 instead of 0. No
+    other floor."""
+    return finite_or_zero(blocks) / torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
 
 
 def nearest_code(y: Tensor, codebook: Tensor) -> Tensor:

@@ -140,6 +140,9 @@ static inline uint8_t e4m3_from_f32(float f) {
     return result | (uint8_t)(sign >> 24);
 }
 
+/* x, or 0 for NaN and +-Inf (|x| <= FLT_MAX is false for both), as formats/_base.py's finite_or_zero */
+static inline float finite_or_zero(float x) { return fabsf(x) <= 3.4028234663852886e38f ? x : 0.0f; }
+
 /* The reference's search result, idx = min(#entries < y, n - 1), from a table over the top 16 bits of y:
  * lut[prefix] = min(#entries below the prefix's interval, n - 1), and no interval holds two entries (checked
  * when the table is built), so one comparison finishes the count. NaN gives 0, as in the reference. */
@@ -204,7 +207,7 @@ static void encode_codebook(const ctx_t *c, int i, const float *x, float div, in
     const uint8_t *lut = c->lut[i];
     const int packed = c->fmt == FMT_CODEBOOK4, n = c->map_len;
     for (int64_t j = 0; j < c->bs; ++j) {
-        float y = x[j] / div;
+        float y = finite_or_zero(x[j]) / div;
         int code = c->stochastic ? stochastic_code(y, map, n, lut, noise_at(first + j, key)) : nearest_code(y, c->next[i], lut);
         if (packed) {
             if (j & 1) codes[j / 2] |= (uint8_t)code;
@@ -215,31 +218,30 @@ static void encode_codebook(const ctx_t *c, int i, const float *x, float div, in
     }
 }
 
-/* The block's scale (absmax, NaN when it holds NaN or Inf; FP8 divides by 448) and the divisor of its values. */
-static float block_scale(int fmt, float absmax, int finite, float *div) {
-    float scale = finite ? absmax : NAN;
-    if (fmt == FMT_FP8) scale = scale / 448.0f;
+/* The block's scale (the absmax of its finite values; FP8 divides by 448) and the divisor of its values. */
+static float block_scale(int fmt, float absmax, float *div) {
+    float scale = fmt == FMT_FP8 ? absmax / 448.0f : absmax;
     *div = scale > 0.0f ? scale : 1.0f;
     return scale;
 }
 
+/* The portable encoder, for every block the vector one declines (NaN or Inf among its values, odd sizes): a
+ * non-finite value is stored as 0 and takes no part in the scale, as in the reference (formats/_base.py). */
 static void encode_block(const ctx_t *c, int i, const float *x, int64_t first, uint32_t key, uint8_t *codes, float *scale_out) {
     const int64_t bs = c->bs;
     float absmax = 0.0f, div;
-    int nonfinite = 0;
     for (int64_t j = 0; j < bs; ++j) {
-        float a = fabsf(x[j]);
-        nonfinite |= !(a <= 3.4028234663852886e38f); /* NaN or Inf */
-        absmax = a > absmax ? a : absmax; /* NaN is caught by nonfinite */
+        float a = fabsf(finite_or_zero(x[j]));
+        absmax = a > absmax ? a : absmax;
     }
-    *scale_out = block_scale(c->fmt, absmax, !nonfinite, &div);
+    *scale_out = block_scale(c->fmt, absmax, &div);
     if (c->fmt != FMT_FP8) {
         encode_codebook(c, i, x, div, first, key, codes);
         return;
     }
     for (int64_t j = 0; j < bs; ++j) {
-        float y = x[j] / div;
-        y = y < -448.0f ? -448.0f : (y > 448.0f ? 448.0f : y); /* NaN passes through */
+        float y = finite_or_zero(x[j]) / div;
+        y = y < -448.0f ? -448.0f : (y > 448.0f ? 448.0f : y);
         codes[j] = e4m3_from_f32(c->stochastic ? stochastic_e4m3(y, noise_at(first + j, key)) : y);
     }
 }
@@ -608,7 +610,7 @@ static int encode_block_avx512(const ctx_t *c, int i, const float *x, const absm
     if (c->stochastic && ((uint64_t)first & 0xFFFFFFFFu) + (uint64_t)bs > UINT64_C(0x100000000)) return 0; /* crosses 2**32 */
     const uint32_t high = hash32((uint32_t)((uint64_t)first >> 32) ^ key);
     float div;
-    *scale_out = block_scale(c->fmt, _mm512_reduce_max_ps(t->amax), 1, &div);
+    *scale_out = block_scale(c->fmt, _mm512_reduce_max_ps(t->amax), &div);
     const __m512 vdiv = _mm512_set1_ps(div);
     if (c->fmt == FMT_FP8) {
         for (int64_t j = 0; j < bs; j += 16) {
