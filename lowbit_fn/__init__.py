@@ -44,6 +44,7 @@ from .optimizers import (
 from .torch_optim import TransformOptimizer, as_torch_optimizer, to_torch_state_dict
 from .transforms import (
     STATE_FORMATS,
+    ApplyIfFinite,
     CheckedTransformation,
     FusedChain,
     GradientTransformation,
@@ -65,6 +66,7 @@ from .transforms import (
     trace,
     add_decayed_weights,
     apply_gradients,
+    apply_if_finite,
     apply_updates,
     chain,
     clip_by_global_norm,
@@ -81,6 +83,7 @@ __version__ = "0.1.0"
 __all__ = [
     "GradientTransformation", "CheckedTransformation", "MomentTransformation", "FusedChain", "MuonTransformation", "convert_state", "Chain", "chain", "identity", "apply_updates", "apply_gradients", "params_from_module",
     "scale_by_adam", "scale_by_lion", "trace", "scale_by_rms", "scale_by_ademamix", "scale_by_muon", "add_decayed_weights", "scale_by_learning_rate", "clip_by_global_norm", "Schedule",
+    "apply_if_finite", "ApplyIfFinite",
     "adam", "adamw", "lion", "sgd", "rmsprop", "ademamix", "muon", "STATE_FORMATS", "offload",
     "quantize", "dequantize", "codebook", "FORMATS",
     "compile_enabled",

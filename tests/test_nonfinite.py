@@ -4,7 +4,7 @@ The element's parameter becomes NaN (torch's AdamW does the same); its quantized
 part in their block's scale, so the state equals, bit for bit, the state of the same run with a 0 in that gradient
 element, and every other parameter equals that run's. Every format, both front ends, the native kernel and the
 torch path (eager here; ``test_compiled_path_contains_a_non_finite_element`` compiles it once), every elementwise
-family. The opt-in skip of a whole step is in ``test_apply_if_finite.py``.
+family. The opt-in skip of a whole step (``apply_if_finite``) is in ``test_apply_if_finite.py``.
 """
 
 from __future__ import annotations
@@ -176,9 +176,16 @@ def test_muon_state_costs_only_the_element(fmt):
 
 
 def test_compiled_path_contains_a_non_finite_element(monkeypatch):
-    """The compiled torch step (no native kernel) on the formats' shared graph: the same containment."""
+    """The compiled torch step (no native kernel), one graph: the same containment, and ``apply_if_finite``
+    around it skips the bad step (the run equals the one without it)."""
     monkeypatch.setenv("LOWBIT_FN_NATIVE", "0")
     factory = lambda **kw: lowbit_fn.adamw(1e-2, weight_decay=0.1, **kw)  # noqa: E731
     zero = run_functional(factory, "8bit", gradients(0.0))
     for bad in BAD:
         assert_costs_only_its_element(run_functional(factory, "8bit", gradients(bad)), zero, "8bit")
+    guarded = lambda **kw: lowbit_fn.apply_if_finite(factory(**kw), max_consecutive_errors=3)  # noqa: E731
+    skipped, state = run_functional(guarded, "8bit", gradients(math.nan))
+    without, ref_state = run_functional(factory, "8bit", gradients(math.nan)[1:])
+    assert torch.equal(skipped, without) and int(state["total_notfinite"]) == 1
+    for key, value in ref_state.items():
+        assert torch.equal(state["inner_state", *key] if isinstance(key, tuple) else state["inner_state", key], value)

@@ -8,6 +8,7 @@ from .alias import FusedChain, adam, adamw
 from .apply import apply_gradients
 from .base import Chain, CheckedTransformation, GradientTransformation, apply_updates, chain, identity
 from .basic import Schedule, add_decayed_weights, clip_by_global_norm, scale_by_learning_rate
+from .conditionality import ApplyIfFinite, apply_if_finite
 from .convert import convert_state
 from .lion import lion, scale_by_lion
 from .muon import MuonTransformation, muon, scale_by_muon
@@ -21,4 +22,5 @@ __all__ = [
     "add_decayed_weights", "scale_by_learning_rate", "clip_by_global_norm",
     "adam", "adamw", "lion", "sgd", "rmsprop", "ademamix", "muon", "Schedule", "STATE_FORMATS", "offload",
     "CheckedTransformation", "MomentTransformation", "FusedChain", "MuonTransformation", "convert_state", "apply_gradients", "Chain",
+    "apply_if_finite", "ApplyIfFinite",
 ]

@@ -15,6 +15,7 @@ from tensordict import TensorDictBase
 from ._tree import Tree, as_tensordict
 from .alias import FusedChain
 from .base import Chain, GradientTransformation, apply_updates, step_member
+from .conditionality import ApplyIfFinite
 
 __all__ = ["apply_gradients"]
 
@@ -57,6 +58,9 @@ def apply_gradients(
     gradients' dtype first, and this rounds once, as the torch.optim front end does. Any other transform runs the
     two calls (``bf16_stochastic_round`` needs the fused form there: pass ``step=`` to :func:`apply_updates`).
 
+    :func:`~lowbit_fn.apply_if_finite` around such a transform keeps the one pass: a finite step runs it, a
+    skipped one returns the params unchanged.
+
     Input is checked before anything changes: a bad gradient, state or parameter raises and leaves all of them as
     they were. With ``inplace=False`` the params and grads are not modified (the state is donated, as always);
     with ``inplace=True`` the params are updated in their own tensors and returned, and the gradients' buffers may
@@ -76,6 +80,17 @@ def apply_gradients(
         raise TypeError(f"apply_gradients: transform must be a GradientTransformation, got {type(transform).__name__}")
     if not isinstance(inplace, bool) or not isinstance(bf16_stochastic_round, bool):
         raise TypeError("apply_gradients: inplace and bf16_stochastic_round must be bools")
+    if isinstance(transform, ApplyIfFinite):  # the check first; then the inner transform's own (fused) step
+        grads = as_tensordict(grads)
+        params = as_tensordict(params, "params")
+        transform.check(grads, state, params)
+        if not transform.count_step(grads, state):
+            return (params if inplace else params.clone()), state
+        params, state["inner_state"] = apply_gradients(
+            transform.inner, grads, state["inner_state"], params, inplace=inplace,
+            bf16_stochastic_round=bf16_stochastic_round,
+        )
+        return params, state
     tail = _fused_tail(transform)
     if tail is None:
         if bf16_stochastic_round:
