@@ -79,6 +79,9 @@ How it is timed
 
     ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP threads sleep instead of spinning) and ``THP_MEM_ALLOC_ENABLE=1``
     (transparent huge pages for large CPU allocations) are set before torch is imported, unless already set.
+    ``--omp-wait`` measures what the first one is worth instead (nothing else): AdamW8bit's and torch's fused
+    step on one [4096, 4096] float32 parameter, each right after a ``torch.mm``, in fresh processes with the
+    variable unset and set, alternated, as ratios (see :func:`omp_wait_comparison`).
     A contention check runs before and after the measurements: a fixed small workload (20 x ``torch.mm`` of
     512 x 512 float32, one thread) timed alone, then timed while a second process runs the same workload. On an
     idle two-core machine the ratio is about 1; a clearly larger ratio means another job was using the cores,
@@ -114,6 +117,7 @@ Usage:
                                     [--apis functional functional_inplace apply_gradients torch_optim] [--paths native compiled]
                                     [--dtype float32|bfloat16|float16] [--rounds 5] [--steps 5] [--scale 1.0]
                                     [--rss] [--no-cold] [--markdown PATH]
+    python benchmarks/step_speed.py --omp-wait [--rounds 6] [--steps 10]
 """
 
 from __future__ import annotations
@@ -802,6 +806,58 @@ def contention_check() -> Contention:
     return Contention(alone, together, other)
 
 
+# ------------------------------------------------------------------------------------------ --omp-wait mode
+
+_OMP_CHILD = r"""
+import json, statistics, sys, time
+import torch, lowbit_fn
+steps = int(sys.argv[1])
+gen = torch.Generator().manual_seed(0)
+a, b = torch.randn(1024, 1024, generator=gen), torch.randn(1024, 1024, generator=gen)
+p, q = torch.randn(4096, 4096, generator=gen), torch.randn(4096, 4096, generator=gen)
+p.grad, q.grad = torch.randn(4096, 4096, generator=gen) * 1e-3, torch.randn(4096, 4096, generator=gen) * 1e-3
+opts = {"lowbit_fn AdamW8bit": lowbit_fn.AdamW8bit([p], lr=1e-3, weight_decay=1e-2),
+        "torch fused fp32": torch.optim.AdamW([q], lr=1e-3, weight_decay=1e-2, fused=True)}
+times = {name: [] for name in opts}
+for i in range(steps + 2):  # two warm-up steps
+    for name, opt in opts.items():
+        torch.mm(a, b)  # torch's intra-op pool has just worked, as in a training loop before opt.step()
+        t0 = time.perf_counter()
+        opt.step()
+        if i >= 2:
+            times[name].append(time.perf_counter() - t0)
+gomp = sorted({line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line})
+print(json.dumps({"ms": {k: statistics.median(v) * 1e3 for k, v in times.items()}, "gomp": gomp}))
+"""
+
+
+def omp_wait_comparison(rounds: int, steps: int) -> list[str]:
+    """The step of ``lowbit_fn.AdamW8bit`` and of torch's fused AdamW on one [4096, 4096] float32 parameter, each
+    right after a 1024 x 1024 ``torch.mm`` (torch's intra-op threads have just worked), in fresh processes with
+    ``OMP_WAIT_POLICY`` unset and set to ``PASSIVE``, alternated (the order swapped every round); returns report
+    lines with the per-round ratio unset / PASSIVE of the median step (above 1: the variable helps)."""
+    ratios: dict[str, list[float]] = {}
+    gomp: set[str] = set()
+    for r in range(rounds):
+        results = {}
+        for policy in (("unset", "PASSIVE") if r % 2 == 0 else ("PASSIVE", "unset")):
+            env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+            if policy == "PASSIVE":
+                env["OMP_WAIT_POLICY"] = "PASSIVE"
+            out = subprocess.run([sys.executable, "-c", _OMP_CHILD, str(steps)], env=env, capture_output=True,
+                                 text=True, check=True, timeout=600)
+            results[policy] = json.loads(out.stdout.strip().splitlines()[-1])
+            gomp.update(results[policy]["gomp"])
+        for name in results["unset"]["ms"]:
+            ratios.setdefault(name, []).append(results["unset"]["ms"][name] / results["PASSIVE"]["ms"][name])
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in ratios.items()), flush=True)
+    lines = [f"OMP_WAIT_POLICY unset / PASSIVE, median step of {steps} after a torch.mm each, {rounds} rounds "
+             f"(above 1: slower without the variable); OpenMP runtime loaded: {', '.join(sorted(gomp)) or 'none'}"]
+    for name, values in ratios.items():
+        lines.append(f"- {name}: median {statistics.median(values):.3f}, range {min(values):.3f}-{max(values):.3f}")
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------- measuring
 
 
@@ -1058,6 +1114,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold first-step measurements")
     parser.add_argument("--rss", action="store_true",
                         help="also measure each optimizer's peak-RSS growth during a step, in a fresh process each")
+    parser.add_argument("--omp-wait", action="store_true",
+                        help="only compare AdamW8bit's and torch's fused step with OMP_WAIT_POLICY unset and PASSIVE, "
+                        "in alternated fresh processes (--rounds of them, --steps steps each)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
         parser.error("--rounds and --steps must be >= 1")
@@ -1091,6 +1150,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     else:
         command = f"step_speed.main({argv!r})"
     args = parse_args(argv)
+    if args.omp_wait:
+        lines = omp_wait_comparison(args.rounds, args.steps)
+        print("\n".join(lines))
+        return []
 
     header = (
         f"lowbit_fn step speed, {datetime.datetime.now().isoformat(timespec='seconds')}, torch {torch.__version__}, "

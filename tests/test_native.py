@@ -3,9 +3,11 @@ parameters; the fallback."""
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -502,3 +504,164 @@ def test_concurrent_processes_build_once_and_load_the_same_library(tmp_path):
     assert compiles[0] in [pid for pid, *_ in loaded], report  # the compiling process is one of ours
     assert len({(ino, mtime, name) for _, ino, mtime, name in loaded}) == 1, report
     assert sorted(f.suffix for f in cache.iterdir()) == [".lock", ".so"], sorted(os.listdir(cache))
+
+
+# ------------------------------------------------------------------------- build environments that go wrong
+
+BUILD_SCRIPT = textwrap.dedent(
+    """
+    import sys, warnings, torch, lowbit_fn
+    torch.manual_seed(0)
+    params = {"w": torch.randn(64, 300)}
+    grads = [{"w": torch.randn(64, 300)} for _ in range(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = lowbit_fn.adamw(1e-2, state_format="8bit", min_quant_size=0)
+        p, state = params, opt.init(params)
+        for g in grads:
+            u, state = opt.update(g, state, p)
+            p = lowbit_fn.apply_updates(p, u)
+        from lowbit_fn.kernels.native import native_available
+        native = native_available(torch.device("cpu"))
+    ours = [str(w.message) for w in caught if str(w.message).startswith("lowbit_fn:")]
+    torch.save({"warnings": ours, "native": native, "p": p["w"]}, sys.argv[1])
+    """
+)
+
+
+def run_build(tmp_path, name, cache, wrap=(), **env):
+    """BUILD_SCRIPT in a fresh process with ``LOWBIT_FN_CACHE=cache`` (a crash shows as a failed test, not a
+    dead worker); returns its warnings, whether the native kernel ran and the parameter after two steps."""
+    path = tmp_path / f"{name}.pt"
+    full = {**os.environ, "LOWBIT_FN_CACHE": str(cache), **env}
+    out = subprocess.run([*wrap, sys.executable, "-c", BUILD_SCRIPT, str(path)], env=full, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, f"rc {out.returncode}\n{out.stderr[-3000:]}"
+    return torch.load(path, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def compiled_result(tmp_path_factory):
+    """BUILD_SCRIPT's parameter on the compiled path (LOWBIT_FN_NATIVE=0): what every case must give."""
+    tmp = tmp_path_factory.mktemp("compiled")
+    result = run_build(tmp, "compiled", tmp / "cache", LOWBIT_FN_NATIVE="0")
+    assert result["warnings"] == [] and not result["native"]
+    return result["p"]
+
+
+def current_library():
+    from lowbit_fn.kernels import native
+
+    return Path(native._library()._name)
+
+
+def assert_fell_back(result, compiled_result, *words):
+    assert len(result["warnings"]) == 1, result["warnings"]
+    (message,) = result["warnings"]
+    assert "native CPU kernel is unavailable" in message and "compiled torch path" in message, message
+    for word in words:
+        assert word in message, message
+    assert result["native"] is False
+    assert torch.equal(result["p"], compiled_result)
+
+
+def test_a_failing_compiler_one_warning_with_its_error_then_the_compiled_path(tmp_path, compiled_result):
+    cc = tmp_path / "cc"  # runs (--version) but every build fails, with a message
+    cc.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "fake cc 1.0"; exit 0; }\n'
+                  'echo "cc: error: simulated failure" >&2\nexit 3\n')
+    cc.chmod(0o755)
+    result = run_build(tmp_path, "failing", tmp_path / "cache", CC=str(cc))
+    assert_fell_back(result, compiled_result, "failed (exit status 3)", "simulated failure")
+    assert [f.suffix for f in (tmp_path / "cache").iterdir()] == [".lock"]  # no partial library left behind
+
+
+def test_a_compiler_that_does_not_run_one_warning_then_the_compiled_path(tmp_path, compiled_result):
+    cc = tmp_path / "cc"
+    cc.write_text("#!/bin/sh\nexit 1\n")
+    cc.chmod(0o755)
+    result = run_build(tmp_path, "broken", tmp_path / "cache", CC=str(cc))
+    assert_fell_back(result, compiled_result, "does not run", str(cc))
+
+
+def test_a_full_filesystem_one_warning_then_the_compiled_path(tmp_path, compiled_result):
+    """Every file the build writes is capped at 20 KiB (a per-process file size limit: writes past it fail with
+    EFBIG, as they fail with ENOSPC on a full disk); the library is larger, so the build cannot write it."""
+    cc = tmp_path / "cc"
+    gcc = shutil.which(os.environ.get("CC", "gcc"))
+    cc.write_text(f'#!/bin/sh\ntrap "" XFSZ\nulimit -f 40\nexec "{gcc}" "$@"\n')
+    cc.chmod(0o755)
+    result = run_build(tmp_path, "full", tmp_path / "cache", CC=str(cc))
+    assert_fell_back(result, compiled_result, "File too large")
+    assert [f.suffix for f in (tmp_path / "cache").iterdir()] == [".lock"]
+
+
+def read_only(cache):
+    """A command prefix under which ``cache`` is read-only: its permission bits for an ordinary user; for root
+    (whom permission bits do not stop) a read-only bind mount in a private mount namespace."""
+    if os.geteuid() != 0:
+        cache.chmod(0o555)
+        return ()
+    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("root without mount namespaces: a read-only directory cannot be made here")
+    return ("unshare", "--mount", "sh", "-c",
+            f'mount --bind "{cache}" "{cache}" && mount -o remount,bind,ro "{cache}" && exec "$@"', "sh")
+
+
+@pytest.mark.parametrize("content", ["none", "truncated"])
+def test_a_read_only_cache_one_warning_then_the_compiled_path(tmp_path, compiled_result, content):
+    """Nothing to load and nowhere to build it; or a truncated library that cannot be replaced (never loaded: it
+    would crash the process)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    if content == "truncated":
+        good = current_library()
+        (cache / good.name).write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    result = run_build(tmp_path, "ro", cache, read_only(cache))
+    words = ["cannot write to the cache directory"] if content == "none" else ["truncated or corrupt", "cannot be removed"]
+    assert_fell_back(result, compiled_result, *words)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "unsealed"])
+def test_a_damaged_cached_library_is_rebuilt_with_one_warning(tmp_path, compiled_result, damage):
+    """A cached library cut short (which ``dlopen`` would map and the first call would crash on, SIGBUS), random
+    bytes, or a whole library without its seal, under the current key: refused before loading, rebuilt in place."""
+    from lowbit_fn.kernels.native import _SEAL_BYTES, _sealed
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    good = current_library()
+    data = good.read_bytes()
+    planted = {"truncated": data[: len(data) // 2], "garbage": os.urandom(len(data)), "unsealed": data[:-_SEAL_BYTES]}[damage]
+    (cache / good.name).write_bytes(planted)
+    result = run_build(tmp_path, damage, cache)
+    assert len(result["warnings"]) == 1, result["warnings"]
+    assert "was truncated or corrupt" in result["warnings"][0] and "rebuilding" in result["warnings"][0]
+    assert result["native"] is True
+    assert torch.equal(result["p"], compiled_result)
+    assert _sealed(cache / good.name) and (cache / good.name).stat().st_size == len(data)
+    assert run_build(tmp_path, damage + "-again", cache)["warnings"] == []  # the rebuilt library is used as is
+
+
+@pytest.mark.parametrize("planted", ["other library", "not an ELF file"])
+def test_a_wrong_sealed_library_one_warning_then_the_compiled_path(tmp_path, compiled_result, planted):
+    """A sealed file under the current key that is not this build of the kernel (as a library copied from another
+    machine or version would be): another library whose layout check fails, or a file ``dlopen`` refuses. A
+    library for another CPU gets another key (the CPU's flags are in it): one with instructions this CPU lacks
+    would be killed by SIGILL at its first call, which no check after loading can catch."""
+    from lowbit_fn.kernels.native import _seal
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    target = cache / current_library().name
+    if planted == "other library":
+        stub = tmp_path / "stub.c"
+        stub.write_text("int lowbit_abi(void) { return -1; }\nint lowbit_step(void) { return 0; }\n")
+        subprocess.run([os.environ.get("CC", "gcc"), "-shared", "-fPIC", str(stub), "-o", str(target)], check=True)
+        words = ["is another version's", "delete it"]
+    else:
+        target.write_bytes(b"\x7fELF" + os.urandom(4000))
+        words = ["does not load", "delete it"]
+    _seal(target)
+    result = run_build(tmp_path, "wrong", cache)
+    assert_fell_back(result, compiled_result, str(target), *words)

@@ -867,6 +867,10 @@ static int rule_moments(int rule, int flags, int nmom, int *signed_mask) {
     }
 }
 
+/* The layout the caller must use: the int64 fields of a segment row. native.py checks it after loading, so that a
+ * cached file that is some other build of this library (or not this library at all) is refused before any call. */
+int lowbit_abi(void) { return SEG_FIELDS; }
+
 /* One step of rule `rule` (RULE_*, switches `flags`: FLAG_*) over `nseg` segments (`segs`: nseg * SEG_FIELDS int64),
  * each with `nmom` moments, moment i signed where bit i of `signed_mask` is set.
  *   scalars: 10 floats: the rule's scalars in the order of its Rule.scalars (unused slots 0), then the weight decay

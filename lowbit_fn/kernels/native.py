@@ -8,8 +8,11 @@ takes under a second: ``$CC`` (default ``gcc``) with ``-O3 -march=native -fopenm
 source, the flags, the compiler and the CPU, and reused across processes. When many processes start at once (the
 ranks of a ``torchrun``), one builds while the others wait on a lock file beside the library, then they all load
 the same file; where locks do not work (some network filesystems shared by several nodes) several may build, but
-a cached library is never replaced (see :func:`_build`). Without a working compiler the compiled torch path runs
-instead, after one warning; ``LOWBIT_FN_NATIVE=0`` selects that path explicitly. The native
+a cached library is never replaced (see :func:`_build`). A built library ends with a seal (its size and sha256),
+checked before it is loaded: a truncated or corrupt cached file is removed and rebuilt, with one warning. Without a
+working compiler, with a cache directory that cannot be written (read-only, full) or a cached file that cannot be
+replaced or is not this build (it fails to load, or its ``lowbit_abi()`` differs), the compiled torch path runs
+instead, after one warning naming the cause; ``LOWBIT_FN_NATIVE=0`` selects that path explicitly. The native
 kernel computes exactly what the reference path computes (identical codes, scales, directions and parameters).
 Inside a user's ``torch.compile`` the call is a graph break (see ``kernels/step.py``): it runs eagerly.
 """
@@ -84,16 +87,58 @@ def _exclusive(path: Path) -> Iterator[None]:
         yield  # closing the file releases the lock
 
 
+_SEAL = b"lowbit_fn-native"  # the last bytes of a built library: sha256(body) + len(body) (8 bytes LE) + _SEAL
+_SEAL_BYTES = 32 + 8 + len(_SEAL)
+_SEG_FIELDS = 19  # int64 fields per segment row (see native_step); the library's lowbit_abi() must return it
+
+
+class NativeBuildError(RuntimeError):
+    """Why the native kernel is unavailable; its message is the warning's."""
+
+
+def _sealed(path: Path) -> bool:
+    """Whether ``path`` ends with the seal :func:`_compile` appended: its body's size and sha256. The loader maps
+    an ELF file by offsets from its headers, so a truncated library can pass ``dlopen`` and crash the process (SIGBUS)
+    when a missing page is touched; this check runs before ``dlopen`` and refuses any file cut short or changed."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return False
+    if len(data) < _SEAL_BYTES or not data.endswith(_SEAL):
+        return False
+    body, digest, size = data[:-_SEAL_BYTES], data[-_SEAL_BYTES:-_SEAL_BYTES + 32], data[-len(_SEAL) - 8:-len(_SEAL)]
+    return int.from_bytes(size, "little") == len(body) and hashlib.sha256(body).digest() == digest
+
+
+def _seal(path: Path) -> None:
+    """Appends the seal :func:`_sealed` checks to the file at ``path`` (flushed to disk)."""
+    body = path.read_bytes()
+    with open(path, "ab") as f:
+        f.write(hashlib.sha256(body).digest() + len(body).to_bytes(8, "little") + _SEAL)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _compile(cc: str, flags: list[str], target: Path) -> None:
-    """Builds the library into a temporary file beside ``target``, then links it to ``target`` only if that is
-    still absent: a library another process has built (and may have mapped) is never replaced."""
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=target.stem + ".", suffix=".tmp")
+    """Builds the library into a temporary file beside ``target``, seals it (:func:`_sealed`), then links it to
+    ``target`` only if that is still absent: a library another process has built (and may have mapped) is never
+    replaced, and ``target`` never holds a partly written file."""
+    try:
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=target.stem + ".", suffix=".tmp")
+    except OSError as err:
+        raise NativeBuildError(f"cannot write to the cache directory {target.parent} ({err.strerror}); "
+                               f"set LOWBIT_FN_CACHE to a writable directory") from err
     os.close(fd)
     tmp = Path(name)
     try:
         result = subprocess.run([cc, *flags, str(_SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {result.stderr.strip()[:500]}")
+            message = " ".join(result.stderr.split())[-300:]
+            raise NativeBuildError(f"the C compiler {cc} failed (exit status {result.returncode}): {message}")
+        try:
+            _seal(tmp)
+        except OSError as err:  # e.g. ENOSPC: the cache directory's filesystem is full
+            raise NativeBuildError(f"cannot write the library into {target.parent} ({err.strerror})") from err
         try:
             os.link(tmp, target)  # atomic create-if-absent: FileExistsError instead of replacing
         except FileExistsError:
@@ -102,29 +147,78 @@ def _compile(cc: str, flags: list[str], target: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _build() -> ctypes.CDLL:
-    """Compiles ``native.c`` unless the cache holds it (keyed by source, flags, compiler and CPU) and loads it.
+def _compiler_version(cc: str) -> str:
+    try:
+        result = subprocess.run([cc, "--version"], capture_output=True, text=True)
+    except OSError as err:
+        raise NativeBuildError(f"no C compiler: {cc} ({err.strerror}; set CC to one)") from err
+    if result.returncode != 0:
+        raise NativeBuildError(f"the C compiler {cc} does not run: `{cc} --version` exited with status {result.returncode}")
+    return result.stdout
 
-    One process builds at a time (:func:`_exclusive` on ``<library>.lock``); a process that waited finds the
-    library its predecessor built and loads it. Raises if the compiler fails or the library does not load."""
-    cc = os.environ.get("CC", "gcc")
-    flags = _flags()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + version.encode() + " ".join(flags).encode() + _cpu_fingerprint().encode()).hexdigest()[:20]
-    cache = Path(os.environ.get("LOWBIT_FN_CACHE", Path.home() / ".cache" / "lowbit_fn"))
-    target = cache / f"native_{key}.so"
-    if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with _exclusive(target.with_suffix(".lock")):
-            if not target.exists():  # another process may have built it while this one waited
-                _compile(cc, flags, target)
-    lib = ctypes.CDLL(str(target))
-    fn = lib.lowbit_step
+
+def _load(target: Path) -> ctypes.CDLL:
+    """Loads a sealed library and checks that it is this version's (its ``lowbit_abi()``). The seal guards against
+    a damaged file; a library for another CPU gets another name, since the cache key holds the CPU's flags: an
+    instruction this CPU lacks would kill the process at the first call, and no check after loading could catch
+    it."""
+    try:
+        lib = ctypes.CDLL(str(target))
+        abi = lib.lowbit_abi()
+        fn = lib.lowbit_step
+    except (OSError, AttributeError) as err:
+        raise NativeBuildError(f"the cached library {target} does not load ({err}); delete it to rebuild") from err
+    if abi != _SEG_FIELDS:
+        raise NativeBuildError(f"the cached library {target} is another version's (layout {abi}, expected "
+                               f"{_SEG_FIELDS}); delete it to rebuild")
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     fn.argtypes = [p, i64, i64, i32, i32, i32, i32, i32, p, p, i32, p, p, p, p, p, p, i32, i32, i32, i32]
     fn.restype = i32
     return lib
+
+
+def _damaged(target: Path, err: OSError) -> NativeBuildError:
+    return NativeBuildError(f"the cached library {target} is truncated or corrupt ({target.stat().st_size} bytes) "
+                            f"and cannot be removed ({err.strerror}); delete it or set LOWBIT_FN_CACHE elsewhere")
+
+
+def _build() -> ctypes.CDLL:
+    """Compiles ``native.c`` unless the cache holds it (keyed by source, flags, compiler and CPU) and loads it.
+
+    One process builds at a time (:func:`_exclusive` on ``<library>.lock``); a process that waited finds the
+    library its predecessor built and loads it. A cached file that is not sealed (truncated, corrupt, or written
+    by something else) is never loaded: it is removed and rebuilt, with a warning, or, where the cache cannot be
+    written, the kernel is unavailable. Raises :class:`NativeBuildError` when the kernel cannot be had."""
+    cc = os.environ.get("CC", "gcc")
+    flags = _flags()
+    version = _compiler_version(cc)
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + version.encode() + " ".join(flags).encode() + _cpu_fingerprint().encode() + _SEAL).hexdigest()[:20]
+    cache = Path(os.environ.get("LOWBIT_FN_CACHE", Path.home() / ".cache" / "lowbit_fn"))
+    target = cache / f"native_{key}.so"
+    if not _sealed(target):
+        with contextlib.ExitStack() as stack:
+            try:
+                cache.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(_exclusive(target.with_suffix(".lock")))
+            except OSError as err:
+                if target.exists():
+                    raise _damaged(target, err) from err
+                raise NativeBuildError(f"cannot write to the cache directory {cache} ({err.strerror}); "
+                                       f"set LOWBIT_FN_CACHE to a writable directory") from err
+            if target.exists() and not _sealed(target):  # checked again: a waited-for build may have replaced it
+                size = target.stat().st_size
+                try:
+                    target.unlink()  # a process that mapped it keeps its own copy of the inode
+                except OSError as err:
+                    raise _damaged(target, err) from err
+                warnings.warn(f"lowbit_fn: the cached native library {target} was truncated or corrupt "
+                              f"({size} bytes); rebuilding it.", RuntimeWarning, stacklevel=4)
+            if not target.exists():
+                _compile(cc, flags, target)
+        if not _sealed(target):
+            raise NativeBuildError(f"the library {target} did not verify after its build")
+    return _load(target)
 
 
 def _library() -> ctypes.CDLL | None:
@@ -133,11 +227,12 @@ def _library() -> ctypes.CDLL | None:
             if "lib" not in _state:
                 try:
                     _state["lib"] = _build()
-                except Exception as err:  # no compiler, a failed build, an unloadable library
+                except Exception as err:  # no compiler, a failed build, an unwritable cache, an unloadable library
                     _state["lib"] = None
+                    reason = str(err) if isinstance(err, NativeBuildError) else f"{type(err).__name__}: {err}"
                     warnings.warn(
-                        f"lowbit_fn: the native CPU kernel is unavailable ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:200] if str(err) else ''}); using the compiled torch path.",
+                        f"lowbit_fn: the native CPU kernel is unavailable ({' '.join(reason.split())[:400]}); "
+                        f"using the compiled torch path.",
                         RuntimeWarning,
                         stacklevel=3,
                     )
