@@ -41,7 +41,8 @@ from ._sharding import Sharding, as_dtensor, is_dtensor, local, local_entry, sha
 from .formats import FORMATS, ROUNDINGS, dequantize, quantize
 from .kernels import Epilogue, Item, moment_step
 from .kernels.reference import PARAM_STREAM, round_to
-from .transforms import Chain, GradientTransformation, MomentTransformation, adam, adamw, muon, rmsprop, sgd
+from .transforms import (Chain, GradientTransformation, MomentTransformation, adam, adamw, ademamix, lion, muon,
+                         rmsprop, sgd)
 from .transforms.muon import MuonTransformation
 from .transforms._moments import parse_group_name
 from .transforms.alias import FusedChain
@@ -250,16 +251,59 @@ def _label(group_index: int, index: int, group: dict[str, Any], param: Tensor) -
     return f"parameter {where} of shape {list(param.shape)}"
 
 
+# the largest step count a checkpoint may hold: int64 counters, with room for the steps still to come
+_MAX_STEP = 2**62
+
+
 def _step_value(entry: dict[str, Any], label: str) -> int:
-    if "step" not in entry and any(isinstance(entry.get(n), Tensor) for n in _SIGNED):
+    """The checkpoint entry's step count: a whole number >= 0 (an int, an integral float, or a 1-element tensor
+    of either; a bool is refused, as it is no count)."""
+    if "step" not in entry and isinstance(entry.get("momentum_buffer"), Tensor) and not any(
+        _holds(entry, n) for n in _SIGNED if n != "momentum_buffer"
+    ):
         return 1  # torch.optim.SGD and Muon keep no step count: their buffers are past the first update
     if "step" not in entry:
         raise ValueError(f"{label}: the checkpoint has no 'step' (keys: {sorted(entry)})")
-    step = entry["step"]
-    value = float(step) if isinstance(step, (int, float)) or (isinstance(step, Tensor) and step.numel() == 1) else None
-    if value is None or not math.isfinite(value) or value < 0 or value != int(value):
-        raise ValueError(f"{label}: 'step' must be a whole number >= 0, got {step!r}")
+    step = value = entry["step"]
+    if isinstance(step, Tensor):
+        value = step.item() if step.numel() == 1 and step.dtype != torch.bool and not step.is_complex() else None
+    whole = isinstance(value, int) and not isinstance(value, bool) or (
+        isinstance(value, float) and math.isfinite(value) and value == int(value)
+    )
+    if not whole or not 0 <= value < _MAX_STEP:
+        got = f"a {step.dtype} tensor of shape {list(step.shape)}" if isinstance(step, Tensor) and value is None else repr(step)
+        raise ValueError(f"{label}: 'step' must be a whole number >= 0 (below 2**62), got {got}")
     return int(value)
+
+
+def _check_values(value: Tensor, name: str, signed: bool, label: str, what: str) -> None:
+    """Raise for a moment from a checkpoint that holds NaN or infinite values, or negative ones where it is a
+    second moment (never negative; stored as its square root under stochastic rounding, equally never negative):
+    training from it would go NaN at the next step."""
+    if not bool(torch.isfinite(value).all()):
+        kinds = [k for k, bad in (("NaN", torch.isnan(value)), ("infinite", torch.isinf(value))) if bool(bad.any())]
+        raise ValueError(f"{label}: {what} holds {' and '.join(kinds)} values (corrupt checkpoint)")
+    if not signed and bool((value < 0).any()):
+        raise ValueError(f"{label}: {what} holds negative values, but {name!r} is a second moment, never negative (corrupt checkpoint)")
+
+
+def _check_meta(entry: dict[str, Any], label: str) -> None:
+    """Raise for a quantized entry's ``state_format``, ``block_size`` or ``rounding`` of the wrong kind (after
+    :func:`_decoded`): the name of a format, a positive int that the format accepts, the name of a rounding.
+    Checked before anything reads them (a block size of 0 would divide by zero, a list would not hash)."""
+    fmt, block, rounding = entry.get("state_format"), entry.get("block_size"), entry.get("rounding")
+    if "state_format" in entry and not (isinstance(fmt, str) and fmt in FORMATS):
+        raise ValueError(f"{label}: unknown state_format {fmt!r} in the checkpoint (expected one of {list(FORMATS)})")
+    if "block_size" in entry:
+        if isinstance(block, bool) or not isinstance(block, int) or block <= 0:
+            raise ValueError(f"{label}: block_size in the checkpoint must be a positive int, got {block!r}")
+        if isinstance(fmt, str):
+            try:
+                FORMATS[fmt].check_block_size(block)
+            except ValueError as err:
+                raise ValueError(f"{label}: the checkpoint's {err}") from None
+    if "rounding" in entry and not (isinstance(rounding, str) and rounding in ROUNDINGS):
+        raise ValueError(f"{label}: unknown rounding {rounding!r} in the checkpoint (expected one of {list(ROUNDINGS)})")
 
 
 def _moment(entry: dict[str, Any], name: str, shape: torch.Size, label: str) -> Tensor:
@@ -269,19 +313,23 @@ def _moment(entry: dict[str, Any], name: str, shape: torch.Size, label: str) -> 
         if not isinstance(value, Tensor) or not value.is_floating_point() or value.numel() != shape.numel():
             got = f"{value.dtype}{list(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(f"{label}: {name!r} in the checkpoint is {got}, expected {shape.numel()} floating values")
-        return value.reshape(shape)
+        _check_values(value, name, _SIGNED[name], label, f"{name!r} in the checkpoint")
+        return value.reshape(shape)  # another float dtype (float16, bfloat16, float64) is cast by the caller
     if f"{name}_codes" in entry:
         codes, scale = entry[f"{name}_codes"], entry.get(f"{name}_scale")
         fmt, block = entry.get("state_format"), entry.get("block_size")
-        if fmt not in FORMATS or not isinstance(block, int):
+        _check_meta(entry, label)
+        if fmt is None or block is None:
             raise ValueError(f"{label}: quantized {name!r} without a valid state_format/block_size ({fmt!r}, {block!r})")
         if not isinstance(scale, Tensor):
             raise ValueError(f"{label}: the checkpoint has {name}_codes but no {name}_scale tensor")
-        if scale.dtype == torch.float32 and bool(((scale < 0) | torch.isinf(scale)).any()):
-            raise ValueError(f"{label}: {name}_scale holds negative or infinite block scales (corrupt checkpoint)")
+        if scale.dtype == torch.float32:  # (another dtype is refused by dequantize below)
+            # a block's scale is its largest magnitude: >= 0 and finite (exactly 0 for an all-zero block)
+            kinds = [k for k, bad in (("NaN", torch.isnan(scale)), ("negative", scale < 0), ("infinite", torch.isinf(scale)))
+                     if bool(bad.any())]
+            if kinds:
+                raise ValueError(f"{label}: {name}_scale holds {' and '.join(kinds)} block scales (corrupt checkpoint)")
         rounding = entry.get("rounding", "nearest")  # checkpoints from before stochastic rounding hold nearest codes
-        if rounding not in ROUNDINGS:
-            raise ValueError(f"{label}: unknown rounding {rounding!r} in the checkpoint (expected one of {list(ROUNDINGS)})")
         try:
             if isinstance(codes, Tensor) and _is_flat_v010(codes, scale, fmt, block, shape):
                 per = FORMATS[fmt].codes_per_byte  # 0.1.0: one padded row of every element (blocks over the flat tensor)
@@ -291,6 +339,7 @@ def _moment(entry: dict[str, Any], name: str, shape: torch.Size, label: str) -> 
                 value = dequantize(codes, scale, fmt, signed=_SIGNED[name], shape=shape, block_size=block)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{label}: corrupt {name} in the checkpoint: {err}") from None
+        _check_values(value, name, _SIGNED[name], label, f"{name}_codes (decoded)")  # FP8 has NaN and negative codes
         return value * value if rounding == "stochastic" and not _SIGNED[name] else value  # v stored as sqrt(v)
     if name == "max_exp_avg_sq":  # saved without amsgrad: the running max starts at the current second moment
         return _moment(entry, "exp_avg_sq", shape, label)
@@ -304,9 +353,19 @@ def _moment(entry: dict[str, Any], name: str, shape: torch.Size, label: str) -> 
     raise ValueError(f"{label}: the checkpoint has no {name!r}{torch_form} (keys: {sorted(entry)})")
 
 
-# moments that a checkpoint of the same optimizer may hold and this one not keep (amsgrad, centered or momentum off
-# here): dropped on load; any other moment this optimizer lacks means a checkpoint of another optimizer
-_OPTIONAL = ("max_exp_avg_sq", "grad_avg", "momentum_buffer")
+def _droppable(mine: set[str]) -> set[str]:
+    """Moments that a checkpoint of the same optimizer with a feature on may hold and this one, with it off, does
+    not keep (``mine``: the moments it keeps, under torch's names): Adam's ``max_exp_avg_sq`` (amsgrad), RMSprop's
+    ``grad_avg`` (centered) and ``momentum_buffer`` (momentum), SGD's ``momentum_buffer`` (momentum). They are
+    dropped on load; any other moment this optimizer lacks means a checkpoint of another optimizer."""
+    out = set()
+    if "exp_avg_sq" in mine and "exp_avg_slow" not in mine:  # Adam (AdEMAMix has no amsgrad)
+        out.add("max_exp_avg_sq")
+    if "square_avg" in mine:  # RMSprop
+        out |= {"grad_avg", "momentum_buffer"}
+    if mine <= {"momentum_buffer"}:  # SGD (none kept without momentum)
+        out.add("momentum_buffer")
+    return out
 
 
 def _holds(entry: dict[str, Any], name: str) -> bool:
@@ -316,12 +375,13 @@ def _holds(entry: dict[str, Any], name: str) -> bool:
 def _check_moments(entry: dict[str, Any], transform: GradientTransformation, label: str) -> None:
     """Raise for a checkpoint entry holding moments of another optimizer (e.g. Adam's ``exp_avg_sq`` for Lion)."""
     core = moment_core(transform)
-    mine = {_SAME_MOMENT.get(n, n) for n in core.torch_names} if core is not None else set()
-    held = {_SAME_MOMENT.get(n, n) for n in _SIGNED if _holds(entry, n)}
-    foreign = sorted(held - mine - set(_OPTIONAL))
-    if foreign:
+    kept = set(core.torch_names) if core is not None else set()
+    mine = {_SAME_MOMENT.get(n, n) for n in kept}  # grad_var and torch's square_avg: one moment
+    allowed = mine | _droppable(mine)
+    foreign = sorted(n for n in _SIGNED if _holds(entry, n) and _SAME_MOMENT.get(n, n) not in allowed)
+    if foreign:  # named as the checkpoint names them
         raise ValueError(
-            f"{label}: the checkpoint holds {foreign}, which this optimizer does not keep (it keeps {sorted(mine)}): "
+            f"{label}: the checkpoint holds {foreign}, which this optimizer does not keep (it keeps {sorted(kept)}): "
             "a checkpoint of another optimizer?"
         )
 
@@ -346,6 +406,14 @@ def _aligned_v010(entry: dict[str, Any], moment: str, shape: torch.Size) -> bool
 def _restore(core: TensorDictBase, entry: dict[str, Any], shape: torch.Size, names: dict[str, str], label: str) -> None:
     """Fill a freshly initialized core state from a checkpoint entry of any format (bit-exact when it matches)."""
     target = _entries(core, shape, names)
+    _check_meta(entry, label)
+    # what a checkpoint entry may hold: this state's keys, and any moment of the family under torch's names, full
+    # precision or quantized (converted, or dropped as _droppable), with its step count and quantization metadata
+    known = set(target) | {"step", *_META} | {f"{n}{part}" for n in _SIGNED for part in ("", "_codes", "_scale")}
+    unknown = sorted(map(str, set(entry) - known))
+    if unknown:
+        raise ValueError(f"{label}: the checkpoint's state holds unknown entries {unknown} (keys this optimizer reads: "
+                         f"{sorted(k for k in target if k not in _META)}); a corrupt or foreign checkpoint?")
     done = set()
     for name, dest in target.items():
         if name in _META or name in done:
@@ -500,6 +568,57 @@ def _fused_step(transform: FusedChain, jobs: list[tuple[Tensor, Tensor, dict[str
         entry["step"].add_(1)
 
 
+def _check_saved_params(saved_groups: list[Any], groups: list[dict[str, Any]]) -> None:
+    """Raise for checkpoint param groups that are not dicts, lack ``params``, or whose ``params`` do not name this
+    optimizer's parameters: lists as long as its groups' of parameter ids, each an int in ``range(number of
+    parameters)`` (what ``state_dict()`` writes) or a str (a parameter's name, what torch.distributed.checkpoint
+    writes), none twice."""
+    total = sum(len(g["params"]) for g in groups)
+    seen: dict[int | str, int] = {}
+    for gi, (group, saved) in enumerate(zip(groups, saved_groups)):
+        where = f"param_groups[{gi}] of the checkpoint"
+        if not isinstance(saved, dict):
+            raise ValueError(f"{where} is a {type(saved).__name__}, not a dict")
+        if "params" not in saved:
+            raise ValueError(f"{where} has no 'params' (the parameters' indices; its keys: {sorted(map(str, saved))})")
+        params = saved["params"]
+        if not isinstance(params, (list, tuple)) or any(
+            isinstance(i, bool) or not isinstance(i, (int, str)) for i in params
+        ):
+            raise ValueError(
+                f"{where}: 'params' must be a list of parameter indices (ints, or names as torch.distributed.checkpoint "
+                f"writes), got {params!r}"
+            )
+        if len(params) != len(group["params"]):
+            raise ValueError(f"param_groups[{gi}] has {len(group['params'])} parameters, the checkpoint's {len(params)}")
+        for i in params:
+            if isinstance(i, int) and not 0 <= i < total:
+                raise ValueError(f"{where}: parameter index {i} is out of range (this optimizer has {total} parameters)")
+            if i in seen:
+                raise ValueError(f"{where}: parameter {i!r} is listed twice (also in param_groups[{seen[i]}])")
+            seen[i] = gi
+
+
+_ELSEWHERE: set[str] = set()
+
+
+def _group_keys_elsewhere() -> set[str]:
+    """The param-group keys of the other optimizers a checkpoint may come from: lowbit_fn's factories (under
+    torch's names) and torch.optim's Adam, AdamW, SGD, RMSprop and Muon. A checkpoint group holding one that this
+    optimizer lacks (``ns_steps`` for SGD, ``dampening`` for Muon) is another optimizer's, even where the states
+    look alike (SGD's and Muon's are both one momentum buffer). Keys of no optimizer (a scheduler's
+    ``initial_lr``, a user's own) are kept, as torch.optim keeps them."""
+    if not _ELSEWHERE:
+        for factory in (adam, adamw, lion, sgd, rmsprop, ademamix, muon):
+            spec = _Spec(factory)
+            _ELSEWHERE.update(_TORCH_NAMES.get(n, n) for n in spec.args if n not in spec.betas)
+            _ELSEWHERE.update(["betas"] if spec.betas else [])
+        for cls in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.RMSprop, torch.optim.Muon):
+            _ELSEWHERE.update(n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "params"))
+        _ELSEWHERE.difference_update(_TORCH_FLAGS, {"decoupled_weight_decay"})
+    return _ELSEWHERE
+
+
 class TransformOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that runs a lowbit_fn transform factory (see :func:`as_torch_optimizer`)."""
 
@@ -638,38 +757,52 @@ class TransformOptimizer(torch.optim.Optimizer):
         Moments in the same format and block size are restored bit-exactly; others are converted (dequantized,
         then quantized into this optimizer's format). The group hyperparameters (``lr``, ``betas``, ...) come from
         the checkpoint, the state layout (``state_format``, ``block_size``, ``amsgrad``, ...) stays this
-        optimizer's. Raises ``ValueError`` naming the parameter for a checkpoint that does not fit (other shapes,
-        or another optimizer's moments or betas), and then leaves the optimizer exactly as it was.
+        optimizer's. Raises ``ValueError`` naming the parameter (or the param group) and the problem for a
+        checkpoint that does not fit (other shapes; another optimizer's moments, betas or hyperparameters) or is
+        corrupt (NaN, negative or infinite block scales, non-finite moments, tensors of another dtype or size, a
+        bad ``step``/``state_format``/``block_size``/``rounding``, missing or unknown keys, param groups without
+        valid ``params``), and then leaves the optimizer exactly as it was: everything is checked before
+        anything is written. The README's checkpoint section lists what is accepted.
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         state_dict = load_pre_hooks(self, state_dict)
+        # everything is checked and built into new objects first; the optimizer is written only at the end, so
+        # that a checkpoint refused at any point leaves it exactly as it was
         if not {"state", "param_groups"} <= set(state_dict):
             raise ValueError(f"not an optimizer state_dict: expected 'state' and 'param_groups', got {sorted(state_dict)}")
-        saved_groups = deepcopy(state_dict["param_groups"])
+        if not isinstance(state_dict["param_groups"], (list, tuple)) or not isinstance(state_dict["state"], dict):
+            got = {k: type(state_dict[k]).__name__ for k in ("state", "param_groups")}
+            raise ValueError(f"not an optimizer state_dict: 'state' must be a dict and 'param_groups' a list, got {got}")
+        saved_groups = deepcopy(list(state_dict["param_groups"]))
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"the checkpoint has {len(saved_groups)} parameter group(s), this optimizer {len(self.param_groups)}"
             )
+        _check_saved_params(saved_groups, self.param_groups)
         groups, id_map = [], {}
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"param_groups[{gi}] has {len(group['params'])} parameters, the checkpoint's {len(saved['params'])}"
-                )
             if saved.get("maximize"):
                 raise ValueError(f"param_groups[{gi}]: the checkpoint was saved with maximize=True, not supported")
             new = dict(group)
             keep = set(self._spec.structural) | {"params", "bf16_stochastic_round"}
             new.update({k: v for k, v in saved.items() if k not in keep and k not in _TORCH_FLAGS and k != "decoupled_weight_decay"})
-            _check_group(new, f"param_groups[{gi}] of the checkpoint", len(self._spec.betas))
+            try:
+                _check_group(new, f"param_groups[{gi}] of the checkpoint", len(self._spec.betas))
+            except TypeError as err:  # a hyperparameter of the wrong type: in a checkpoint, a checkpoint that does not fit
+                raise ValueError(str(err)) from None
             groups.append(new)
             id_map.update(zip(saved["params"], ((gi, i) for i in range(len(group["params"])))))
         state: defaultdict[Tensor, dict] = defaultdict(dict)
         cores = {}
-        built = {gi: _Built(self._spec, self._factory, g) for gi, g in enumerate(groups)}
+        built = {}
+        for gi, g in enumerate(groups):
+            try:
+                built[gi] = _Built(self._spec, self._factory, g)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"param_groups[{gi}] of the checkpoint: its hyperparameters do not build the transform: {err}") from None
         for key, entry in state_dict["state"].items():
-            if key not in id_map:
+            if isinstance(key, bool) or key not in id_map:
                 raise ValueError(f"the checkpoint has state for parameter index {key!r}, which no param group lists")
             gi, i = id_map[key]
             p = groups[gi]["params"][i]
@@ -681,6 +814,13 @@ class TransformOptimizer(torch.optim.Optimizer):
             record = _record(p, built[gi].transform, _decoded(entry), _label(gi, i, groups[gi], p))
             state[p] = record[0]
             cores[p] = record
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            foreign = sorted(set(saved) & (_group_keys_elsewhere() - set(group)))
+            if foreign:  # after the states: their messages (the moments another optimizer keeps) say more
+                raise ValueError(
+                    f"param_groups[{gi}] of the checkpoint has {foreign}, hyperparameters that this optimizer does not "
+                    "have (those of another lowbit_fn or torch.optim optimizer): a checkpoint of another optimizer?"
+                )
         self.param_groups[:] = groups
         self.state = state
         self._built = built

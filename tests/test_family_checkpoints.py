@@ -344,7 +344,8 @@ def test_foreign_checkpoints_name_what_does_not_fit(checkpoints, eager):
     """The messages say what is wrong: moments this optimizer does not keep, ones it needs, betas it has not."""
     cases = [
         (lowbit_fn.Lion8bit, "AdamW", r"holds \['exp_avg_sq'\], which this optimizer does not keep .*another optimizer"),
-        (lowbit_fn.SGD8bit, "RMSprop", r"holds \['square_avg'\], which this optimizer does not keep"),
+        (lowbit_fn.SGD8bit, "RMSprop", r"holds \['grad_avg', 'grad_var'\], which this optimizer does not keep"),
+        (lowbit_fn.SGD8bit, "torch_RMSprop", r"holds \['square_avg'\], which this optimizer does not keep"),
         (lowbit_fn.SGD8bit, "Lion", r"betas=\(0\.9, 0\.99\), but this optimizer has no betas"),
         (lowbit_fn.RMSprop8bit, "SGD", r"the checkpoint has no 'grad_var' \(nor torch's 'square_avg' and 'grad_avg'\)"),
         (lowbit_fn.AdEMAMix8bit, "AdamW", r"betas must be a tuple of 3"),

@@ -224,6 +224,12 @@ def moment_transform(
                 f"holds {sorted(set(state.keys()) - {'count', 'layout'})}, this transform expects "
                 f"{sorted(expected - {'count', 'layout'})} (a state from another format, rounding or set of moments?)" + hint
             )
+        count = flat[("count",)]
+        if count.dtype != torch.int64 or count.dim() != 0:  # the step count: bias corrections and random bits read it
+            raise ValueError(
+                f"{label}: state['count'] holds {count.dtype}{list(count.shape)}, the step count is an int64 scalar "
+                "(corrupt or foreign state)"
+            )
         for place in places:
             for path, size, dt in place.paths:
                 tensor = flat.get(path)

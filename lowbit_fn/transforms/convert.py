@@ -95,6 +95,11 @@ def convert_state(state: TensorDictBase, transform: GradientTransformation) -> T
     new_adam = new[new_prefixes[0]] if new_prefixes[0] else new
     count = old_adam["count"]
     moments = _old_moments(old_adam, keys, layout)
+    for key, values in moments.items():  # a NaN scale (or value) would carry over into the new codes
+        for moment, value in values.items():
+            if not bool(torch.isfinite(value).all()) or (not _SIGNED[moment] and bool((value < 0).any())):
+                bad = "NaN or infinite" if not bool(torch.isfinite(value).all()) else "negative"
+                raise ValueError(f"convert_state: the {moment} of parameter {name(key)!r} holds {bad} values (corrupt state)")
     for group in [g for g in new_adam.keys() if g not in ("count", "layout")]:
         parsed = parse_group_name(group)
         for moment in new_adam[group].keys():
