@@ -30,7 +30,7 @@ class _DropIn(TransformOptimizer):
     _state_format = "8bit"
 
     def _build(self, params: Params, lr: float | Tensor, betas: tuple | None,
-               bf16_stochastic_round: bool, **hyper: Any) -> None:
+               bf16_stochastic_round: bool, max_consecutive_errors: int | None, **hyper: Any) -> None:
         """``TransformOptimizer.__init__`` with torch's ``lr`` and ``betas`` as the factory's names, in this
         class's state format (block options dropped for full-precision classes)."""
         if betas is not None:
@@ -42,7 +42,7 @@ class _DropIn(TransformOptimizer):
             hyper.update(zip(names, betas))
         TransformOptimizer.__init__(
             self, type(self)._factory_fn, params, learning_rate=lr, state_format=self._state_format,
-            bf16_stochastic_round=bf16_stochastic_round, **hyper,
+            bf16_stochastic_round=bf16_stochastic_round, max_consecutive_errors=max_consecutive_errors, **hyper,
         )
 
 
@@ -80,8 +80,9 @@ class Adam8bit(_DropIn):
     def __init__(self, params: Params, lr: float | Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
-                 bf16_stochastic_round: bool = False):
-        self._build(params, lr, betas, bf16_stochastic_round, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                 bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, betas, bf16_stochastic_round, max_consecutive_errors, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                     block_size=block_size, min_quant_size=min_quant_size)
 
 
@@ -93,8 +94,9 @@ class AdamW8bit(_DropIn):
     def __init__(self, params: Params, lr: float | Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
-                 bf16_stochastic_round: bool = False):
-        self._build(params, lr, betas, bf16_stochastic_round, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                 bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, betas, bf16_stochastic_round, max_consecutive_errors, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                     block_size=block_size, min_quant_size=min_quant_size)
 
 
@@ -106,8 +108,9 @@ class Adam4bit(_DropIn):
     def __init__(self, params: Params, lr: float | Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
-                 bf16_stochastic_round: bool = False):
-        self._build(params, lr, betas, bf16_stochastic_round, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                 bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, betas, bf16_stochastic_round, max_consecutive_errors, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                     block_size=block_size, min_quant_size=min_quant_size)
 
 
@@ -119,8 +122,9 @@ class AdamW4bit(_DropIn):
     def __init__(self, params: Params, lr: float | Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
-                 bf16_stochastic_round: bool = False):
-        self._build(params, lr, betas, bf16_stochastic_round, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                 bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, betas, bf16_stochastic_round, max_consecutive_errors, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                     block_size=block_size, min_quant_size=min_quant_size)
 
 
@@ -132,8 +136,9 @@ class AdamFp8(_DropIn):
     def __init__(self, params: Params, lr: float | Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
-                 bf16_stochastic_round: bool = False):
-        self._build(params, lr, betas, bf16_stochastic_round, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                 bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, betas, bf16_stochastic_round, max_consecutive_errors, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                     block_size=block_size, min_quant_size=min_quant_size)
 
 
@@ -145,8 +150,9 @@ class AdamWFp8(_DropIn):
     def __init__(self, params: Params, lr: float | Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, block_size: int | None = None, min_quant_size: int = 4096,
-                 bf16_stochastic_round: bool = False):
-        self._build(params, lr, betas, bf16_stochastic_round, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                 bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, betas, bf16_stochastic_round, max_consecutive_errors, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                     block_size=block_size, min_quant_size=min_quant_size)
 
 
@@ -177,8 +183,9 @@ class AdamW(_DropIn):
         amsgrad: bool = False,
         *,
         bf16_stochastic_round: bool = False,
+        max_consecutive_errors: int | None = None,
     ):
-        self._build(params, lr, betas, bf16_stochastic_round, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+        self._build(params, lr, betas, bf16_stochastic_round, max_consecutive_errors, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
 
 
 _FAMILY_DOC = """{title} with {what}{torch}.
@@ -232,8 +239,9 @@ class Lion8bit(_DropIn):
 
     def __init__(self, params: Params, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, block_size: int | None = None, min_quant_size: int = 4096,
-                 bf16_stochastic_round: bool = False):
-        self._build(params, lr, betas, bf16_stochastic_round, weight_decay=weight_decay, block_size=block_size,
+                 bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, betas, bf16_stochastic_round, max_consecutive_errors, weight_decay=weight_decay, block_size=block_size,
                     min_quant_size=min_quant_size)
 
 
@@ -244,8 +252,9 @@ class Lion4bit(_DropIn):
 
     def __init__(self, params: Params, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, block_size: int | None = None, min_quant_size: int = 4096,
-                 bf16_stochastic_round: bool = False):
-        self._build(params, lr, betas, bf16_stochastic_round, weight_decay=weight_decay, block_size=block_size,
+                 bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, betas, bf16_stochastic_round, max_consecutive_errors, weight_decay=weight_decay, block_size=block_size,
                     min_quant_size=min_quant_size)
 
 
@@ -256,8 +265,9 @@ class LionFp8(_DropIn):
 
     def __init__(self, params: Params, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, block_size: int | None = None, min_quant_size: int = 4096,
-                 bf16_stochastic_round: bool = False):
-        self._build(params, lr, betas, bf16_stochastic_round, weight_decay=weight_decay, block_size=block_size,
+                 bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, betas, bf16_stochastic_round, max_consecutive_errors, weight_decay=weight_decay, block_size=block_size,
                     min_quant_size=min_quant_size)
 
 
@@ -267,8 +277,9 @@ class Lion(_DropIn):
     _state_format = "fp32"
 
     def __init__(self, params: Params, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
-                 weight_decay: float = 0.0, *, bf16_stochastic_round: bool = False):
-        self._build(params, lr, betas, bf16_stochastic_round, weight_decay=weight_decay)
+                 weight_decay: float = 0.0, *, bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, betas, bf16_stochastic_round, max_consecutive_errors, weight_decay=weight_decay)
 
 
 # SGD: torch.optim.SGD's signature and defaults; without momentum there is no state but the step count
@@ -281,8 +292,9 @@ class SGD8bit(_DropIn):
 
     def __init__(self, params: Params, lr: float | Tensor = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, block_size: int | None = None,
-                 min_quant_size: int = 4096, bf16_stochastic_round: bool = False):
-        self._build(params, lr, None, bf16_stochastic_round, momentum=momentum, dampening=dampening,
+                 min_quant_size: int = 4096, bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, None, bf16_stochastic_round, max_consecutive_errors, momentum=momentum, dampening=dampening,
                     weight_decay=weight_decay, nesterov=nesterov, block_size=block_size, min_quant_size=min_quant_size)
 
 
@@ -293,8 +305,9 @@ class SGD4bit(_DropIn):
 
     def __init__(self, params: Params, lr: float | Tensor = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, block_size: int | None = None,
-                 min_quant_size: int = 4096, bf16_stochastic_round: bool = False):
-        self._build(params, lr, None, bf16_stochastic_round, momentum=momentum, dampening=dampening,
+                 min_quant_size: int = 4096, bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, None, bf16_stochastic_round, max_consecutive_errors, momentum=momentum, dampening=dampening,
                     weight_decay=weight_decay, nesterov=nesterov, block_size=block_size, min_quant_size=min_quant_size)
 
 
@@ -305,8 +318,9 @@ class SGDFp8(_DropIn):
 
     def __init__(self, params: Params, lr: float | Tensor = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, block_size: int | None = None,
-                 min_quant_size: int = 4096, bf16_stochastic_round: bool = False):
-        self._build(params, lr, None, bf16_stochastic_round, momentum=momentum, dampening=dampening,
+                 min_quant_size: int = 4096, bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, None, bf16_stochastic_round, max_consecutive_errors, momentum=momentum, dampening=dampening,
                     weight_decay=weight_decay, nesterov=nesterov, block_size=block_size, min_quant_size=min_quant_size)
 
 
@@ -316,8 +330,9 @@ class SGD(_DropIn):
     _state_format = "fp32"
 
     def __init__(self, params: Params, lr: float | Tensor = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, *, bf16_stochastic_round: bool = False):
-        self._build(params, lr, None, bf16_stochastic_round, momentum=momentum, dampening=dampening,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, None, bf16_stochastic_round, max_consecutive_errors, momentum=momentum, dampening=dampening,
                     weight_decay=weight_decay, nesterov=nesterov)
 
 
@@ -331,8 +346,9 @@ class RMSprop8bit(_DropIn):
 
     def __init__(self, params: Params, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, *,
-                 block_size: int | None = None, min_quant_size: int = 4096, bf16_stochastic_round: bool = False):
-        self._build(params, lr, None, bf16_stochastic_round, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                 block_size: int | None = None, min_quant_size: int = 4096, bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, None, bf16_stochastic_round, max_consecutive_errors, alpha=alpha, eps=eps, weight_decay=weight_decay,
                     momentum=momentum, centered=centered, block_size=block_size, min_quant_size=min_quant_size)
 
 
@@ -343,8 +359,9 @@ class RMSprop4bit(_DropIn):
 
     def __init__(self, params: Params, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, *,
-                 block_size: int | None = None, min_quant_size: int = 4096, bf16_stochastic_round: bool = False):
-        self._build(params, lr, None, bf16_stochastic_round, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                 block_size: int | None = None, min_quant_size: int = 4096, bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, None, bf16_stochastic_round, max_consecutive_errors, alpha=alpha, eps=eps, weight_decay=weight_decay,
                     momentum=momentum, centered=centered, block_size=block_size, min_quant_size=min_quant_size)
 
 
@@ -355,8 +372,9 @@ class RMSpropFp8(_DropIn):
 
     def __init__(self, params: Params, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, *,
-                 block_size: int | None = None, min_quant_size: int = 4096, bf16_stochastic_round: bool = False):
-        self._build(params, lr, None, bf16_stochastic_round, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                 block_size: int | None = None, min_quant_size: int = 4096, bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, None, bf16_stochastic_round, max_consecutive_errors, alpha=alpha, eps=eps, weight_decay=weight_decay,
                     momentum=momentum, centered=centered, block_size=block_size, min_quant_size=min_quant_size)
 
 
@@ -367,8 +385,9 @@ class RMSprop(_DropIn):
 
     def __init__(self, params: Params, lr: float | Tensor = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, *,
-                 bf16_stochastic_round: bool = False):
-        self._build(params, lr, None, bf16_stochastic_round, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                 bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, None, bf16_stochastic_round, max_consecutive_errors, alpha=alpha, eps=eps, weight_decay=weight_decay,
                     momentum=momentum, centered=centered)
 
 
@@ -383,8 +402,9 @@ class AdEMAMix8bit(_DropIn):
     def __init__(self, params: Params, lr: float | Tensor = 1e-3, betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
                  alpha: float = 5.0, t_alpha: int | None = None, t_beta3: int | None = None, eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, block_size: int | None = None, min_quant_size: int = 4096,
-                 bf16_stochastic_round: bool = False):
-        self._build(params, lr, betas, bf16_stochastic_round, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, eps=eps,
+                 bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, betas, bf16_stochastic_round, max_consecutive_errors, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, eps=eps,
                     weight_decay=weight_decay, block_size=block_size, min_quant_size=min_quant_size)
 
 
@@ -396,8 +416,9 @@ class AdEMAMix4bit(_DropIn):
     def __init__(self, params: Params, lr: float | Tensor = 1e-3, betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
                  alpha: float = 5.0, t_alpha: int | None = None, t_beta3: int | None = None, eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, block_size: int | None = None, min_quant_size: int = 4096,
-                 bf16_stochastic_round: bool = False):
-        self._build(params, lr, betas, bf16_stochastic_round, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, eps=eps,
+                 bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, betas, bf16_stochastic_round, max_consecutive_errors, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, eps=eps,
                     weight_decay=weight_decay, block_size=block_size, min_quant_size=min_quant_size)
 
 
@@ -409,8 +430,9 @@ class AdEMAMixFp8(_DropIn):
     def __init__(self, params: Params, lr: float | Tensor = 1e-3, betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
                  alpha: float = 5.0, t_alpha: int | None = None, t_beta3: int | None = None, eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, block_size: int | None = None, min_quant_size: int = 4096,
-                 bf16_stochastic_round: bool = False):
-        self._build(params, lr, betas, bf16_stochastic_round, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, eps=eps,
+                 bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, betas, bf16_stochastic_round, max_consecutive_errors, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, eps=eps,
                     weight_decay=weight_decay, block_size=block_size, min_quant_size=min_quant_size)
 
 
@@ -421,8 +443,9 @@ class AdEMAMix(_DropIn):
 
     def __init__(self, params: Params, lr: float | Tensor = 1e-3, betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
                  alpha: float = 5.0, t_alpha: int | None = None, t_beta3: int | None = None, eps: float = 1e-8,
-                 weight_decay: float = 1e-2, *, bf16_stochastic_round: bool = False):
-        self._build(params, lr, betas, bf16_stochastic_round, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, eps=eps,
+                 weight_decay: float = 1e-2, *, bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, betas, bf16_stochastic_round, max_consecutive_errors, alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3, eps=eps,
                     weight_decay=weight_decay)
 
 
@@ -458,8 +481,9 @@ class Muon8bit(_DropIn):
     def __init__(self, params: Params, lr: float | Tensor = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients: tuple[float, float, float] = _NS, eps: float = 1e-7,
                  ns_steps: int = 5, adjust_lr_fn: str | None = None, *, ns_dtype: torch.dtype = torch.bfloat16,
-                 block_size: int | None = None, min_quant_size: int = 4096, bf16_stochastic_round: bool = False):
-        self._build(params, lr, None, bf16_stochastic_round, weight_decay=weight_decay, momentum=momentum,
+                 block_size: int | None = None, min_quant_size: int = 4096, bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, None, bf16_stochastic_round, max_consecutive_errors, weight_decay=weight_decay, momentum=momentum,
                     nesterov=nesterov, ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
                     adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, block_size=block_size, min_quant_size=min_quant_size)
 
@@ -473,8 +497,9 @@ class Muon4bit(_DropIn):
     def __init__(self, params: Params, lr: float | Tensor = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients: tuple[float, float, float] = _NS, eps: float = 1e-7,
                  ns_steps: int = 5, adjust_lr_fn: str | None = None, *, ns_dtype: torch.dtype = torch.bfloat16,
-                 block_size: int | None = None, min_quant_size: int = 4096, bf16_stochastic_round: bool = False):
-        self._build(params, lr, None, bf16_stochastic_round, weight_decay=weight_decay, momentum=momentum,
+                 block_size: int | None = None, min_quant_size: int = 4096, bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, None, bf16_stochastic_round, max_consecutive_errors, weight_decay=weight_decay, momentum=momentum,
                     nesterov=nesterov, ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
                     adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, block_size=block_size, min_quant_size=min_quant_size)
 
@@ -488,8 +513,9 @@ class MuonFp8(_DropIn):
     def __init__(self, params: Params, lr: float | Tensor = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients: tuple[float, float, float] = _NS, eps: float = 1e-7,
                  ns_steps: int = 5, adjust_lr_fn: str | None = None, *, ns_dtype: torch.dtype = torch.bfloat16,
-                 block_size: int | None = None, min_quant_size: int = 4096, bf16_stochastic_round: bool = False):
-        self._build(params, lr, None, bf16_stochastic_round, weight_decay=weight_decay, momentum=momentum,
+                 block_size: int | None = None, min_quant_size: int = 4096, bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, None, bf16_stochastic_round, max_consecutive_errors, weight_decay=weight_decay, momentum=momentum,
                     nesterov=nesterov, ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
                     adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, block_size=block_size, min_quant_size=min_quant_size)
 
@@ -502,7 +528,8 @@ class Muon(_DropIn):
     def __init__(self, params: Params, lr: float | Tensor = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_coefficients: tuple[float, float, float] = _NS, eps: float = 1e-7,
                  ns_steps: int = 5, adjust_lr_fn: str | None = None, *, ns_dtype: torch.dtype = torch.bfloat16,
-                 bf16_stochastic_round: bool = False):
-        self._build(params, lr, None, bf16_stochastic_round, weight_decay=weight_decay, momentum=momentum,
+                 bf16_stochastic_round: bool = False,
+                 max_consecutive_errors: int | None = None):
+        self._build(params, lr, None, bf16_stochastic_round, max_consecutive_errors, weight_decay=weight_decay, momentum=momentum,
                     nesterov=nesterov, ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps,
                     adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype)

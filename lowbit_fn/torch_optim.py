@@ -46,6 +46,7 @@ from .transforms import (Chain, GradientTransformation, MomentTransformation, ad
 from .transforms.muon import MuonTransformation
 from .transforms._moments import parse_group_name
 from .transforms.alias import FusedChain
+from .transforms.conditionality import all_finite
 
 __all__ = ["TransformOptimizer", "as_torch_optimizer", "to_torch_state_dict"]
 
@@ -628,10 +629,19 @@ class TransformOptimizer(torch.optim.Optimizer):
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         *,
         bf16_stochastic_round: bool = False,
+        max_consecutive_errors: int | None = None,
         **hyperparams: Any,
     ):
         if not isinstance(bf16_stochastic_round, bool):
             raise TypeError(f"bf16_stochastic_round must be a bool, got {type(bf16_stochastic_round).__name__}")
+        if max_consecutive_errors is not None and (
+            isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, int) or max_consecutive_errors < 0
+        ):
+            raise ValueError(f"max_consecutive_errors must be None or an int >= 0, got {max_consecutive_errors!r}")
+        self.max_consecutive_errors = max_consecutive_errors
+        # apply_if_finite's counters (optax's names): the current run of skipped steps, the last step's finiteness,
+        # all skipped steps; saved in state_dict() under "apply_if_finite" when max_consecutive_errors is set
+        self.apply_if_finite_state = {"notfinite_count": 0, "last_finite": True, "total_notfinite": 0}
         self._factory = factory
         self._spec = _Spec(factory)
         defaults = self._spec.defaults(hyperparams)
@@ -646,7 +656,8 @@ class TransformOptimizer(torch.optim.Optimizer):
         self._cores: dict[Tensor, tuple[dict, tuple, GradientTransformation, TensorDictBase]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_factory": self._factory}
+        return {**super().__getstate__(), "_factory": self._factory, "max_consecutive_errors": self.max_consecutive_errors,
+                "apply_if_finite_state": dict(self.apply_if_finite_state)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -724,6 +735,8 @@ class TransformOptimizer(torch.optim.Optimizer):
                 if state_device != p.device:
                     raise ValueError(f"{_label(gi, i, group, p)}: its state is on {state_device}, the parameter on {p.device}")
                 jobs.append((p, g, built.transform, record, new, rounding, position, sharding))
+        if self.max_consecutive_errors is not None and not self._count_step([job[1] for job in jobs]):
+            return loss  # skipped before any state is made or written
         for p, _, _, record, new, _, _, _ in jobs:  # everything checked: from here on nothing raises for bad input
             if new:
                 self._install(p, record)
@@ -744,11 +757,33 @@ class TransformOptimizer(torch.optim.Optimizer):
                     p.copy_(round_to(work.reshape(-1), p.dtype, key, torch.zeros((), dtype=torch.int64)).view(p.shape))
         return loss
 
+    def _count_step(self, grads: list[Tensor]) -> bool:
+        """apply_if_finite for the whole optimizer: counts the step; whether it runs (every gradient finite, or more
+        than ``max_consecutive_errors`` non-finite steps in a row). Sharded gradients decide together: each rank
+        checks its shard and the verdict is the minimum over each mesh, so all ranks skip or step alike."""
+        finite = all_finite([local(g) for g in grads])
+        meshes = {id(g.device_mesh): g.device_mesh for g in grads if is_dtensor(g)}
+        if meshes:
+            import torch.distributed as dist
+
+            flag = torch.tensor([int(finite)], device=local(next(g for g in grads if is_dtensor(g))).device)
+            for mesh in meshes.values():
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=mesh.get_group())
+            finite = bool(flag.item())
+        counts = self.apply_if_finite_state
+        counts["notfinite_count"] = 0 if finite else counts["notfinite_count"] + 1
+        counts["total_notfinite"] += 0 if finite else 1
+        counts["last_finite"] = finite
+        return finite or counts["notfinite_count"] > self.max_consecutive_errors
+
     def state_dict(self) -> dict[str, Any]:
         """torch's ``state_dict``, with each quantized parameter's ``state_format`` and ``rounding`` saved as ids
-        (:data:`STATE_FORMAT_IDS`, :data:`ROUNDING_IDS`) so that a checkpoint holds only tensors and numbers."""
+        (:data:`STATE_FORMAT_IDS`, :data:`ROUNDING_IDS`) so that a checkpoint holds only tensors and numbers; with
+        ``max_consecutive_errors`` set, also ``"apply_if_finite"``: the skip counters."""
         saved = super().state_dict()
         saved["state"] = {k: _encoded(v) for k, v in saved["state"].items()}
+        if self.max_consecutive_errors is not None:
+            saved["apply_if_finite"] = dict(self.apply_if_finite_state)
         return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -821,12 +856,37 @@ class TransformOptimizer(torch.optim.Optimizer):
                     f"param_groups[{gi}] of the checkpoint has {foreign}, hyperparameters that this optimizer does not "
                     "have (those of another lowbit_fn or torch.optim optimizer): a checkpoint of another optimizer?"
                 )
+        counts = _finite_counts(state_dict.get("apply_if_finite"))
         self.param_groups[:] = groups
         self.state = state
         self._built = built
         self._cores = cores
+        self.apply_if_finite_state = counts
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+
+def _finite_counts(saved: Any) -> dict[str, Any]:
+    """The apply_if_finite counters of a checkpoint (fresh ones when it has none), or ``ValueError``."""
+    if saved is None:
+        return {"notfinite_count": 0, "last_finite": True, "total_notfinite": 0}
+    keys = {"notfinite_count", "last_finite", "total_notfinite"}
+    if not isinstance(saved, dict) or set(saved) != keys:
+        got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+        raise ValueError(f"the checkpoint's 'apply_if_finite' must hold {sorted(keys)}, got {got}")
+    counts = {}
+    for key in ("notfinite_count", "total_notfinite"):
+        value = saved[key]
+        value = value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"the checkpoint's apply_if_finite[{key!r}] must be an int >= 0, got {saved[key]!r}")
+        counts[key] = value
+    last = saved["last_finite"]
+    last = last.item() if isinstance(last, Tensor) and last.numel() == 1 else last
+    if not isinstance(last, bool):
+        raise ValueError(f"the checkpoint's apply_if_finite['last_finite'] must be a bool, got {saved['last_finite']!r}")
+    counts["last_finite"] = last
+    return counts
 
 
 def as_torch_optimizer(
@@ -834,6 +894,7 @@ def as_torch_optimizer(
     params: Iterable[Tensor] | Iterable[dict[str, Any]],
     *,
     bf16_stochastic_round: bool = False,
+    max_consecutive_errors: int | None = None,
     **hyperparams: Any,
 ) -> TransformOptimizer:
     """Wrap a transform factory as a ``torch.optim.Optimizer``.
@@ -852,6 +913,12 @@ def as_torch_optimizer(
       params: parameters or param-group dicts, as for any ``torch.optim`` optimizer.
       bf16_stochastic_round: write bfloat16 parameters back with stochastic rounding (unbiased) instead of
         rounding to nearest. The update itself is always computed in float32.
+      max_consecutive_errors: ``None`` (default): every step is applied, and a non-finite gradient element costs
+        that element only (its parameter goes NaN, as in torch.optim). An int: :func:`lowbit_fn.apply_if_finite`
+        for the whole optimizer: a ``step()`` where any gradient holds a NaN or Inf changes nothing (checked before
+        any state is written), unless it is more than ``max_consecutive_errors`` such steps in a row; the counts
+        are in ``optimizer.apply_if_finite_state`` (optax's names) and in ``state_dict()["apply_if_finite"]``. Costs
+        one read of the gradients and one host synchronization per step; sharded gradients decide together.
       **hyperparams: the factory's keyword arguments.
 
     Returns:
@@ -867,7 +934,10 @@ def as_torch_optimizer(
         >>> sorted(opt.state[model.weight])
         ['block_size', 'exp_avg_codes', 'exp_avg_scale', 'exp_avg_sq_codes', 'exp_avg_sq_scale', 'rounding', 'state_format', 'step']
     """
-    return TransformOptimizer(factory, params, bf16_stochastic_round=bf16_stochastic_round, **hyperparams)
+    return TransformOptimizer(
+        factory, params, bf16_stochastic_round=bf16_stochastic_round, max_consecutive_errors=max_consecutive_errors,
+        **hyperparams,
+    )
 
 
 # the torch.optim class each factory's checkpoints load into, and whether that class keeps a step count

@@ -131,3 +131,90 @@ def test_bad_arguments_and_state_raise():
     with pytest.raises(ValueError, match="w"):  # the inner transform's own check, before any counting
         opt.update({"w": torch.zeros(3, 601), "b": torch.zeros(600)}, state, params)
     assert same(state, before)
+
+
+# --- the torch.optim option ----------------------------------------------------------------------------------------
+
+CLASSES = [
+    lowbit_fn.AdamW8bit, lowbit_fn.Adam4bit, lowbit_fn.AdamWFp8, lowbit_fn.AdamW, lowbit_fn.Lion8bit,
+    lowbit_fn.SGD4bit, lowbit_fn.RMSpropFp8, lowbit_fn.AdEMAMix8bit, lowbit_fn.Muon8bit,
+]
+
+
+def torch_run(cls, kinds, **kw):
+    """(params, optimizer) after a step per kind (a NaN / Inf / all-NaN gradient, or a finite one)."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(v) for v in start().values()]
+    if cls.__name__.startswith("Muon"):
+        params = params[:1]  # 2-D only
+    extra = {"momentum": 0.9} if cls.__name__.startswith(("SGD", "RMSprop")) else {}
+    opt = cls(params, lr=1e-2, min_quant_size=0, **extra, **kw) if cls is not lowbit_fn.AdamW else cls(params, lr=1e-2, **kw)
+    for i, kind in enumerate(kinds):
+        g = grads(kind, seed=10 + i)
+        for p, v in zip(params, g.values()):
+            p.grad = v
+        opt.step()
+    return params, opt
+
+
+def same_state_dict(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys()
+    for k in sa["state"]:
+        for name, v in sa["state"][k].items():
+            w = sb["state"][k][name]
+            assert torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w, (k, name)
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_torch_optim_skips_non_finite_steps(cls, native, monkeypatch):
+    monkeypatch.setenv("LOWBIT_FN_NATIVE", native)
+    monkeypatch.setenv("LOWBIT_FN_COMPILE", "0")
+    kinds = ["nan", "ok", "inf", "-inf", "ok", "all_nan", "ok"]
+    params, opt = torch_run(cls, kinds, max_consecutive_errors=2)
+    ref_params, ref = torch_run(cls, [], max_consecutive_errors=None)
+    skipped = 0
+    for i, kind in enumerate(kinds):  # the reference steps the finite gradients only
+        given = list(zip(ref_params, grads(kind, seed=10 + i).values()))
+        if not all(bool(v.isfinite().all()) for _, v in given):
+            skipped += 1  # (Muon's single matrix never sees the Inf put in the bias)
+            continue
+        for p, v in given:
+            p.grad = v
+        ref.step()
+    for p, q in zip(params, ref_params):
+        assert torch.equal(p, q)
+    same_state_dict(opt, ref)
+    assert opt.apply_if_finite_state == {"notfinite_count": 0, "last_finite": True, "total_notfinite": skipped}
+    saved = opt.state_dict()
+    assert saved["apply_if_finite"] == opt.apply_if_finite_state and "apply_if_finite" not in ref.state_dict()
+
+
+def test_torch_optim_first_step_skipped_makes_no_state_and_counts_survive_a_checkpoint():
+    params, opt = torch_run(lowbit_fn.AdamW8bit, ["nan", "inf"], max_consecutive_errors=3)
+    assert len(opt.state) == 0, "no state is made by a skipped step"
+    assert opt.apply_if_finite_state == {"notfinite_count": 2, "last_finite": False, "total_notfinite": 2}
+    saved = opt.state_dict()
+    _, fresh = torch_run(lowbit_fn.AdamW8bit, [], max_consecutive_errors=3)
+    fresh.load_state_dict(saved)
+    assert fresh.apply_if_finite_state == opt.apply_if_finite_state
+    for bad in ({"notfinite_count": -1, "last_finite": True, "total_notfinite": 0},
+                {"notfinite_count": 0, "last_finite": 1.0, "total_notfinite": 0}, {"notfinite_count": 0}, [1, 2]):
+        before = dict(fresh.apply_if_finite_state)
+        with pytest.raises(ValueError, match="apply_if_finite"):
+            fresh.load_state_dict({**saved, "apply_if_finite": bad})
+        assert fresh.apply_if_finite_state == before
+    # applied anyway after max_consecutive_errors in a row
+    params, opt = torch_run(lowbit_fn.AdamW8bit, ["nan", "nan"], max_consecutive_errors=1)
+    assert int(torch.isnan(params[0]).sum()) == 1 and opt.apply_if_finite_state["notfinite_count"] == 2
+
+
+def test_torch_optim_option_is_checked():
+    p = torch.nn.Parameter(torch.zeros(3))
+    for bad in (-1, 2.0, True, "3"):
+        with pytest.raises(ValueError, match="max_consecutive_errors must be None or an int >= 0"):
+            lowbit_fn.AdamW8bit([p], max_consecutive_errors=bad)
+    opt = lowbit_fn.as_torch_optimizer(lowbit_fn.lion, [p], learning_rate=1e-3, max_consecutive_errors=0)
+    assert opt.max_consecutive_errors == 0

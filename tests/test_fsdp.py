@@ -201,7 +201,9 @@ def test_fsdp_cpu_offload_policy_and_ddp_match_one_process(tmp_path):
 def test_fsdp_mixed_precision_and_clipping_train(tmp_path):
     """FSDP2's MixedPrecisionPolicy (bfloat16 compute, float32 sharded params and reduction) with
     clip_grad_norm_ on the DTensor gradients: AdamW8bit's state stays sharded like the params, and every step's
-    loss is within 5% of the same steps in one process in float32 (bfloat16 compute's precision)."""
+    loss is within 5% of the same steps in one process in float32 (bfloat16 compute's precision). Then
+    ``max_consecutive_errors``: a NaN in one rank's shard makes both ranks skip the step, params and state
+    unchanged (checked in the worker)."""
     launch(2, "mixed", str(tmp_path))
     losses = torch.load(tmp_path / "mixed_losses.pt")
     threads = torch.get_num_threads()

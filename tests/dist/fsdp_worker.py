@@ -162,6 +162,7 @@ def run(scenario: str, out: str) -> None:
         check_state_is_sharded(m, opt)
         if rank == 0:
             torch.save(losses, os.path.join(out, "mixed_losses.pt"))
+        skip_together()
     if scenario == "errors":
         errors()
     if scenario == "save":  # 3 steps, DCP save (sharded) and a full state dict; then 2 more steps
@@ -222,6 +223,33 @@ def run(scenario: str, out: str) -> None:
             params = full_params(m)
             if rank == 0:
                 torch.save(params, os.path.join(out, f"resumed_{fmt}_{world}.pt"))
+
+
+def skip_together() -> None:
+    """max_consecutive_errors: a NaN in rank 0's shard of one gradient only makes every rank skip the step (the
+    verdict is reduced over the mesh): the full params and every rank's state stay as they were."""
+    m = model(True)
+    opt = lowbit_fn.AdamW8bit(m.parameters(), lr=1e-2, min_quant_size=0, max_consecutive_errors=3)
+    train(m, opt, range(2))
+    before, state = full_params(m), {p: {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)} for p, s in opt.state.items()}
+    tokens, target = batch(2)
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(m(tokens).float(), target).backward()
+    if dist.get_rank() == 0:
+        grad = next(p.grad for p in m.parameters() if p.grad.to_local().numel())
+        grad.to_local().view(-1)[0] = float("nan")
+    opt.step()
+    counts = opt.apply_if_finite_state
+    if counts != {"notfinite_count": 1, "last_finite": False, "total_notfinite": 1}:
+        raise AssertionError(f"rank {dist.get_rank()}: {counts}")
+    after = full_params(m)
+    if any(not torch.equal(before[n], after[n]) for n in before):
+        raise AssertionError(f"rank {dist.get_rank()}: a skipped step changed the params")
+    for p, entry in state.items():
+        for k, v in entry.items():
+            now = opt.state[p][k]
+            if not torch.equal(v.to_local() if isinstance(v, DTensor) else v, now.to_local() if isinstance(now, DTensor) else now):
+                raise AssertionError(f"rank {dist.get_rank()}: a skipped step changed the state ({k})")
 
 
 def same_state(a, b, where: str) -> None:
