@@ -143,6 +143,11 @@ static inline uint8_t e4m3_from_f32(float f) {
 /* x, or 0 for NaN and +-Inf (|x| <= FLT_MAX is false for both), as formats/_base.py's finite_or_zero */
 static inline float finite_or_zero(float x) { return fabsf(x) <= 3.4028234663852886e38f ? x : 0.0f; }
 
+/* A second moment that overflowed from a finite gradient, held at FLT_MAX, as rules.py's _saturate */
+static inline float saturate(float v, float g) {
+    return (v > 3.4028234663852886e38f && fabsf(g) <= 3.4028234663852886e38f) ? 3.4028234663852886e38f : v;
+}
+
 /* The reference's search result, idx = min(#entries < y, n - 1), from a table over the top 16 bits of y:
  * lut[prefix] = min(#entries below the prefix's interval, n - 1), and no interval holds two entries (checked
  * when the table is built), so one comparison finishes the count. NaN gives 0, as in the reference. */
@@ -253,11 +258,12 @@ static void encode_block(const ctx_t *c, int i, const float *x, int64_t first, u
 
 static void math_adam(const ctx_t *c, int64_t n, const float *restrict g, float *restrict m, float *restrict v,
                       float *restrict vmax, float *restrict d) {
-    const float omb1 = c->s[0], b2 = c->s[1], omb2 = c->s[2], inv_bc1 = c->s[3], inv_bc2s = c->s[4], eps = c->s[5];
+    const float omb1 = c->s[0], b2 = c->s[1], w = c->s[2], inv_bc1 = c->s[3], inv_bc2s = c->s[4], eps = c->s[5];
     if (c->nmom == 3) {
         for (int64_t j = 0; j < n; ++j) {
             float mj = m[j] + omb1 * (g[j] - m[j]);
-            float vj = v[j] * b2 + (g[j] * g[j]) * omb2;
+            float gw = g[j] * w;
+            float vj = saturate(v[j] * b2 + gw * gw, g[j]);
             float x = vmax[j] > vj ? vmax[j] : vj;
             x = (vmax[j] != vmax[j] || vj != vj) ? NAN : x; /* torch.maximum propagates NaN */
             d[j] = (mj * inv_bc1) / (sqrtf(x) * inv_bc2s + eps);
@@ -269,7 +275,8 @@ static void math_adam(const ctx_t *c, int64_t n, const float *restrict g, float 
     }
     for (int64_t j = 0; j < n; ++j) {
         float mj = m[j] + omb1 * (g[j] - m[j]);
-        float vj = v[j] * b2 + (g[j] * g[j]) * omb2;
+        float gw = g[j] * w;
+        float vj = saturate(v[j] * b2 + gw * gw, g[j]);
         d[j] = (mj * inv_bc1) / (sqrtf(vj) * inv_bc2s + eps);
         m[j] = mj;
         v[j] = vj;
@@ -309,12 +316,12 @@ static void math_trace(const ctx_t *c, int64_t n, const float *restrict g, float
  * buf (momentum). */
 static void math_rms(const ctx_t *c, int64_t n, const float *restrict g, float *restrict sq, float *restrict avg_g,
                      float *restrict buf, float *restrict d) {
-    const float alpha = c->s[0], oma = c->s[1], eps = c->s[2], momentum = c->s[3], welford = c->s[4];
+    const float alpha = c->s[0], oma = c->s[1], eps = c->s[2], momentum = c->s[3], w = c->s[4];
     const int centered = c->flags & FLAG_CENTERED, with_momentum = c->flags & FLAG_MOMENTUM;
     if (centered) {
         for (int64_t j = 0; j < n; ++j) {
-            float delta = g[j] - avg_g[j];
-            float var = sq[j] * alpha + (delta * delta) * welford;
+            float dw = (g[j] - avg_g[j]) * w;
+            float var = saturate(sq[j] * alpha + dw * dw, g[j]);
             float a = avg_g[j] + oma * (g[j] - avg_g[j]);
             d[j] = g[j] / (sqrtf(var) + eps);
             sq[j] = var;
@@ -322,7 +329,8 @@ static void math_rms(const ctx_t *c, int64_t n, const float *restrict g, float *
         }
     } else {
         for (int64_t j = 0; j < n; ++j) {
-            float s = sq[j] * alpha + (g[j] * g[j]) * oma;
+            float gw = g[j] * w;
+            float s = saturate(sq[j] * alpha + gw * gw, g[j]);
             d[j] = g[j] / (sqrtf(s) + eps);
             sq[j] = s;
         }
@@ -335,16 +343,17 @@ static void math_rms(const ctx_t *c, int64_t n, const float *restrict g, float *
         }
 }
 
-/* m1 = lerp(m1, g, 1 - b1), m2 = lerp(m2, g, 1 - b3), nu = nu * b2 + g * g * (1 - b2);
+/* m1 = lerp(m1, g, 1 - b1), m2 = lerp(m2, g, 1 - b3), nu = nu * b2 + (g * sqrt(1 - b2))**2;
  * direction = (m1 / (1 - b1**t) + alpha * m2) / (sqrt(nu) / sqrt(1 - b2**t) + eps) */
 static void math_ademamix(const ctx_t *c, int64_t n, const float *restrict g, float *restrict m1, float *restrict m2,
                           float *restrict nu, float *restrict d) {
-    const float omb1 = c->s[0], b2 = c->s[1], omb2 = c->s[2], inv_bc1 = c->s[3], inv_bc2s = c->s[4], eps = c->s[5];
+    const float omb1 = c->s[0], b2 = c->s[1], w = c->s[2], inv_bc1 = c->s[3], inv_bc2s = c->s[4], eps = c->s[5];
     const float omb3 = c->s[6], alpha = c->s[7];
     for (int64_t j = 0; j < n; ++j) {
         float a = m1[j] + omb1 * (g[j] - m1[j]);
         float b = m2[j] + omb3 * (g[j] - m2[j]);
-        float v = nu[j] * b2 + (g[j] * g[j]) * omb2;
+        float gw = g[j] * w;
+        float v = saturate(nu[j] * b2 + gw * gw, g[j]);
         d[j] = (a * inv_bc1 + b * alpha) / (sqrtf(v) * inv_bc2s + eps);
         m1[j] = a;
         m2[j] = b;
@@ -685,9 +694,16 @@ static int encode_block_avx512(const ctx_t *c, int i, const float *x, const absm
     return 1;
 }
 
+/* saturate() for 16 lanes */
+static inline __m512 v_saturate(__m512 v, __m512 g) {
+    const __m512 max = _mm512_set1_ps(3.4028234663852886e38f);
+    __mmask16 over = _mm512_cmp_ps_mask(v, max, _CMP_GT_OQ) & _mm512_cmp_ps_mask(v_abs(g), max, _CMP_LE_OQ);
+    return _mm512_mask_mov_ps(v, over, max);
+}
+
 static void math_avx512(const ctx_t *c, int64_t n, const float *g, const float *p, float *m, float *v, float *vmax,
                         float *dst, absmax_t track[3]) {
-    const __m512 omb1 = _mm512_set1_ps(c->s[0]), b2 = _mm512_set1_ps(c->s[1]), omb2 = _mm512_set1_ps(c->s[2]);
+    const __m512 omb1 = _mm512_set1_ps(c->s[0]), b2 = _mm512_set1_ps(c->s[1]), w = _mm512_set1_ps(c->s[2]);
     const __m512 inv_bc1 = _mm512_set1_ps(c->s[3]), inv_bc2s = _mm512_set1_ps(c->s[4]), eps = _mm512_set1_ps(c->s[5]);
     const __m512 wd = _mm512_set1_ps(c->wd), neg_lr = _mm512_set1_ps(c->lr);
     const int mode = c->mode;
@@ -696,7 +712,8 @@ static void math_avx512(const ctx_t *c, int64_t n, const float *g, const float *
         __m512 pj = mode & (EPI_L2 | EPI_DECOUPLED | EPI_APPLY) ? _mm512_loadu_ps(p + j) : _mm512_setzero_ps();
         if (mode & EPI_L2) gj = _mm512_add_ps(gj, _mm512_mul_ps(pj, wd));
         mj = _mm512_add_ps(mj, _mm512_mul_ps(omb1, _mm512_sub_ps(gj, mj)));
-        vj = _mm512_add_ps(_mm512_mul_ps(vj, b2), _mm512_mul_ps(_mm512_mul_ps(gj, gj), omb2));
+        __m512 gw = _mm512_mul_ps(gj, w);
+        vj = v_saturate(_mm512_add_ps(_mm512_mul_ps(vj, b2), _mm512_mul_ps(gw, gw)), gj);
         __m512 d = vj, root;
         if (c->nmom == 3) {
             __m512 old = _mm512_loadu_ps(vmax + j);
@@ -726,7 +743,7 @@ static void math_avx512(const ctx_t *c, int64_t n, const float *g, const float *
  * passes over the block cost AdEMAMix8bit 3-7% of its step on one 4096x4096 tensor). */
 static void math_ademamix_avx512(const ctx_t *c, int64_t n, const float *g, const float *p, float *const mom[3],
                                  float *dst, absmax_t track[3]) {
-    const __m512 omb1 = _mm512_set1_ps(c->s[0]), b2 = _mm512_set1_ps(c->s[1]), omb2 = _mm512_set1_ps(c->s[2]);
+    const __m512 omb1 = _mm512_set1_ps(c->s[0]), b2 = _mm512_set1_ps(c->s[1]), w = _mm512_set1_ps(c->s[2]);
     const __m512 inv_bc1 = _mm512_set1_ps(c->s[3]), inv_bc2s = _mm512_set1_ps(c->s[4]), eps = _mm512_set1_ps(c->s[5]);
     const __m512 omb3 = _mm512_set1_ps(c->s[6]), alpha = _mm512_set1_ps(c->s[7]);
     const __m512 wd = _mm512_set1_ps(c->wd), lr = _mm512_set1_ps(c->lr);
@@ -739,7 +756,8 @@ static void math_ademamix_avx512(const ctx_t *c, int64_t n, const float *g, cons
         __m512 m1j = _mm512_loadu_ps(m1 + j), m2j = _mm512_loadu_ps(m2 + j), nuj = _mm512_loadu_ps(nu + j);
         __m512 a = _mm512_add_ps(m1j, _mm512_mul_ps(omb1, _mm512_sub_ps(gj, m1j)));
         __m512 b = _mm512_add_ps(m2j, _mm512_mul_ps(omb3, _mm512_sub_ps(gj, m2j)));
-        __m512 v = _mm512_add_ps(_mm512_mul_ps(nuj, b2), _mm512_mul_ps(_mm512_mul_ps(gj, gj), omb2));
+        __m512 gw = _mm512_mul_ps(gj, w);
+        __m512 v = v_saturate(_mm512_add_ps(_mm512_mul_ps(nuj, b2), _mm512_mul_ps(gw, gw)), gj);
         __m512 root = _mm512_sqrt_ps(v);
         __m512 u = _mm512_div_ps(_mm512_add_ps(_mm512_mul_ps(a, inv_bc1), _mm512_mul_ps(b, alpha)),
                                  _mm512_add_ps(_mm512_mul_ps(root, inv_bc2s), eps));

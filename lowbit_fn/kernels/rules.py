@@ -7,8 +7,9 @@ same order on the same scalars. The quantized storage, the row layout, stochasti
 (weight decay, learning rate, the parameter's update) are the codec's (:mod:`lowbit_fn.kernels.step`), shared by
 every rule: a rule only says what its moments are and how they move.
 
-Unsigned moments are second moments (running means of squares): with stochastic rounding they are stored as
-their square roots, the 4-bit scheme that trains like fp32.
+Unsigned moments are second moments (running means of squares, each new square weighted as ``(g * sqrt(w))**2``
+so that it overflows only for gradients beyond ``sqrt(float32 max / w)``): with stochastic rounding they are
+stored as their square roots, the 4-bit scheme that trains like fp32.
 
 Scalars are computed eagerly in float64 from 0-d tensors and rounded once to the math dtype (float32, or float64
 for float64 parameters with full-precision state); the native kernel receives exactly these values.
@@ -38,6 +39,22 @@ def sqrt(x: Tensor) -> Tensor:
 
 def _f64(x: Tensor) -> Tensor:
     return x.to(torch.float64)
+
+
+def _square(x: Tensor) -> Tensor:
+    """``x * x``. A running mean of squares adds ``(g * sqrt(w))**2``, not ``g * g * w``: the same value, but
+    finite for every gradient up to ``sqrt(float32 max / w)`` (5.8e20 for Adam's ``w = 1 - 0.999``) where
+    ``g * g`` overflows from 1.8e19."""
+    return x * x
+
+
+def _saturate(v: Tensor, g: Tensor) -> Tensor:
+    """A second moment that overflowed although its gradient is finite (``|g|`` beyond ~5.8e20 for Adam), held at
+    the dtype's largest value: the step of that element is then ~0 until it decays, as with an infinite ``v``, but
+    the state stays finite and the element recovers. A non-finite gradient keeps its non-finite moment (the
+    format stores it as 0: it costs that element only)."""
+    top = torch.finfo(v.dtype).max
+    return torch.where((v > top) & (g.abs() <= top), torch.full_like(v, top), v)
 
 
 def _lerp(a: Tensor, b: Tensor, weight: Tensor) -> Tensor:
@@ -87,12 +104,12 @@ class Adam(Rule):
         b1, b2, eps = (_f64(h) for h in hyper)
         inv_bc1 = 1 / (1 - b1**step)
         inv_bc2_sqrt = 1 / torch.sqrt(1 - b2**step)
-        return tuple(x.to(dtype) for x in (1 - b1, b2, 1 - b2, inv_bc1, inv_bc2_sqrt, eps))
+        return tuple(x.to(dtype) for x in (1 - b1, b2, torch.sqrt(1 - b2), inv_bc1, inv_bc2_sqrt, eps))
 
     def math(self, g, moments, s):
-        one_minus_b1, b2, one_minus_b2, inv_bc1, inv_bc2_sqrt, eps = s
+        one_minus_b1, b2, weight, inv_bc1, inv_bc2_sqrt, eps = s
         m = _lerp(moments[0], g, one_minus_b1)
-        v = moments[1] * b2 + (g * g) * one_minus_b2
+        v = _saturate(moments[1] * b2 + _square(g * weight), g)
         new = [m, v]
         if self.amsgrad:
             new.append(torch.maximum(moments[2], v))
@@ -183,17 +200,17 @@ class RMS(Rule):
 
     def scalars(self, step, hyper, dtype):
         alpha, eps, momentum = (_f64(h) for h in hyper)
-        return tuple(x.to(dtype) for x in (alpha, 1 - alpha, eps, momentum, alpha * (1 - alpha)))
+        weight = torch.sqrt(alpha * (1 - alpha)) if self.centered else torch.sqrt(1 - alpha)
+        return tuple(x.to(dtype) for x in (alpha, 1 - alpha, eps, momentum, weight))
 
     def math(self, g, moments, s):
-        alpha, one_minus_alpha, eps, momentum, welford = s
+        alpha, one_minus_alpha, eps, momentum, weight = s
         if self.centered:
-            delta = g - moments[1]
-            grad_var = moments[0] * alpha + (delta * delta) * welford
+            grad_var = _saturate(moments[0] * alpha + _square((g - moments[1]) * weight), g)
             new = [grad_var, _lerp(moments[1], g, one_minus_alpha)]
             avg = sqrt(grad_var) + eps
         else:
-            square_avg = moments[0] * alpha + (g * g) * one_minus_alpha
+            square_avg = _saturate(moments[0] * alpha + _square(g * weight), g)
             new = [square_avg]
             avg = sqrt(square_avg) + eps
         direction = g / avg
@@ -230,13 +247,13 @@ class AdEMAMix(Rule):
             b3 = torch.minimum(torch.exp(ln1 * ln3 / ((1 - frac) * ln3 + frac * ln1)), b3)
         inv_bc1 = 1 / (1 - b1**step)
         inv_bc2_sqrt = 1 / torch.sqrt(1 - b2**step)
-        return tuple(x.to(dtype) for x in (1 - b1, b2, 1 - b2, inv_bc1, inv_bc2_sqrt, eps, 1 - b3, alpha))
+        return tuple(x.to(dtype) for x in (1 - b1, b2, torch.sqrt(1 - b2), inv_bc1, inv_bc2_sqrt, eps, 1 - b3, alpha))
 
     def math(self, g, moments, s):
-        one_minus_b1, b2, one_minus_b2, inv_bc1, inv_bc2_sqrt, eps, one_minus_b3, alpha = s
+        one_minus_b1, b2, weight, inv_bc1, inv_bc2_sqrt, eps, one_minus_b3, alpha = s
         m1 = _lerp(moments[0], g, one_minus_b1)
         m2 = _lerp(moments[1], g, one_minus_b3)
-        nu = moments[2] * b2 + (g * g) * one_minus_b2
+        nu = _saturate(moments[2] * b2 + _square(g * weight), g)
         return (m1 * inv_bc1 + m2 * alpha) / (sqrt(nu) * inv_bc2_sqrt + eps), [m1, m2, nu]
 
 
