@@ -8,7 +8,7 @@ codes per byte, packed within a row: ``(rows, ceil(R / 2))``; FP8 codes as their
 Codes are ``uint8`` so tensordict memmap and consolidate work on them.
 
 Unsigned moments (``signed=False``: second moments) have no code of 0: the 8-bit unsigned map starts at 1e-7,
-the 4-bit one at 1/16, and FP8 floors them at ``2**-9`` (each of the block's scale), so a nonnegative value in a
+the 4-bit one at 1/16, and FP8 floors them at ``2**-9`` (each times the block's scale), so a nonnegative value in a
 block with a positive scale never dequantizes to 0 (a second moment stored as 0 would make the next step
 ``m / eps``). Only an all-zero block (scale 0) decodes to 0. Negative inputs with ``signed=False`` map to the
 smallest entry (the floor).
@@ -88,9 +88,10 @@ def encode_rows(
     """``[rows, R]`` float32 -> (uint8 codes ``[rows, ceil(R / codes_per_byte)]``, float32 scales ``[rows, blocks
     per row]``). Each row is zero-padded to whole blocks (a pad of width 0 where the block size divides ``R``), seen
     as ``[rows, blocks per row, block_size]``; ``key`` (a stream key) selects stochastic rounding with
-    :func:`row_noise`, ``None`` rounds to nearest; ``signed`` is the moment's kind (``table`` its map). Traced into the compiled step: no data-dependent control flow
-    and no branch on sizes, so one graph serves every shape (``blocks_per_row``, ``ceil(R / block_size)``, may be
-    given as the size of a tensor: one symbol fewer to derive)."""
+    :func:`row_noise`, ``None`` rounds to nearest; ``signed`` is the moment's kind (``table`` its map). Traced
+    into the compiled step: no data-dependent control flow and no branch on sizes, so one graph serves every shape
+    (``blocks_per_row``, ``ceil(R / block_size)``, may be given as the size of a tensor: one symbol fewer to
+    derive)."""
     rows, length = x.shape
     nb = -(-length // block_size) if blocks_per_row is None else blocks_per_row
     blocks = torch.nn.functional.pad(x, (0, nb * block_size - length)).view(rows, nb, block_size)
@@ -110,11 +111,12 @@ def decode_rows(codes: Tensor, scale: Tensor, fmt: BlockFormat, block_size: int,
     return fmt.decode(full, scale, table).view(rows, nb * block_size).narrow(1, 0, length)
 
 
-def canonical_codes(codes: Tensor, scale: Tensor, fmt: BlockFormat, block_size: int, length: int, *, signed: bool) -> Tensor:
-    """Codes ``[rows, ceil(length / codes_per_byte)]`` of the row layout (scales ``[rows, blocks per row]``) as
-    today's encoder writes them for the values they decode to (:meth:`BlockFormat.canonical`): for unsigned FP8
-    moments a 0 in a block with a positive scale, written before the floor, becomes the floor's code; other codes,
-    and every code of the other formats, stay. Applying it to today's codes changes nothing."""
+def canonical_codes(codes: Tensor, scale: Tensor, fmt: BlockFormat, block_size: int, *, signed: bool) -> Tensor:
+    """Codes ``[rows, ceil(R / codes_per_byte)]`` of the row layout (scales ``[rows, blocks per row]``) as the
+    encoder writes them for the values they decode to (:meth:`BlockFormat.canonical`), for a checkpoint whose
+    encoder may have differed: for unsigned FP8 moments a 0 in a block with a positive scale (an encoder without
+    the floor wrote it) becomes the floor's code; other codes, and every code of the other formats, stay. The
+    encoder's own codes come back unchanged."""
     rows, nb = scale.shape
     width = block_size // fmt.codes_per_byte
     full = torch.nn.functional.pad(codes, (0, nb * width - codes.shape[1])).view(rows, nb, width)

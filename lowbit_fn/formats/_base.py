@@ -153,7 +153,7 @@ class BlockFormat:
 
     def canonical(self, codes: Tensor, scale: Tensor, *, signed: bool) -> Tensor:
         """``[..., bs // codes_per_byte]`` codes of blocks with scales ``[...]`` as ``encode`` gives them for the
-        values they decode to, for codes from a state written by an earlier encoder. Here: the codes as they are
+        values they decode to, for codes a different encoder may have written. Here: the codes as they are
         (the codebook formats' codes need no conversion, see :func:`~lowbit_fn.formats.dynamic_tree_map`)."""
         return codes
 

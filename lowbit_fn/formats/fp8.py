@@ -59,8 +59,9 @@ class Fp8(BlockFormat):
         return codes.view(torch.float8_e4m3fn).to(torch.float32) * scale.unsqueeze(-1)
 
     def canonical(self, codes: Tensor, scale: Tensor, *, signed: bool) -> Tensor:
-        """Unsigned moments: a code of 0 or -0 in a block with a positive scale (written without the floor) as
-        :data:`FLOOR_CODE`, what :meth:`encode` gives for the value it decodes to; every other code as it is."""
+        """Unsigned moments: a code of 0 or -0 in a block with a positive scale (an encoder without the floor wrote
+        it) as :data:`FLOOR_CODE`, what :meth:`encode` gives for the value it decodes to; every other code as it
+        is."""
         if signed:
             return codes
         zero = (codes & 0x7F) == 0
