@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ._random import stream_key, tensor_key
 from ._sharding import Sharding, as_dtensor, is_dtensor, local, local_entry, sharding_of
-from .formats import FORMATS, ROUNDINGS, dequantize, quantize
+from .formats import FORMATS, ROUNDINGS, canonical_codes, dequantize, quantize, row_split
 from .kernels import Epilogue, Item, moment_step
 from .kernels.reference import PARAM_STREAM, round_to
 from .transforms import (Chain, GradientTransformation, MomentTransformation, adam, adamw, ademamix, lion, muon,
@@ -434,7 +434,12 @@ def _restore(core: TensorDictBase, entry: dict[str, Any], shape: torch.Size, nam
             if same:
                 src_c, src_s = entry[name], entry.get(f"{moment}_scale")
                 _moment(entry, moment, shape, label)  # validates sizes, dtypes and scales
-                codes.copy_(src_c)
+                # as the encoder writes them (an FP8 second moment saved as 0 in a block with a positive scale, by
+                # an encoder without the floor: the floor's code)
+                rows, _ = row_split(shape)
+                src_c = canonical_codes(src_c.reshape(rows, -1), src_s.reshape(rows, -1), FORMATS[target["state_format"]],
+                                        target["block_size"], signed=_SIGNED[moment])
+                codes.copy_(src_c.reshape(codes.shape))
                 scale.copy_(src_s)
             else:  # convert: dequantize the checkpoint's moment, quantize it with this state's scheme
                 value = _moment(entry, moment, shape, label)

@@ -257,6 +257,56 @@ def test_torch_sgd_without_momentum_checkpoint_has_no_state_to_load(eager):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# second moments saved as 0 (before the unsigned maps lost their zero)
+
+
+@pytest.mark.parametrize("cls", [lowbit_fn.AdamWFp8, lowbit_fn.RMSpropFp8, lowbit_fn.AdEMAMixFp8, lowbit_fn.AdamW8bit,
+                                 lowbit_fn.RMSprop8bit], ids=lambda c: c.__name__)
+def test_second_moments_saved_as_zero_load_as_todays_codes(cls, eager):
+    """A checkpoint whose second-moment codes hold 0 in blocks with a positive scale, as the encoders wrote them
+    before the floor: FP8 loads each such 0 as the floor's code 1 (what today's encoder writes for the value it
+    decoded to), every other code and scale as saved; 8-bit codes load as saved (code 0 now reads 1e-7 of the
+    scale, and today's encoder writes code 0 for an old 0)."""
+    torch.manual_seed(0)
+    model = mlp()
+    kw = dict(FAMILIES[FAMILY_OF[cls]][1]) if cls in FAMILY_OF else {"lr": 1e-3}  # AdamW: not in FAMILIES
+
+    def build(m):
+        return cls(m.parameters(), min_quant_size=1024, **kw)
+
+    opt = build(model)
+    train(model, opt, batches(2))
+    saved = checkpoint_roundtrip(opt.state_dict())
+    old, zeroed = copy.deepcopy(saved), {}
+    for i, entry in old["state"].items():
+        for name in UNSIGNED:
+            if f"{name}_codes" in entry:
+                codes = entry[f"{name}_codes"]
+                flat = codes.view(-1)
+                flat[::5] = 0  # as the old encoder stored the smallest values (all blocks here have positive scales)
+                assert bool((entry[f"{name}_scale"] > 0).all())
+                zeroed[i, name] = codes.clone()
+    assert zeroed
+    clone = copy.deepcopy(model)
+    fresh = build(clone)
+    fresh.load_state_dict(old)
+    loaded = fresh.state_dict()
+    for (i, name), codes in zeroed.items():
+        got = loaded["state"][i][f"{name}_codes"]
+        if cls._state_format == "fp8":
+            assert torch.equal(got, torch.where(codes == 0, 1, codes).to(torch.uint8))
+        else:
+            assert torch.equal(got, codes)
+        assert torch.equal(loaded["state"][i][f"{name}_scale"], saved["state"][i][f"{name}_scale"])
+    for i, entry in saved["state"].items():  # everything else as saved
+        for key, value in entry.items():
+            if not (key.endswith("_codes") and (i, key[: -len("_codes")]) in zeroed):
+                assert torch.equal(torch.as_tensor(loaded["state"][i][key]), torch.as_tensor(value)), (i, key)
+    train(clone, fresh, batches(2))
+    assert all(bool(torch.isfinite(p).all()) for p in clone.parameters())
+
+
+# --------------------------------------------------------------------------------------------------------------
 # between formats
 
 

@@ -93,7 +93,9 @@ def test_signed_8bit_map_golden():
 
 def test_unsigned_8bit_map_golden():
     m = lowbit_fn.codebook("8bit", signed=False)
-    assert torch.all(m[1:] > m[:-1]) and m[0] == 0.0 and m[255] == 1.0
+    assert torch.all(m[1:] > m[:-1]) and m[255] == 1.0
+    # no zero: the first entry is 1e-7, the bottom of the smallest decade (bitsandbytes' map has 0 there)
+    assert m[0] == torch.tensor(1e-7, dtype=torch.float32) and not bool((m == 0).any())
     assert m[1].item() == pytest.approx(3.25e-7, rel=1e-5)
     assert m[128].item() == pytest.approx(0.110547, abs=1e-6)
     assert m[254].item() == pytest.approx(0.996484, abs=1e-6)
@@ -148,12 +150,31 @@ def test_codes_are_nearest_codebook_entries(name, signed):
 
 def test_fp8_codes_are_e4m3_round_to_nearest():
     x = torch.randn(4, 600)  # each row: two blocks of 256 and a short one of 88
+    x[0, :10] = 0.0  # zeros of a signed moment stay 0
     codes, scale = lowbit_fn.quantize(x, "fp8", signed=True)
     assert codes.shape == (4, 600) and scale.shape == (4, 3)
     blocks = row_blocks(x, 256)
     assert torch.allclose(scale, blocks.abs().amax(-1) / 448)
     expected = (blocks / scale[:, :, None]).to(torch.float8_e4m3fn).view(torch.uint8).reshape(4, -1)[:, :600]
     assert torch.equal(codes, expected)
+    assert bool((codes[0, :10] == 0).all())
+
+
+def test_fp8_unsigned_codes_are_floored_at_the_smallest_subnormal():
+    """Unsigned FP8 moments: e4m3 round-to-nearest of max(x / scale, 2**-9) in blocks with a positive scale (the
+    plain cast would give 0 below 2**-10), code 0 in an all-zero block."""
+    x = torch.randn(4, 600) ** 2 * torch.logspace(-9, 0, 600)  # down to far below the floor of each block
+    x[0, :10] = 0.0
+    x[3, 512:] = 0.0  # an all-zero short block
+    codes, scale = lowbit_fn.quantize(x, "fp8", signed=False)
+    blocks = row_blocks(x, 256)
+    y = blocks / torch.where(scale > 0, scale, 1)[:, :, None]
+    floored = torch.where(scale[:, :, None] > 0, y.clamp(min=2.0**-9), y)
+    expected = floored.to(torch.float8_e4m3fn).view(torch.uint8).reshape(4, -1)[:, :600]
+    assert torch.equal(codes, expected)
+    plain = y.to(torch.float8_e4m3fn).view(torch.uint8).reshape(4, -1)[:, :600]
+    assert bool((plain == 0).sum() > 100), "the plain cast stores many of these values as 0"
+    assert bool((codes[:, :512] != 0).all()) and bool((codes[3, 512:] == 0).all()) and scale[3, 2] == 0
 
 
 def test_4bit_packs_even_element_in_high_nibble():
@@ -212,8 +233,8 @@ def test_round_trip_property(name, signed, shape, dtype, log_mag, block, seed):
     # subnormal step (2^-10 of absmax / 448)
     per_elem_max = per_element(absmax, length, bs)
     err = (y.reshape(rows, length) - xf).abs()
-    if name == "fp8":
-        bound = xf.abs() * 2.0**-4 + per_elem_max / 448 * 2.0**-10
+    if name == "fp8":  # (unsigned: values below the floor 2^-9 of absmax / 448 read the floor)
+        bound = xf.abs() * 2.0**-4 + per_elem_max / 448 * (2.0**-10 if signed else 2.0**-9)
     else:
         worst_gap = {("8bit", True): 0.1 / 2, ("8bit", False): 0.1 / 2, ("4bit", True): 0.225 / 2,
                      ("4bit", False): 1 / 16}[(name, signed)]  # 4-bit v map: zeros read absmax / 16
@@ -274,11 +295,122 @@ def test_all_zero_blocks(name, shape):
         assert y[rows - 1, 600].item() == pytest.approx(3.0, rel=1e-6)
 
 
+# --- no zero in unsigned moments ---------------------------------------------------------------------------------
+
+# a block whose absmax is at least this keeps the floor times its scale above float32's smallest subnormal (8-bit:
+# 1e-7 * absmax, FP8: 2**-9 * absmax / 448), so the floor cannot underflow to 0 on decoding
+TINY_ABSMAX = 1e-37
+
+
+@settings(max_examples=80, deadline=None)
+@given(name=st.sampled_from(["8bit", "fp8"]), rounding=st.sampled_from(ROUNDINGS),
+       shape=shapes.filter(lambda dims: math.prod(dims) > 0), block=st.sampled_from([None, 2, 64, 100]),
+       top=st.floats(-2, 38), zeros=st.floats(0, 0.9), seed=st.integers(0, 2**16), step=st.integers(0, 2**31))
+@example(name="fp8", rounding="nearest", shape=[3, 300], block=None, top=0.0, zeros=0.1, seed=0, step=0)
+@example(name="8bit", rounding="nearest", shape=[1000], block=None, top=0.0, zeros=0.1, seed=0, step=0)
+def test_unsigned_moments_never_dequantize_to_zero(name, rounding, shape, block, top, zeros, seed, step):
+    """A finite nonnegative value (0 and -0.0 included) of an unsigned moment in a block with a positive scale
+    never dequantizes to 0, nor to a negative value: values spanning 40 decades in every block (down to subnormals),
+    rows ending in short blocks; an all-zero block reads 0."""
+    g = torch.Generator().manual_seed(seed)
+    x = 10.0 ** (top - 40 * torch.rand(shape, generator=g, dtype=torch.float64))
+    x = x.float()
+    kind = torch.rand(shape, generator=g)
+    x = torch.where(kind < zeros, torch.zeros_like(x), x)
+    x = torch.where(kind < zeros / 4, torch.full_like(x, -0.0), x)
+    codes, scale = lowbit_fn.quantize(x, name, signed=False, block_size=block, rounding=rounding, step=step)
+    y = lowbit_fn.dequantize(codes, scale, name, signed=False, shape=x.shape, block_size=block)
+    rows, length = rows_of(x.shape)
+    bs = FORMATS[name].check_block_size(block)
+    absmax = per_element(row_blocks(x, bs).abs().amax(-1), length, bs)
+    y = y.reshape(rows, length)
+    assert bool((y >= 0).all())
+    assert bool((y[absmax >= TINY_ABSMAX] > 0).all()), "a second moment stored as 0"
+    assert bool((y[absmax == 0] == 0).all()), "an all-zero block reads 0"
+
+
+@pytest.mark.parametrize("name", FORMAT_NAMES)
+def test_signed_moments_keep_zero(name):
+    """The signed maps keep their 0 (a first moment may be exactly 0): zeros among other values read 0."""
+    x = torch.randn(3, 700, generator=torch.Generator().manual_seed(0))
+    x[:, ::7] = 0.0
+    for rounding in ROUNDINGS:
+        codes, scale = lowbit_fn.quantize(x, name, signed=True, rounding=rounding, step=1)
+        y = lowbit_fn.dequantize(codes, scale, name, signed=True, shape=x.shape)
+        assert bool((y[:, ::7] == 0).all())
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 4), length=st.integers(1, 700), block=st.sampled_from([None, 2, 64, 100]),
+       zero_codes=st.floats(0, 1), zero_blocks=st.floats(0, 0.5), log_scale=st.floats(-30, 30), seed=st.integers(0, 2**16))
+def test_8bit_unsigned_states_with_the_old_zero_entry_need_no_conversion(rows, length, block, zero_codes, zero_blocks,
+                                                                         log_scale, seed):
+    """The unsigned map's first entry was 0 (bitsandbytes' map), now 1e-7; the other 255 are unchanged. A state
+    written with the old map converts to itself: decoding it with the old map and quantizing the values with
+    today's gives back its codes and scales, bit for bit. Old states here: random codes (code 0 as often as
+    ``zero_codes``) with code 255 somewhere in every block with a positive scale (a block's absmax is always
+    stored as 1.0, by either rounding), and all-zero blocks (scale 0, codes 0)."""
+    old_map = lowbit_fn.codebook("8bit", signed=False)
+    assert old_map[0] > 0
+    old_map[0] = 0.0  # (codebook returns a copy)
+    bs = FORMATS["8bit"].check_block_size(block)
+    nb = -(-length // bs)
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (rows, nb * bs), generator=g)
+    codes = torch.where(torch.rand(rows, nb * bs, generator=g) < zero_codes, 0, codes).view(rows, nb, bs)
+    width = torch.full((rows, nb), bs)
+    width[:, -1] = length - (nb - 1) * bs  # the last block of a row may be short
+    top = (torch.rand(rows, nb, generator=g) * width).long()  # where each block's absmax is
+    codes.scatter_(2, top.unsqueeze(-1), 255)
+    scale = (10.0 ** (log_scale + torch.rand(rows, nb, generator=g, dtype=torch.float64) - 0.5)).float()
+    empty = torch.rand(rows, nb, generator=g) < zero_blocks
+    scale = torch.where(empty, 0.0, scale)
+    codes = torch.where(empty.unsqueeze(-1), 0, codes)
+    codes = codes.view(rows, nb * bs)[:, :length]
+    old_values = old_map[codes] * per_element(scale, length, bs)
+    new_codes, new_scale = lowbit_fn.quantize(old_values, "8bit", signed=False, block_size=block)
+    assert torch.equal(new_scale, scale)
+    assert torch.equal(new_codes, codes.to(torch.uint8))
+    # and the old state reads as before except its zeros in blocks with a positive scale, now 1e-7 of the scale
+    today = lowbit_fn.dequantize(codes.to(torch.uint8), scale, "8bit", signed=False, shape=(rows, length), block_size=block)
+    changed = (codes == 0) & (per_element(scale, length, bs) > 0)
+    assert torch.equal(today[~changed], old_values[~changed])
+    assert bool((today[changed] > 0).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 4), length=st.integers(1, 700), block=st.sampled_from([None, 2, 64, 100]),
+       zeros=st.floats(0, 0.5), seed=st.integers(0, 2**16))
+def test_fp8_unsigned_codes_from_before_the_floor_become_todays(rows, length, block, zeros, seed):
+    """FP8 second moments written before the floor (plain round-to-nearest cast: 0 below 2**-10 of absmax / 448)
+    become the codes today's encoder writes for the same values through ``canonical_codes``; it leaves today's
+    codes, and signed moments' codes, as they are."""
+    from lowbit_fn.formats import canonical_codes
+
+    fmt = FORMATS["fp8"]
+    bs = fmt.check_block_size(block)
+    g = torch.Generator().manual_seed(seed)
+    x = (10.0 ** (-12 * torch.rand(rows, length, generator=g, dtype=torch.float64))).float()
+    x = torch.where(torch.rand(rows, length, generator=g) < zeros, 0.0, x)
+    if rows > 1:
+        x[-1] = 0.0  # a row of all-zero blocks
+    blocks = row_blocks(x, bs)
+    scale = blocks.abs().amax(-1) / 448
+    old = (blocks / torch.where(scale > 0, scale, 1)[:, :, None]).to(torch.float8_e4m3fn).view(torch.uint8)
+    old = old.reshape(rows, -1)[:, :length]
+    codes, new_scale = lowbit_fn.quantize(x, "fp8", signed=False, block_size=block)
+    assert torch.equal(new_scale, scale)
+    assert torch.equal(canonical_codes(old, scale, fmt, bs, signed=False), codes)
+    assert torch.equal(canonical_codes(codes, scale, fmt, bs, signed=False), codes)
+    assert torch.equal(canonical_codes(old, scale, fmt, bs, signed=True), old)
+
+
 @pytest.mark.parametrize("name", FORMAT_NAMES)
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_non_finite_input_costs_only_its_element(name, bad, rounding):
-    """A NaN or Inf is stored as 0 and takes no part in its block's scale: the codes and scales equal those of the
+    """A NaN or Inf is stored as a 0 would be (the code nearest to 0: 0 for signed moments, the smallest entry or the
+    floor for unsigned ones) and takes no part in its block's scale: the codes and scales equal those of the
     same tensor with 0 in its place, bit for bit (so the block's other elements keep their values), in whole
     blocks and in a row's short last block."""
     bs = FORMATS[name].default_block_size
@@ -415,6 +547,8 @@ def test_stochastic_codes_are_one_of_the_two_neighbours(fmt, data, rows, step, s
     if fmt == "fp8":  # codes are e4m3 values: the neighbours of y = x / scale on the e4m3 grid
         grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
         grid = grid[torch.isfinite(grid)].unique()
+        if not signed:  # unsigned moments are floored at the smallest subnormal
+            grid = grid[grid >= 2.0**-9]
     else:
         grid = lowbit_fn.codebook(fmt, signed=signed)
     code_y = torch.where(scale > 0, got / torch.where(scale > 0, scale, 1), got)
@@ -444,7 +578,8 @@ def test_stochastic_rounding_is_unbiased(fmt, signed):
     nearest = lowbit_fn.dequantize(codes, scale, fmt, signed=signed, shape=x.shape).double()
     bs = {"8bit": 256, "4bit": 128, "fp8": 256}[fmt]
     blockmax = per_element(row_blocks(x, bs).abs().amax(-1), length, bs).double()
-    lowest = 1 / 16 if fmt == "4bit" and not signed else 0.0  # the 4-bit v map starts at 1/16: below it, clamped
+    # the unsigned maps start above 0 (4-bit 1/16, 8-bit 1e-7, FP8's floor 2**-9 of absmax / 448): below, clamped
+    lowest = 0.0 if signed else {"4bit": 1 / 16, "8bit": 1e-7, "fp8": 2.0**-9 / 448}[fmt]
     # the signed maps have no -1: the most negative entries are -0.8875 (4-bit) and -0.99296875 (8-bit)
     highest = {"4bit": 0.8875, "8bit": 0.99296875}.get(fmt, 1.0) if signed else 1.0
     inside = (x.abs().double() >= lowest * blockmax) & (x.abs().double() <= highest * blockmax)
@@ -482,7 +617,7 @@ def test_stochastic_codes_are_deterministic_fresh_per_step_and_split_independent
 
     fmt_obj = lowbit_fn.FORMATS[fmt]
     key = tensor_key(stream_key(1, 0, torch.tensor(7)), 0)  # seed 1, stream 0 (signed), step 7, tensor_id 0
-    eager = encode_rows(x, fmt_obj, fmt_obj.default_block_size, fmt_obj.codebook(True), key, torch.tensor(0))
+    eager = encode_rows(x, fmt_obj, fmt_obj.default_block_size, fmt_obj.codebook(True), key, torch.tensor(0), signed=True)
     assert torch.equal(eager[0], a[0].reshape(7, -1)) and torch.equal(eager[1], a[1])  # compiled == eager, bit for bit
 
 

@@ -1,8 +1,8 @@
 """Non-finite gradients: a NaN or +-Inf gradient element costs that element only, as in torch.optim.
 
-The element's parameter becomes NaN (torch's AdamW does the same); its quantized moments are stored as 0 and take no
-part in their block's scale, so the state equals, bit for bit, the state of the same run with a 0 in that gradient
-element, and every other parameter equals that run's. Every format, both front ends, the native kernel and the
+The element's parameter becomes NaN (torch's AdamW does the same); its quantized moments are stored as a 0 would
+be (the code nearest to 0) and take no part in their block's scale, so the state equals, bit for bit, the state of
+the same run with a 0 in that gradient element, and every other parameter equals that run's. Every format, both front ends, the native kernel and the
 torch path (eager here; ``test_compiled_path_contains_a_non_finite_element`` compiles it once), every elementwise
 family. The opt-in skip of a whole step (``apply_if_finite``) is in ``test_apply_if_finite.py``.
 """
@@ -63,7 +63,7 @@ def assert_costs_only_its_element(got, zero_run, fmt, full=None):
     """``got`` (param, state) after a bad first gradient against ``zero_run``, the run with 0 in its place. The
     element's parameter is NaN (AdamW's, as torch's), or, given ``full`` (the same run's parameter with fp32
     state), NaN only where that one is: an Inf leaves a sign update (Lion) finite, and then full precision's
-    moment goes NaN at the next step (``inf + w * (g - inf)``) while the quantized one, stored as 0, does not."""
+    moment goes NaN at the next step (``inf + w * (g - inf)``) while the quantized one, stored as a 0 would be, does not."""
     (p, state), (p0, state0) = got, zero_run
     others = torch.ones(SHAPE, dtype=torch.bool)
     others[BAD_AT] = False

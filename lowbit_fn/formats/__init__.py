@@ -7,10 +7,15 @@ codes per byte, packed within a row: ``(rows, ceil(R / 2))``; FP8 codes as their
 ``(rows, blocks per row)``: a slice of rows of the codes and scales is the quantized slice of rows of the tensor.
 Codes are ``uint8`` so tensordict memmap and consolidate work on them.
 
-Non-finite values (NaN, +-Inf) are stored as 0 and take no part in their block's scale: each costs its own
-element only (an optimizer step makes that element's parameter NaN, as torch.optim does, and nothing else). The
-8-bit unsigned map and the 4-bit linear map have no negative entries: negative inputs with ``signed=False`` map to
-the smallest entry.
+Unsigned moments (``signed=False``: second moments) have no code of 0: the 8-bit unsigned map starts at 1e-7,
+the 4-bit one at 1/16, and FP8 floors them at ``2**-9`` (each times the block's scale), so a nonnegative value in a
+block with a positive scale never dequantizes to 0 (a second moment stored as 0 would make the next step
+``m / eps``). Only an all-zero block (scale 0) decodes to 0. Negative inputs with ``signed=False`` map to the
+smallest entry (the floor).
+
+Non-finite values (NaN, +-Inf) are stored as the code nearest to 0 (0 for signed moments, the smallest entry or
+the floor for unsigned ones) and take no part in their block's scale: each costs its own element only (an
+optimizer step makes that element's parameter NaN, as torch.optim does, and nothing else).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from .fp8 import Fp8
 
 __all__ = [
     "FORMATS", "ROUNDINGS", "BlockFormat", "get_format", "quantize", "dequantize", "codebook", "dynamic_tree_map",
-    "row_noise", "encode_rows", "decode_rows", "row_split",
+    "row_noise", "encode_rows", "decode_rows", "row_split", "canonical_codes",
 ]
 
 FORMATS: dict[str, BlockFormat] = {f.name: f for f in (Dynamic8(), FourBit(), Fp8())}
@@ -78,19 +83,20 @@ def row_noise(rows: int, length: int, block_size: int, base: Tensor, key: Tensor
 
 def encode_rows(
     x: Tensor, fmt: BlockFormat, block_size: int, table: Tensor | None, key: Tensor | None, base: Tensor,
-    blocks_per_row: int | None = None,
+    blocks_per_row: int | None = None, *, signed: bool,
 ) -> tuple[Tensor, Tensor]:
     """``[rows, R]`` float32 -> (uint8 codes ``[rows, ceil(R / codes_per_byte)]``, float32 scales ``[rows, blocks
     per row]``). Each row is zero-padded to whole blocks (a pad of width 0 where the block size divides ``R``), seen
     as ``[rows, blocks per row, block_size]``; ``key`` (a stream key) selects stochastic rounding with
-    :func:`row_noise`, ``None`` rounds to nearest. Traced into the compiled step: no data-dependent control flow
-    and no branch on sizes, so one graph serves every shape (``blocks_per_row``, ``ceil(R / block_size)``, may be
-    given as the size of a tensor: one symbol fewer to derive)."""
+    :func:`row_noise`, ``None`` rounds to nearest; ``signed`` is the moment's kind (``table`` its map). Traced
+    into the compiled step: no data-dependent control flow and no branch on sizes, so one graph serves every shape
+    (``blocks_per_row``, ``ceil(R / block_size)``, may be given as the size of a tensor: one symbol fewer to
+    derive)."""
     rows, length = x.shape
     nb = -(-length // block_size) if blocks_per_row is None else blocks_per_row
     blocks = torch.nn.functional.pad(x, (0, nb * block_size - length)).view(rows, nb, block_size)
     noise = row_noise(rows, length, block_size, base, key, nb) if key is not None else None
-    codes, scale = fmt.encode(blocks, table, noise)
+    codes, scale = fmt.encode(blocks, table, noise, signed=signed)
     per_row = -(-length // fmt.codes_per_byte)
     return codes.view(rows, nb * (block_size // fmt.codes_per_byte)).narrow(1, 0, per_row), scale
 
@@ -105,6 +111,18 @@ def decode_rows(codes: Tensor, scale: Tensor, fmt: BlockFormat, block_size: int,
     return fmt.decode(full, scale, table).view(rows, nb * block_size).narrow(1, 0, length)
 
 
+def canonical_codes(codes: Tensor, scale: Tensor, fmt: BlockFormat, block_size: int, *, signed: bool) -> Tensor:
+    """Codes ``[rows, ceil(R / codes_per_byte)]`` of the row layout (scales ``[rows, blocks per row]``) as the
+    encoder writes them for the values they decode to (:meth:`BlockFormat.canonical`), for a checkpoint whose
+    encoder may have differed: for unsigned FP8 moments a 0 in a block with a positive scale (an encoder without
+    the floor wrote it) becomes the floor's code; other codes, and every code of the other formats, stay. The
+    encoder's own codes come back unchanged."""
+    rows, nb = scale.shape
+    width = block_size // fmt.codes_per_byte
+    full = torch.nn.functional.pad(codes, (0, nb * width - codes.shape[1])).view(rows, nb, width)
+    return fmt.canonical(full, scale, signed=signed).reshape(rows, nb * width)[:, : codes.shape[1]]
+
+
 @dataclass(frozen=True)
 class _Blocks:
     """A format and its block size: one constant of a compiled graph (a plain int would be a symbolic size)."""
@@ -114,8 +132,10 @@ class _Blocks:
 
 
 @compiled
-def _encode(x: Tensor, blocks: _Blocks, table: Tensor | None, key: Tensor | None, base: Tensor) -> tuple[Tensor, Tensor]:
-    return encode_rows(x, blocks.fmt, blocks.size, table, key, base)
+def _encode(
+    x: Tensor, blocks: _Blocks, table: Tensor | None, key: Tensor | None, base: Tensor, signed: bool,
+) -> tuple[Tensor, Tensor]:
+    return encode_rows(x, blocks.fmt, blocks.size, table, key, base, signed=signed)
 
 
 @compiled
@@ -195,7 +215,7 @@ def quantize(
     if rounding == "stochastic":
         key = tensor_key(stream_key(seed, int(not signed), step_t), tensor_id)
     base = torch.tensor(offset, dtype=torch.int64, device=x.device)
-    codes, scale = _encode(flat, _Blocks(fmt, block_size), fmt.codebook(signed, x.device), key, base)
+    codes, scale = _encode(flat, _Blocks(fmt, block_size), fmt.codebook(signed, x.device), key, base, bool(signed))
     # contiguous whatever layout the graph chose for its outputs (a row-padded buffer or not): one layout for
     # dequantize's graph to see
     return codes.reshape(code_shape).contiguous(), scale.reshape(scale_shape).contiguous()

@@ -5,7 +5,9 @@ A tensor of two or more dimensions is seen as ``rows = shape[0]`` rows of ``R = 
 tensor of fewer dimensions as one row). Each row is cut into ``ceil(R / block_size)`` blocks of contiguous
 elements, the last one shorter when ``block_size`` does not divide ``R``: no block crosses a row, so any range
 of rows of a tensor (an FSDP shard) has the state of those rows and nothing else. Each block keeps one float32
-scale. A non-finite value (NaN, +-Inf) costs its own element only: it is stored as 0 (the code nearest to 0) and
+scale. A non-finite value (NaN, +-Inf) costs its own element only: it is stored as the code nearest to 0 (0 in
+the signed maps and FP8; for unsigned moments, which have no code of 0 in a block with a positive scale, the
+smallest: the 8-bit map's 1e-7, the 4-bit map's 1/16, FP8's floor ``2**-9``, each times the block's scale) and
 takes no part in its block's scale, so the block's other elements keep their values. An optimizer's step computes
 each element's direction before quantizing, so a non-finite gradient still makes that element's parameter NaN,
 as in ``torch.optim``.
@@ -135,15 +137,25 @@ class BlockFormat:
         """The sorted float32 map of normalized values, or ``None`` for formats without one (FP8)."""
         return None
 
-    def encode(self, blocks: Tensor, codebook: Tensor | None, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def encode(
+        self, blocks: Tensor, codebook: Tensor | None, noise: Tensor | None = None, *, signed: bool,
+    ) -> tuple[Tensor, Tensor]:
         """``[..., bs]`` float32 -> (uint8 codes ``[..., bs // codes_per_byte]``, float32 scale ``[...]``).
 
-        ``noise`` (uniform in [0, 1), shaped like ``blocks``) selects stochastic rounding; ``None``, nearest."""
+        ``noise`` (uniform in [0, 1), shaped like ``blocks``) selects stochastic rounding; ``None``, nearest.
+        ``signed``: a signed moment or an unsigned one (``codebook`` is already that moment's map; FP8, which has
+        none, floors unsigned moments above 0)."""
         raise NotImplementedError
 
     def decode(self, codes: Tensor, scale: Tensor, codebook: Tensor | None) -> Tensor:
         """Inverse of ``encode``: float32 ``[..., bs]``."""
         raise NotImplementedError
+
+    def canonical(self, codes: Tensor, scale: Tensor, *, signed: bool) -> Tensor:
+        """``[..., bs // codes_per_byte]`` codes of blocks with scales ``[...]`` as ``encode`` gives them for the
+        values they decode to, for codes a different encoder may have written. Here: the codes as they are
+        (the codebook formats' codes need no conversion, see :func:`~lowbit_fn.formats.dynamic_tree_map`)."""
+        return codes
 
 
 class CodebookFormat(BlockFormat):
@@ -160,7 +172,9 @@ class CodebookFormat(BlockFormat):
             self._on_device[key] = self._maps[key[0]].to(key[1])
         return self._on_device[key]
 
-    def encode(self, blocks: Tensor, codebook: Tensor | None, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def encode(
+        self, blocks: Tensor, codebook: Tensor | None, noise: Tensor | None = None, *, signed: bool,
+    ) -> tuple[Tensor, Tensor]:
         scale = block_absmax(blocks)
         y = normalize(blocks, scale)
         codes = nearest_code(y, codebook) if noise is None else stochastic_code(y, codebook, noise)

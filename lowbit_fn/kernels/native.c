@@ -53,6 +53,7 @@ typedef struct {
     int fmt, nmom, rule, flags, stochastic, mode, map_len, param_sr;
     int64_t bs, code_bytes;
     int squared[3];           /* moment i is stored as its square root (unsigned, stochastic rounding) */
+    int floored[3];           /* moment i is unsigned: FP8 floors its normalized values at FP8_FLOOR */
     int plane[3];             /* moment i's byte planes: its map planes[plane[i]], its next[] planes[plane[i] + 2] */
     const float *map[3];      /* codebook of moment i (signed or unsigned) */
     const uint8_t *lut[3];    /* prefix table (65536 entries + 4 bytes of padding): over the thresholds when
@@ -117,6 +118,10 @@ static void store_from_f32(const float *x, int dt, int64_t n, void *dst, int sr,
 }
 
 static inline int64_t dt_size(int dt) { return dt == DT_F32 ? 4 : 2; }
+
+/* The least normalized FP8 value of an unsigned moment in a block with a positive scale: e4m3's smallest
+ * subnormal, 2**-9 (formats/fp8.py UNSIGNED_FLOOR), so a second moment never decodes to 0 there. */
+#define FP8_FLOOR 0.001953125f
 
 /* float32 -> float8_e4m3fn bits, round to nearest even, saturating to NaN like c10::Float8_e4m3fn. */
 static inline uint8_t e4m3_from_f32(float f) {
@@ -231,7 +236,8 @@ static float block_scale(int fmt, float absmax, float *div) {
 }
 
 /* The portable encoder, for every block the vector one declines (NaN or Inf among its values, odd sizes): a
- * non-finite value is stored as 0 and takes no part in the scale, as in the reference (formats/_base.py). */
+ * non-finite value is stored as the code nearest to 0 (for an unsigned FP8 moment the floor's) and takes no part
+ * in the scale, as in the reference (formats/_base.py). */
 static void encode_block(const ctx_t *c, int i, const float *x, int64_t first, uint32_t key, uint8_t *codes, float *scale_out) {
     const int64_t bs = c->bs;
     float absmax = 0.0f, div;
@@ -244,9 +250,10 @@ static void encode_block(const ctx_t *c, int i, const float *x, int64_t first, u
         encode_codebook(c, i, x, div, first, key, codes);
         return;
     }
+    const float low = c->floored[i] && *scale_out > 0.0f ? FP8_FLOOR : -448.0f;
     for (int64_t j = 0; j < bs; ++j) {
         float y = finite_or_zero(x[j]) / div;
-        y = y < -448.0f ? -448.0f : (y > 448.0f ? 448.0f : y);
+        y = y < low ? low : (y > 448.0f ? 448.0f : y);
         codes[j] = e4m3_from_f32(c->stochastic ? stochastic_e4m3(y, noise_at(first + j, key)) : y);
     }
 }
@@ -622,9 +629,10 @@ static int encode_block_avx512(const ctx_t *c, int i, const float *x, const absm
     *scale_out = block_scale(c->fmt, _mm512_reduce_max_ps(t->amax), &div);
     const __m512 vdiv = _mm512_set1_ps(div);
     if (c->fmt == FMT_FP8) {
+        const __m512 low = _mm512_set1_ps(c->floored[i] && *scale_out > 0.0f ? FP8_FLOOR : -448.0f);
         for (int64_t j = 0; j < bs; j += 16) {
             __m512 y = _mm512_div_ps(_mm512_loadu_ps(x + j), vdiv);
-            y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-448.0f)), _mm512_set1_ps(448.0f));
+            y = _mm512_min_ps(_mm512_max_ps(y, low), _mm512_set1_ps(448.0f));
             if (c->stochastic) {
                 __m512i e = _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(y), 23), _mm512_set1_epi32(0xFF)),
                                              _mm512_set1_epi32(127));
@@ -913,6 +921,7 @@ int lowbit_step(const int64_t *segs, int64_t nseg, int64_t bs, int nmom, int rul
     for (int i = 0; i < 3; ++i) {
         const int is_signed = (signed_mask >> i) & 1;
         c.squared[i] = stochastic && !is_signed;
+        c.floored[i] = !is_signed;
         c.plane[i] = is_signed ? 0 : 1;
         c.map[i] = is_signed ? signed_map : unsigned_map;
         c.lut[i] = is_signed ? signed_lut : unsigned_lut;

@@ -118,7 +118,7 @@ def tensor_step(
         if stochastic:
             value = value if signed[i] else sqrt(value)
             key = tensor_key(stream_key(seed, i, step), ident)
-        codes, sc = encode_rows(value, fmt, block_size, tables[i], key, base, moments[2 * i + 1].shape[1])
+        codes, sc = encode_rows(value, fmt, block_size, tables[i], key, base, moments[2 * i + 1].shape[1], signed=signed[i])
         moments[2 * i].copy_(codes)
         moments[2 * i + 1].copy_(sc)
     u = direction
