@@ -436,9 +436,10 @@ def _restore(core: TensorDictBase, entry: dict[str, Any], shape: torch.Size, nam
                 _moment(entry, moment, shape, label)  # validates sizes, dtypes and scales
                 # as the encoder writes them (an FP8 second moment saved as 0 in a block with a positive scale, by
                 # an encoder without the floor: the floor's code)
-                rows, _ = row_split(shape)
-                src_c = canonical_codes(src_c.reshape(rows, -1), src_s.reshape(rows, -1), FORMATS[target["state_format"]],
-                                        target["block_size"], signed=_SIGNED[moment])
+                if codes.numel():  # (an empty shard, e.g. a rank without rows, has no codes to look at)
+                    rows, _ = row_split(shape)
+                    src_c = canonical_codes(src_c.reshape(rows, -1), src_s.reshape(rows, -1),
+                                            FORMATS[target["state_format"]], target["block_size"], signed=_SIGNED[moment])
                 codes.copy_(src_c.reshape(codes.shape))
                 scale.copy_(src_s)
             else:  # convert: dequantize the checkpoint's moment, quantize it with this state's scheme
