@@ -215,7 +215,10 @@ def quantize(
     if rounding == "stochastic":
         key = tensor_key(stream_key(seed, int(not signed), step_t), tensor_id)
     base = torch.tensor(offset, dtype=torch.int64, device=x.device)
-    codes, scale = _encode(flat, _Blocks(fmt, block_size), fmt.codebook(signed, x.device), key, base, bool(signed))
+    # a codebook format takes the moment's kind from the map it is given: one graph serves both kinds (only FP8,
+    # which has no map, needs it as a constant of its graph)
+    kind = bool(signed) if fmt.codebook(True) is None else True
+    codes, scale = _encode(flat, _Blocks(fmt, block_size), fmt.codebook(signed, x.device), key, base, kind)
     # contiguous whatever layout the graph chose for its outputs (a row-padded buffer or not): one layout for
     # dequantize's graph to see
     return codes.reshape(code_shape).contiguous(), scale.reshape(scale_shape).contiguous()
