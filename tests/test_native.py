@@ -343,40 +343,12 @@ def test_training_is_identical_with_and_without_the_native_kernel(monkeypatch, f
         assert torch.equal(s1[key], s2[key])
 
 
-SCRIPT = textwrap.dedent(
-    """
-    import sys, warnings, torch, lowbit_fn
-    torch.manual_seed(0)
-    params = {"w": torch.randn(200, 300)}
-    grads = [{"w": torch.randn(200, 300)} for _ in range(3)]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = {}
-        for fmt in ("8bit", "4bit", "fp8"):
-            opt = lowbit_fn.adamw(1e-2, state_format=fmt, min_quant_size=0)
-            p, state = params, opt.init(params)
-            for g in grads:
-                u, state = opt.update(g, state, p)
-                p = lowbit_fn.apply_updates(p, u)
-            out[fmt] = p["w"]
-    from lowbit_fn.kernels.native import native_available
-    ours = [w for w in caught if "native CPU kernel is unavailable" in str(w.message)]
-    torch.save({"n": len(ours), "native": native_available(torch.device("cpu")), "out": out}, sys.argv[1])
-    """
-)
-
-
 def test_without_a_c_compiler_one_warning_then_the_compiled_path(tmp_path):
-    def run(name, **env):
-        path = tmp_path / f"{name}.pt"
-        full = {**os.environ, "LOWBIT_FN_CACHE": str(tmp_path / f"native-{name}"), **env}
-        subprocess.run([sys.executable, "-c", SCRIPT, str(path)], check=True, env=full, timeout=600)
-        return torch.load(path, weights_only=False)
-
-    broken = run("broken", CC="/nonexistent/cc")
-    native = run("native")
-    assert broken["n"] == 1 and broken["native"] is False
-    assert native["n"] == 0 and native["native"] is True
+    broken = run_build(tmp_path, "broken", tmp_path / "native-broken", formats=FORMATS3, CC="/nonexistent/cc")
+    native = run_build(tmp_path, "native", tmp_path / "native-native", formats=FORMATS3)
+    assert len(broken["warnings"]) == 1 and "native CPU kernel is unavailable" in broken["warnings"][0]
+    assert broken["native"] is False
+    assert native["warnings"] == [] and native["native"] is True
     assert list((tmp_path / "native-native").glob("native_*.so")), "the build is cached"
     for fmt, want in native["out"].items():
         assert torch.equal(broken["out"][fmt], want), fmt
@@ -516,28 +488,34 @@ BUILD_SCRIPT = textwrap.dedent(
     grads = [{"w": torch.randn(64, 300)} for _ in range(2)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        opt = lowbit_fn.adamw(1e-2, state_format="8bit", min_quant_size=0)
-        p, state = params, opt.init(params)
-        for g in grads:
-            u, state = opt.update(g, state, p)
-            p = lowbit_fn.apply_updates(p, u)
+        out = {}
+        for fmt in sys.argv[2].split(","):
+            opt = lowbit_fn.adamw(1e-2, state_format=fmt, min_quant_size=0)
+            p, state = params, opt.init(params)
+            for g in grads:
+                u, state = opt.update(g, state, p)
+                p = lowbit_fn.apply_updates(p, u)
+            out[fmt] = p["w"]
         from lowbit_fn.kernels.native import native_available
         native = native_available(torch.device("cpu"))
     ours = [str(w.message) for w in caught if str(w.message).startswith("lowbit_fn:")]
-    torch.save({"warnings": ours, "native": native, "p": p["w"]}, sys.argv[1])
+    torch.save({"warnings": ours, "native": native, "out": out}, sys.argv[1])
     """
 )
+FORMATS3 = ("8bit", "4bit", "fp8")
 
 
-def run_build(tmp_path, name, cache, wrap=(), **env):
+def run_build(tmp_path, name, cache, wrap=(), formats=("8bit",), **env):
     """BUILD_SCRIPT in a fresh process with ``LOWBIT_FN_CACHE=cache`` (a crash shows as a failed test, not a
-    dead worker); returns its warnings, whether the native kernel ran and the parameter after two steps."""
+    dead worker); returns its warnings, whether the native kernel ran and, per format, the parameter after two
+    steps (``out``; the result's ``p``: the first format's)."""
     path = tmp_path / f"{name}.pt"
     full = {**os.environ, "LOWBIT_FN_CACHE": str(cache), **env}
-    out = subprocess.run([*wrap, sys.executable, "-c", BUILD_SCRIPT, str(path)], env=full, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run([*wrap, sys.executable, "-c", BUILD_SCRIPT, str(path), ",".join(formats)], env=full,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, f"rc {out.returncode}\n{out.stderr[-3000:]}"
-    return torch.load(path, weights_only=False)
+    result = torch.load(path, weights_only=False)
+    return {**result, "p": result["out"][formats[0]]}
 
 
 @pytest.fixture(scope="module")
