@@ -19,14 +19,14 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m lowbit_fn.demo $(ARGS)
+	$(PY) -m lowbit_fn.demo $(ARGS)
 
 test: install
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n $(JOBS)
+	$(PY) -m pytest -q -n $(JOBS)
 
 bench: install
 	$(PIP) install -c constraints.txt -e '.[test,demo,notebooks,bench]'
-	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/step_speed.py
+	$(PY) benchmarks/step_speed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

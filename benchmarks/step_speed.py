@@ -77,11 +77,11 @@ How it is timed
     torch_optim" ratios per model, format and path (the target is at most 1.15x), measured side by side in the
     same run.
 
-    ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP threads sleep instead of spinning) and ``THP_MEM_ALLOC_ENABLE=1``
-    (transparent huge pages for large CPU allocations) are set before torch is imported, unless already set.
-    ``--omp-wait`` measures what the first one is worth instead (nothing else): AdamW8bit's and torch's fused
-    step on one [4096, 4096] float32 parameter, each right after a ``torch.mm``, in fresh processes with the
-    variable unset and set, alternated, as ratios (see :func:`omp_wait_comparison`).
+    Nothing is set in the environment: the figures are those of a user who sets no variable. ``--omp-wait``
+    measures what ``OMP_WAIT_POLICY=PASSIVE`` would be worth (nothing else): AdamW8bit's and torch's fused step on
+    one [4096, 4096] float32 parameter, each right after a ``torch.mm``, in fresh processes with the variable unset
+    and set, alternated, as ratios, on the machine as it is or with ``--load N`` busy processes beside it (see
+    :func:`omp_wait_comparison`).
     A contention check runs before and after the measurements: a fixed small workload (20 x ``torch.mm`` of
     512 x 512 float32, one thread) timed alone, then timed while a second process runs the same workload. On an
     idle two-core machine the ratio is about 1; a clearly larger ratio means another job was using the cores,
@@ -117,37 +117,33 @@ Usage:
                                     [--apis functional functional_inplace apply_gradients torch_optim] [--paths native compiled]
                                     [--dtype float32|bfloat16|float16] [--rounds 5] [--steps 5] [--scale 1.0]
                                     [--rss] [--no-cold] [--markdown PATH]
-    python benchmarks/step_speed.py --omp-wait [--rounds 6] [--steps 10]
+    python benchmarks/step_speed.py --omp-wait [--load 0] [--rounds 6] [--steps 10]
 """
 
 from __future__ import annotations
 
+import argparse
+import ctypes
+import datetime
+import gc
+import json
 import os
+import re
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import Tensor
 
-import argparse  # noqa: E402
-import ctypes  # noqa: E402
-import datetime  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import resource  # noqa: E402
-import shlex  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any, Callable, Iterable  # noqa: E402
-
-import torch  # noqa: E402
-from tensordict import TensorDict, TensorDictBase  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-import lowbit_fn  # noqa: E402
+import lowbit_fn
 
 __all__ = ["REFERENCE_MODELS", "main"]
 
@@ -831,11 +827,22 @@ print(json.dumps({"ms": {k: statistics.median(v) * 1e3 for k, v in times.items()
 """
 
 
-def omp_wait_comparison(rounds: int, steps: int) -> list[str]:
+def omp_wait_comparison(rounds: int, steps: int, load: int = 0) -> list[str]:
     """The step of ``lowbit_fn.AdamW8bit`` and of torch's fused AdamW on one [4096, 4096] float32 parameter, each
     right after a 1024 x 1024 ``torch.mm`` (torch's intra-op threads have just worked), in fresh processes with
-    ``OMP_WAIT_POLICY`` unset and set to ``PASSIVE``, alternated (the order swapped every round); returns report
-    lines with the per-round ratio unset / PASSIVE of the median step (above 1: the variable helps)."""
+    ``OMP_WAIT_POLICY`` unset and set to ``PASSIVE``, alternated (the order swapped every round), while ``load``
+    single-threaded busy-loop processes run beside them (another job on the machine); returns report lines with
+    the per-round ratio unset / PASSIVE of the median step (above 1: the variable helps)."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
+    try:
+        return _omp_wait_rounds(rounds, steps, load)
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+
+
+def _omp_wait_rounds(rounds: int, steps: int, load: int) -> list[str]:
     ratios: dict[str, list[float]] = {}
     gomp: set[str] = set()
     for r in range(rounds):
@@ -851,8 +858,8 @@ def omp_wait_comparison(rounds: int, steps: int) -> list[str]:
         for name in results["unset"]["ms"]:
             ratios.setdefault(name, []).append(results["unset"]["ms"][name] / results["PASSIVE"]["ms"][name])
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in ratios.items()), flush=True)
-    lines = [f"OMP_WAIT_POLICY unset / PASSIVE, median step of {steps} after a torch.mm each, {rounds} rounds "
-             f"(above 1: slower without the variable); OpenMP runtime loaded: {', '.join(sorted(gomp)) or 'none'}"]
+    lines = [f"OMP_WAIT_POLICY unset / PASSIVE, median step of {steps} after a torch.mm each, {rounds} rounds, "
+             f"{load} busy process(es) beside them (above 1: slower without the variable); OpenMP runtime loaded: {', '.join(sorted(gomp)) or 'none'}"]
     for name, values in ratios.items():
         lines.append(f"- {name}: median {statistics.median(values):.3f}, range {min(values):.3f}-{max(values):.3f}")
     return lines
@@ -1117,9 +1124,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--omp-wait", action="store_true",
                         help="only compare AdamW8bit's and torch's fused step with OMP_WAIT_POLICY unset and PASSIVE, "
                         "in alternated fresh processes (--rounds of them, --steps steps each)")
+    parser.add_argument("--load", type=int, default=0, metavar="N",
+                        help="--omp-wait: run N single-threaded busy processes beside the measurement (default 0)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
         parser.error("--rounds and --steps must be >= 1")
+    if args.load < 0:
+        parser.error("--load must be >= 0")
     if not args.scale > 0:
         parser.error("--scale must be > 0")
     return args
@@ -1151,7 +1162,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         command = f"step_speed.main({argv!r})"
     args = parse_args(argv)
     if args.omp_wait:
-        lines = omp_wait_comparison(args.rounds, args.steps)
+        lines = omp_wait_comparison(args.rounds, args.steps, args.load)
         print("\n".join(lines))
         return []
 

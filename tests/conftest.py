@@ -1,5 +1,8 @@
 import os
 
+# The suite runs in pytest-xdist workers, each with torch's pool of one thread per core: more threads than cores.
+# Idle OpenMP threads that spin then take the cores from the workers that have work, so they sleep here instead.
+# This is the test suite's setting only; the demo, the benchmarks and the library set nothing.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402

@@ -343,6 +343,18 @@ def test_training_is_identical_with_and_without_the_native_kernel(monkeypatch, f
         assert torch.equal(s1[key], s2[key])
 
 
+def test_the_kernel_runs_on_torchs_own_openmp_runtime():
+    """One OpenMP runtime in the process, torch's: the kernel's parallel region reuses torch's intra-op threads
+    (two runtimes would each keep a pool of spinning threads on the same cores)."""
+    p = torch.nn.Parameter(torch.randn(64, 256))
+    p.grad = torch.randn(64, 256)
+    lowbit_fn.AdamW8bit([p]).step()
+    assert native_available(torch.device("cpu"))
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) == 1, runtimes
+
+
 def test_without_a_c_compiler_one_warning_then_the_compiled_path(tmp_path):
     broken = run_build(tmp_path, "broken", tmp_path / "native-broken", formats=FORMATS3, CC="/nonexistent/cc")
     native = run_build(tmp_path, "native", tmp_path / "native-native", formats=FORMATS3)
