@@ -859,7 +859,8 @@ def _omp_wait_rounds(rounds: int, steps: int, load: int) -> list[str]:
             ratios.setdefault(name, []).append(results["unset"]["ms"][name] / results["PASSIVE"]["ms"][name])
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in ratios.items()), flush=True)
     lines = [f"OMP_WAIT_POLICY unset / PASSIVE, median step of {steps} after a torch.mm each, {rounds} rounds, "
-             f"{load} busy process(es) beside them (above 1: slower without the variable); OpenMP runtime loaded: {', '.join(sorted(gomp)) or 'none'}"]
+             f"{load} busy process(es) beside them (above 1: slower without the variable); "
+             f"OpenMP runtime loaded: {', '.join(sorted(gomp)) or 'none'}"]
     for name, values in ratios.items():
         lines.append(f"- {name}: median {statistics.median(values):.3f}, range {min(values):.3f}-{max(values):.3f}")
     return lines
